@@ -19,8 +19,8 @@ class ViTNepaConfig(PretrainedConfig):
         initializer_range (`float`): std of the truncated normal used for weights.
         layer_norm_eps (`float`): epsilon of every LayerNorm, QK-norm included.
         rope_theta (`float`): RoPE base; frequencies are `rope_theta ** (-4 j / head_dim)`.
-        image_size, patch_size, num_channels: the native input geometry. Any image whose sides are
-            multiples of `patch_size` runs.
+        image_size (`int`), patch_size (`int`), num_channels: the native (square) input geometry. Any
+            image whose sides are multiples of `patch_size` runs.
         qkv_bias (`bool`): biases on the query, key and value projections.
         qk_norm, qk_norm_affine, qk_norm_bias (`bool`): LayerNorm over head_dim on queries and keys,
             with a learned weight and, further, a learned bias.
@@ -119,12 +119,10 @@ class ViTNepaConfig(PretrainedConfig):
                 f"2-D RoPE needs a head_dim divisible by 4, got {head_dim} "
                 f"(hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads})."
             )
-        sizes = self.image_size if isinstance(self.image_size, (list, tuple)) else (self.image_size,)
-        for size in sizes:
-            if size % self.patch_size:
-                raise ValueError(
-                    f"patch_size {self.patch_size} does not divide image_size {size}: "
-                    f"choose an image size that is a multiple of the patch size."
-                )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"patch_size {self.patch_size} does not divide image_size {self.image_size}: "
+                f"choose an image size that is a multiple of the patch size."
+            )
         if not 0.0 <= self.nepa_mask_ratio < 1.0:
             raise ValueError(f"nepa_mask_ratio must lie in [0, 1), got {self.nepa_mask_ratio}.")

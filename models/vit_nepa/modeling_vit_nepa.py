@@ -396,6 +396,7 @@ class ViTNepaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    accepts_loss_kwargs = False  # the losses are means over the batch; the Trainer must scale them for accumulation
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -437,7 +438,6 @@ class ViTNepaModel(ViTNepaPreTrainedModel):
         bool_masked_pos: torch.BoolTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
     ) -> ViTNepaModelOutput:
         r"""
         pixel_values: (batch, num_channels, height, width), height and width multiples of `patch_size`.
@@ -497,7 +497,6 @@ class ViTNepaForPreTraining(ViTNepaPreTrainedModel):
         bool_masked_pos: torch.BoolTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
     ) -> ViTNepaForPreTrainingOutput:
         r"""
         bool_masked_pos: patches to replace by the mask token; drawn at `nepa_mask_ratio` in training
@@ -553,7 +552,6 @@ class ViTNepaForImageClassification(ViTNepaPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
     ) -> ViTNepaImageClassifierOutput:
         r"""
         labels: class indices of shape (batch,), or label distributions of shape (batch, num_labels)

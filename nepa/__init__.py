@@ -1,0 +1,1 @@
+"""What the NEPA entry points share: arguments, data, optimisation, EMA, metrics and the Trainer."""

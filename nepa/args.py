@@ -1,0 +1,48 @@
+"""Command-line arguments shared by the entry points, parsed with `HfArgumentParser`.
+
+Every `TrainingArguments` flag works beside these, and a single `.json` argument replaces the
+whole command line (`python train_pretrain.py configs/my_run.json`)."""
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A Hub dataset id, or a `save_to_disk` folder with --load_from_disk True."}
+    )
+    load_from_disk: bool = field(default=False, metadata={"help": "Read --dataset_name with datasets.load_from_disk."})
+    train_dir: str | None = field(default=None, metadata={"help": "An image folder (class subfolders) for training."})
+    validation_dir: str | None = field(default=None, metadata={"help": "An image folder for validation."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where datasets caches downloads."})
+    image_column_name: str = field(default="image", metadata={"help": "The column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "The column holding the class labels."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a random subset of this size."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a random subset of this size."})
+    strict_images: bool = field(
+        default=False, metadata={"help": "Stop at the first undecodable image instead of skipping and logging it."}
+    )
+
+
+def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
+    """Parse `argv` (default: sys.argv[1:]); a lone `*.json` argument is read as the arguments instead."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=str(Path(argv[0]).resolve()))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+@dataclass
+class NepaTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus what `NepaTrainer` adds."""
+
+    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the weights, evaluate and save it too."})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimiser step."})
+    skip_nonfinite_loss: bool = field(
+        default=False, metadata={"help": "Drop a step whose loss is NaN/inf instead of stopping the run."}
+    )

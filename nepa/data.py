@@ -1,0 +1,260 @@
+"""Datasets, image decoding, transforms and batch collation shared by every entry point.
+
+Every dataset is a `DatasetDict` with `train` / `validation` splits, an `image` column and a
+`label` column (what `download_dataset.py` writes). Images are read as raw bytes and decoded here,
+so that an undecodable file is skipped with a log line instead of killing a long run.
+
+Per-image work happens on uint8 tensors (or PIL images for timm's RandAugment) and batches travel
+as uint8; the float conversion, normalisation, random erasing and mixup run once per batch on the
+training device (`BatchNormalize`, `BatchAugment`, applied by `nepa.trainer.NepaTrainer`).
+"""
+
+import io
+import logging
+import os
+from pathlib import Path
+
+import datasets
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+logger = logging.getLogger(__name__)
+
+Image.MAX_IMAGE_PIXELS = None  # large photographs are data, not decompression bombs, in a training set
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded; carries the file's path for the log."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot decode image {path}: {reason}")
+        self.path = path
+
+
+def _read_bytes(record: dict) -> tuple[bytes, str]:
+    path = record.get("path") or "<embedded bytes>"
+    data = record.get("bytes")
+    if data is None:
+        if not record.get("path"):
+            raise BadImageError(path, "the record has neither bytes nor a path")
+        try:
+            data = Path(record["path"]).read_bytes()
+        except OSError as error:
+            raise BadImageError(path, str(error)) from error
+    if not data:
+        raise BadImageError(path, "empty file")
+    return data, path
+
+
+def decode_rgb_tensor(record: dict) -> torch.Tensor:
+    """Decode `{"bytes", "path"}` to a uint8 RGB tensor (3, H, W), whatever the file's mode or depth.
+
+    torchvision's decoders (libjpeg-turbo, libpng, ...) do the common formats; PIL covers the rest
+    (TIFF, BMP, palette and exotic modes)."""
+    data, path = _read_bytes(record)
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return TF.pil_to_tensor(open_rgb_pil(record))
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = TF.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+def open_rgb_pil(record: dict) -> Image.Image:
+    """Decode `{"bytes", "path"}` to an RGB PIL image; raise `BadImageError` if it won't decode."""
+    data, path = _read_bytes(record)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: keep the top 8 bits
+                image = image.point(lambda value: value / 256).convert("L")
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:  # PIL's decoders raise all three
+        raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+
+
+# --- transforms: record -> uint8 tensor (3, size, size) -------------------------------------------
+
+
+class PretrainTransform:
+    """RandomResizedCrop + horizontal flip on uint8 tensors (normalisation happens per batch)."""
+
+    def __init__(self, size: int):
+        self.augment = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+
+    def __call__(self, record: dict) -> torch.Tensor:
+        return self.augment(decode_rgb_tensor(record))
+
+
+class EvalTransform:
+    """Resize the shorter side to `resize_size` (bicubic), then centre-crop `size`."""
+
+    def __init__(self, size: int, resize_size: int | None = None, crop_pct: float | None = None):
+        if resize_size is None:
+            resize_size = int(size / crop_pct) if crop_pct else size
+        self.resize = v2.Compose(
+            [v2.Resize(resize_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
+        )
+
+    def __call__(self, record: dict) -> torch.Tensor:
+        return self.resize(decode_rgb_tensor(record))
+
+
+class FinetuneTransform:
+    """timm's ImageNet training recipe (bicubic RandomResizedCrop, flip, RandAugment) on PIL images.
+
+    Normalisation and random erasing are the batch's (see `BatchAugment`), so only timm's first two
+    stages are kept here."""
+
+    def __init__(self, size: int, auto_augment: str | None):
+        from timm.data import create_transform
+
+        primary, secondary, _ = create_transform(
+            size,
+            is_training=True,
+            auto_augment=auto_augment or None,
+            interpolation="bicubic",
+            color_jitter=None,
+            separate=True,
+        )
+        self.augment = v2.Compose([primary, secondary, v2.PILToTensor()])
+
+    def __call__(self, record: dict) -> torch.Tensor:
+        return self.augment(open_rgb_pil(record))
+
+
+# --- dataset ---------------------------------------------------------------------------------------
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """One split of an image dataset, transformed, with undecodable images skipped.
+
+    A bad image is replaced by the next decodable one (so batches keep their size), and the log names
+    the file and counts the skips; `strict=True` makes the first bad image an error instead."""
+
+    def __init__(self, split: datasets.Dataset, transform, image_column="image", label_column="label", strict=False):
+        for column in (image_column, label_column):
+            if column and column not in split.column_names:
+                raise ValueError(
+                    f"column {column!r} not in the dataset (columns: {split.column_names}); "
+                    f"name the right one with --image_column_name / --label_column_name."
+                )
+        self.split = split.cast_column(image_column, datasets.Image(decode=False))
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+        self.strict = strict
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self)):
+            row = self.split[(index + attempt) % len(self)]
+            try:
+                pixels = self.transform(row[self.image_column])
+            except BadImageError as error:
+                if self.strict:
+                    raise
+                self.skipped += 1
+                logger.warning("skipped %s (%d skipped so far in process %d)", error, self.skipped, os.getpid())
+                continue
+            example = {"pixel_values": pixels}
+            if self.label_column:
+                example["labels"] = row[self.label_column]
+            return example
+        raise BadImageError(f"all {len(self)} images of the split", "none decodes")
+
+
+def collate_images(examples: list[dict]) -> dict:
+    """Stack uint8 images (and labels): 4x fewer bytes to pin and copy than float pixels."""
+    batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([example["labels"] for example in examples])
+    return batch
+
+
+class BatchNormalize:
+    """uint8 (batch, 3, H, W) -> float32 `(x / 255 - mean) / std`, on whatever device the batch is on."""
+
+    def __init__(self, mean, std):
+        self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255)
+        self.shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.is_floating_point():
+            raise TypeError("BatchNormalize expects uint8 pixels; these are already floating point.")
+        scale, shift = self.scale.to(pixels.device), self.shift.to(pixels.device)
+        return pixels.float() * scale - shift
+
+
+class BatchAugment:
+    """Training-time batch augmentations of fine-tuning, on normalised pixels: timm's `RandomErasing`,
+    then timm's `Mixup` (mixup / cutmix / label smoothing -> soft labels). Mixup pairs images, so an odd
+    batch drops its last image."""
+
+    def __init__(self, random_erasing=None, mixup=None):
+        self.random_erasing = random_erasing
+        self.mixup = mixup
+
+    def __call__(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.random_erasing is not None:
+            pixels = self.random_erasing(pixels)
+        if self.mixup is not None:
+            if len(pixels) % 2:
+                pixels, labels = pixels[:-1], labels[:-1]
+            pixels, labels = self.mixup(pixels, labels)
+        return pixels, labels
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def load_image_dataset(data_args) -> datasets.DatasetDict:
+    """Open the dataset named by `DataArguments`: a `save_to_disk` folder, image folders, or a Hub id."""
+    if data_args.train_dir or data_args.validation_dir:
+        data_files = {}
+        for split, folder in (("train", data_args.train_dir), ("validation", data_args.validation_dir)):
+            if folder:
+                if not Path(folder).is_dir():
+                    raise FileNotFoundError(f"--{split if split == 'train' else 'validation'}_dir {folder} is not a directory.")
+                data_files[split] = str(Path(folder) / "**")
+        return datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=data_args.cache_dir)
+    if not data_args.dataset_name:
+        raise ValueError("no data: pass --dataset_name (with --load_from_disk True for a local folder) or --train_dir.")
+    if data_args.load_from_disk:
+        if not Path(data_args.dataset_name).is_dir():
+            raise FileNotFoundError(
+                f"dataset folder {data_args.dataset_name} does not exist: build it first, e.g. "
+                f"`python download_dataset.py --dataset fashion-mnist` or `python download_dataset.py --imagefolder DIR`."
+            )
+        return datasets.load_from_disk(data_args.dataset_name)
+    try:
+        return datasets.load_dataset(data_args.dataset_name, cache_dir=data_args.cache_dir)
+    except Exception as error:  # offline, gated or misspelt: all end in the same advice
+        raise RuntimeError(
+            f"could not load {data_args.dataset_name!r} from the Hugging Face Hub ({type(error).__name__}: {error}). "
+            f"Offline, save it to disk first with download_dataset.py and pass the folder with --load_from_disk True."
+        ) from error
+
+
+def get_split(dataset: datasets.DatasetDict, name: str, max_samples: int | None = None, seed: int = 0) -> datasets.Dataset:
+    """A split by name (`validation` also found as `val` or `test`), optionally a shuffled subset."""
+    aliases = {"validation": ("validation", "val", "test")}.get(name, (name,))
+    found = next((alias for alias in aliases if alias in dataset), None)
+    if found is None:
+        raise KeyError(f"the dataset has no {name!r} split (splits: {list(dataset.keys())}).")
+    split = dataset[found]
+    if max_samples is not None and max_samples < len(split):
+        split = split.shuffle(seed=seed).select(range(max_samples))
+    return split
+
+
+def label_names(split: datasets.Dataset, label_column: str = "label") -> list[str] | None:
+    feature = split.features.get(label_column)
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None

@@ -1,0 +1,174 @@
+"""The `Trainer` behaviour both training scripts share.
+
+- optimiser parameter groups from `parameter_groups()` (subclasses choose the grouping);
+- an optional EMA of the weights: updated every step, evaluated beside the raw weights
+  (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint and restored on resume;
+- a non-finite loss stops the run before the optimiser step (or, with `skip_nonfinite_loss`, drops
+  that step's gradients), so NaN never reaches the weights or a checkpoint;
+- checkpoints get a `checkpoint_complete` marker once fully written; resuming picks the newest marked one;
+- uint8 batches are normalised (and, in training, augmented) on the device;
+- per-step scalars recorded with `record()` are averaged into each logging line.
+"""
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .data import BatchAugment, BatchNormalize
+from .ema import EMA_WEIGHTS_NAME, ModelEMA
+from .optim import pretraining_param_groups
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_COMPLETE = "checkpoint_complete"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder that was completely written; half-written ones are skipped loudly."""
+    folders = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
+    folders = [path for path in folders if path.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[-1]), reverse=True):
+        if (folder / CHECKPOINT_COMPLETE).is_file():
+            return str(folder)
+        logger.warning(
+            "Skipping %s: it has no %s marker, so its writing was interrupted (a killed run?); it is not loaded.",
+            folder,
+            CHECKPOINT_COMPLETE,
+        )
+    return None
+
+
+def resume_checkpoint(args) -> str | None:
+    """`--resume_from_checkpoint` when given, else the newest complete checkpoint in `output_dir`."""
+    if args.resume_from_checkpoint:
+        if not Path(args.resume_from_checkpoint).is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a directory.")
+        return args.resume_from_checkpoint
+    if not Path(args.output_dir).is_dir():
+        return None
+    checkpoint = last_complete_checkpoint(args.output_dir)
+    if checkpoint:
+        logger.warning("Resuming from %s (the newest complete checkpoint in %s).", checkpoint, args.output_dir)
+    return checkpoint
+
+
+class _StepHooks(TrainerCallback):
+    def __init__(self, trainer: "NepaTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.discard_gradients:
+            self.trainer.model.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
+            self.trainer.discard_gradients = False
+            self.trainer.skipped_steps += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.ema is not None:
+            self.trainer.ema.update()
+
+
+class NepaTrainer(Trainer):
+    """Expects `NepaTrainingArguments` (`use_ema`, `ema_decay`, `skip_nonfinite_loss`) and batches of uint8
+    pixels, which it normalises on the device (and augments with `batch_augment` in training)."""
+
+    def __init__(self, *args, normalize: BatchNormalize, batch_augment: BatchAugment | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.normalize = normalize
+        self.batch_augment = batch_augment
+        self.ema = ModelEMA(self.model, self.args.ema_decay) if self.args.use_ema else None
+        self.discard_gradients = False
+        self.skipped_steps = 0
+        self._recorded: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.add_callback(_StepHooks(self))
+
+    # --- optimisation ---------------------------------------------------------------------------
+
+    def parameter_groups(self, model: torch.nn.Module) -> list[dict]:
+        return pretraining_param_groups(model, self.args.weight_decay)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(self.parameter_groups(model), **optimizer_kwargs)
+        return self.optimizer
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        inputs["pixel_values"] = self.normalize(inputs["pixel_values"])
+        if self.batch_augment is not None and self.model.training:  # training_step calls model.train() first
+            inputs["pixel_values"], inputs["labels"] = self.batch_augment(inputs["pixel_values"], inputs["labels"])
+        return inputs
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            step = self.state.global_step + 1
+            if not self.args.skip_nonfinite_loss:
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at step {step}: stopped before the optimiser step, so no NaN "
+                    f"reached the weights. The last good checkpoint is "
+                    f"{last_complete_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None}. "
+                    f"Lower the learning rate or use bf16 instead of fp16; --skip_nonfinite_loss True drops such steps."
+                )
+            logger.warning("non-finite loss at step %d: dropping this step's gradients.", step)
+            self.discard_gradients = True
+        return loss
+
+    # --- logging --------------------------------------------------------------------------------
+
+    def record(self, name: str, value: torch.Tensor) -> None:
+        """Add a per-step scalar; its mean since the last log appears in the next logging line."""
+        self._recorded[name].append(value.detach().float())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for name, values in self._recorded.items():
+                logs[name] = round(torch.stack(values).mean().item(), 6)
+            self._recorded.clear()
+            if self.skipped_steps:
+                logs["skipped_steps"] = self.skipped_steps
+        super().log(logs, start_time)
+
+    # --- EMA: evaluation, saving, resuming ------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.ema is not None:
+            self.ema.swap()
+            try:
+                metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_ema"))
+            finally:
+                self.ema.swap()
+        return metrics
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.ema is not None and self.args.should_save:
+            self.ema.save(os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            (folder / CHECKPOINT_COMPLETE).write_text(f"global_step {self.state.global_step}\n")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.ema is not None:
+            path = os.path.join(resume_from_checkpoint, EMA_WEIGHTS_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{resume_from_checkpoint} has no {EMA_WEIGHTS_NAME}: it was written without EMA. "
+                    f"Resume without --use_ema, or start a new output_dir."
+                )
+            self.ema.load(path)
