@@ -1,0 +1,264 @@
+"""Build the image datasets the training scripts read, and save them with `save_to_disk`.
+
+    python download_dataset.py                          # ImageNet-1k from the Hub -> data/imagenet-1k-hf
+    python download_dataset.py --dataset fashion-mnist  # Fashion-MNIST -> data/fashion-mnist-hf
+    python download_dataset.py --imagefolder ~/inet     # ~/inet/train/<class>/*, ~/inet/val/<class>/* -> data/inet-hf
+
+Whatever the source, the result is a `DatasetDict` with `train` and `validation` splits, an `image` column
+(`datasets.Image`, the encoded file bytes embedded) and a `label` column (`datasets.ClassLabel`), so every
+script reads every dataset the same way: `datasets.load_from_disk(path)`.
+"""
+
+import argparse
+import gzip
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
+
+IMAGENET_HUB = "ILSVRC/imagenet-1k"
+IMAGENET_REVISION = "4603483700ee984ea9debe3ddbfdeae86f6489eb"
+IMAGENET_GB = 150
+FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+]
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+GB = 10**9
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the disk that will hold `path` (which may not exist yet)."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def require_free_space(path: Path, needed: int, what: str) -> None:
+    free = free_bytes(path)
+    if free < needed:
+        raise SystemExit(
+            f"{what} needs about {needed / GB:.1f} GB free at {path}, but only {free / GB:.1f} GB is free there. "
+            "Free some space or choose another disk with --output_dir."
+        )
+
+
+def load_from_hub(name: str, revision: str | None = None) -> DatasetDict:
+    try:
+        return load_dataset(name, revision=revision)
+    except OSError as error:  # no network, offline mode, gated dataset, not logged in: all arrive as OSError
+        raise SystemExit(
+            f"Could not load {name} from the Hugging Face Hub ({type(error).__name__}: {error}).\n"
+            "Without network access or without access to this dataset, build one from local files instead:\n"
+            "  python download_dataset.py --dataset fashion-mnist  (offline, Debian package dataset-fashion-mnist)\n"
+            "  python download_dataset.py --imagefolder DIR        (DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg)\n"
+            "To use the Hub, log in with `hf auth login` and accept the dataset's terms at "
+            f"https://huggingface.co/datasets/{name}"
+        ) from None
+
+
+def build_imagenet(output_dir: Path) -> DatasetDict:
+    print(
+        f"ImageNet-1k needs about {IMAGENET_GB} GB of disk for the saved dataset, "
+        "and the Hugging Face cache keeps the downloaded files as well until you delete them."
+    )
+    require_free_space(output_dir, IMAGENET_GB * GB, "ImageNet-1k")
+    dataset = load_from_hub(IMAGENET_HUB, revision=IMAGENET_REVISION)
+    return DatasetDict(train=dataset["train"], validation=dataset["validation"])  # the Hub's test split has no labels
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format): 2 zero bytes, type 0x08 (uint8), ndim, big-endian uint32 sizes, then the data."""
+    with gzip.open(path, "rb") as file:
+        data = file.read()
+    if data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (header {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int(size) for size in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if values.size != np.prod(shape):
+        raise ValueError(f"{path} holds {values.size} values but its header promises {shape}; the file is damaged")
+    return values.reshape(shape)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_fashion_mnist(debian_dir: Path = FASHION_MNIST_DEBIAN_DIR, max_per_split: int | None = None) -> DatasetDict:
+    features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
+    if not debian_dir.is_dir():
+        print(f"{debian_dir} not found (Debian package dataset-fashion-mnist); loading {FASHION_MNIST_HUB} instead")
+        dataset = load_from_hub(FASHION_MNIST_HUB)
+        splits = {"train": dataset["train"], "validation": dataset["test"]}
+        if max_per_split is not None:
+            splits = {name: split.select(range(min(max_per_split, len(split)))) for name, split in splits.items()}
+        return DatasetDict({name: split.cast(features) for name, split in splits.items()})
+
+    print(f"Building Fashion-MNIST from {debian_dir}")
+    splits = {}
+    for split, prefix in [("train", "train"), ("validation", "t10k")]:
+        image_file = debian_dir / f"{prefix}-images-idx3-ubyte.gz"
+        label_file = debian_dir / f"{prefix}-labels-idx1-ubyte.gz"
+        for file in (image_file, label_file):
+            if not file.is_file():
+                raise SystemExit(f"{file} is missing; reinstall the Debian package dataset-fashion-mnist")
+        images, labels = read_idx(image_file)[:max_per_split], read_idx(label_file)[:max_per_split]
+        if len(images) != len(labels):
+            raise ValueError(f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} labels")
+        columns = {"image": [png_bytes(image) for image in images], "label": labels.tolist()}
+        splits[split] = Dataset.from_dict(columns, features=features)
+    return DatasetDict(splits)
+
+
+def list_images(split_dir: Path, class_names: list[str]) -> tuple[list[str], list[int]]:
+    """Every file with an image extension under each class folder, with its label; none is opened here."""
+    paths, labels, ignored = [], [], []
+    for label, class_name in enumerate(class_names):
+        class_dir = split_dir / class_name
+        for path in sorted(class_dir.rglob("*")):
+            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(class_dir).parts):
+                continue
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(str(path))
+                labels.append(label)
+            else:
+                ignored.append(path)
+    if ignored:
+        print(f"{split_dir}: ignored {len(ignored)} files without an image extension, for example {ignored[0]}")
+    if not paths:
+        raise SystemExit(f"{split_dir} holds no image files ({sorted(IMAGE_EXTENSIONS)}) in its class folders")
+    return paths, labels
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    names = sorted(path.name for path in split_dir.iterdir() if path.is_dir() and not path.name.startswith("."))
+    if not names:
+        raise SystemExit(
+            f"{split_dir} has no class folders; expected {split_dir}/<class>/<image files>. "
+            "(The raw ILSVRC2012 validation images come in one flat folder: sort them into class folders first.)"
+        )
+    return names
+
+
+def read_files(paths: list[str], labels: list[int]):
+    # A file:// URI, not a plain path: datasets stores only the path of an existing local file (dropping its bytes)
+    # and save_to_disk cuts a local path to its file name. A URI keeps both the bytes and the whole name of a bad file.
+    for path, label in zip(paths, labels):
+        yield {"image": {"bytes": Path(path).read_bytes(), "path": Path(path).as_uri()}, "label": label}
+
+
+def build_imagefolder(source: Path, cache_dir: str) -> DatasetDict:
+    """DIR/train/<class>/* and DIR/val/<class>/* (or DIR/validation/), stored as the files' raw bytes, undecoded.
+
+    A broken file is kept as it is: the training scripts skip and log it, naming it by the URI kept beside its bytes.
+    """
+    source = source.expanduser().absolute()
+    if not source.is_dir():
+        raise SystemExit(
+            f"--imagefolder {source} is not a directory; expected {source}/train/<class>/ and {source}/val/<class>/"
+        )
+    if not (source / "train").is_dir():
+        raise SystemExit(f"{source}/train not found; expected the training images in {source}/train/<class>/")
+    validation_dirs = [source / name for name in ("val", "validation") if (source / name).is_dir()]
+    if len(validation_dirs) != 1:
+        found = "both val/ and validation/" if validation_dirs else "neither val/ nor validation/"
+        raise SystemExit(f"{source} holds {found}; expected exactly one, with the validation images in class folders")
+    split_dirs = {"train": source / "train", "validation": validation_dirs[0]}
+
+    class_names = class_folders(split_dirs["train"])
+    validation_classes = class_folders(split_dirs["validation"])
+    if validation_classes != class_names:
+        missing = sorted(set(class_names) - set(validation_classes))
+        extra = sorted(set(validation_classes) - set(class_names))
+        raise SystemExit(
+            f"{split_dirs['validation']} must hold the same class folders as {split_dirs['train']}: "
+            f"missing there {missing}, not in train {extra}"
+        )
+
+    files = {split: list_images(split_dir, class_names) for split, split_dir in split_dirs.items()}
+    source_bytes = sum(Path(path).stat().st_size for paths, _ in files.values() for path in paths)
+    # One copy in the build cache (beside the destination) while building, one in the saved dataset.
+    require_free_space(Path(cache_dir), 2 * source_bytes, f"Building from {source}")
+
+    features = Features({"image": Image(), "label": ClassLabel(names=class_names)})
+    splits = {}
+    for split, (paths, labels) in files.items():
+        print(f"{split}: {len(paths)} files in {len(class_names)} classes from {split_dirs[split]}")
+        splits[split] = Dataset.from_generator(
+            read_files, features, gen_kwargs={"paths": paths, "labels": labels}, cache_dir=cache_dir, split=split
+        )
+    return DatasetDict(splits)
+
+
+def holds_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def check_destination(output_dir: Path, overwrite: bool) -> None:
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir() or (any(output_dir.iterdir()) and not holds_dataset(output_dir)):
+        raise SystemExit(f"{output_dir} exists and is not a saved dataset; choose another --output_dir")
+    if holds_dataset(output_dir) and not overwrite:
+        raise SystemExit(
+            f"{output_dir} already holds a dataset; pass --overwrite to replace it, or choose another --output_dir"
+        )
+
+
+def save(dataset: DatasetDict, output_dir: Path, overwrite: bool) -> None:
+    """Save beside the destination, then move into place, so a build killed halfway never looks like a dataset."""
+    check_destination(output_dir, overwrite)
+    partial = output_dir.with_name(f".{output_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    dataset.save_to_disk(str(partial))
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    partial.rename(output_dir)
+    sizes = ", ".join(f"{split} {len(split_data)}" for split, split_data in dataset.items())
+    print(f"Saved {output_dir} ({sizes} images, {dataset['train'].features['label'].num_classes} classes)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--dataset", choices=["imagenet-1k", "fashion-mnist"], default="imagenet-1k")
+    source.add_argument("--imagefolder", type=Path, help="a local DIR/train/<class>/*, DIR/val/<class>/* tree")
+    parser.add_argument("--output_dir", type=Path, help="default: data/<dataset>-hf")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already saved at the destination")
+    parser.add_argument("--max_per_split", type=int, help="fashion-mnist only: keep the first N images of each split")
+    args = parser.parse_args(argv)
+    if args.max_per_split is not None and (args.imagefolder is not None or args.dataset != "fashion-mnist"):
+        parser.error("--max_per_split applies to --dataset fashion-mnist only")
+    if args.max_per_split is not None and args.max_per_split < 1:
+        parser.error(f"--max_per_split must be at least 1, got {args.max_per_split}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    name = args.imagefolder.expanduser().resolve().name if args.imagefolder else args.dataset
+    output_dir = (args.output_dir or Path("data") / f"{name}-hf").expanduser().absolute()
+    check_destination(output_dir, args.overwrite)  # before any download or build, which can take hours
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    if args.imagefolder:
+        with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.build-", dir=output_dir.parent) as cache_dir:
+            save(build_imagefolder(args.imagefolder, cache_dir), output_dir, args.overwrite)
+    elif args.dataset == "fashion-mnist":
+        save(build_fashion_mnist(max_per_split=args.max_per_split), output_dir, args.overwrite)
+    else:
+        save(build_imagenet(output_dir), output_dir, args.overwrite)
+    return output_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Turn a NEPA pretraining checkpoint into an image classifier ready for fine-tuning.
+
+    python init_nepa_cls_from_pretrain.py --pretrained_model_id outputs/nepa-b \
+        --config_model_id configs/finetune/nepa-base-patch14-224-sft --save_local --local_dir outputs/nepa-b-cls
+
+Every backbone tensor is copied. New: fc_norm (ones / zeros), a zero-initialised classifier, and
+QK-norm affine weights that the pretraining checkpoint lacks (ones). Anything else missing or left
+over is an error. `--disable_layerscale` folds each LayerScale lambda into the dense layer before it.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor
+
+from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification
+from nepa.ema import EMA_WEIGHTS_NAME
+
+# Fields that fix the shape of the backbone's tensors: they must agree between the two configs.
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "patch_size",
+    "num_channels",
+    "qkv_bias",
+    "use_gated_mlp",
+    "use_rope",
+)
+PREFIX = "vit_nepa."
+
+
+def resolve_folder(model_id: str, revision: str | None) -> Path:
+    """A local folder as is; a Hub id is downloaded (and fails with the offline recipe when it can't be)."""
+    if Path(model_id).is_dir():
+        return Path(model_id)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, revision=revision))
+    except Exception as error:
+        raise SystemExit(
+            f"{model_id} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(error).__name__}). Where there is network, run `hf download {model_id} --local-dir DIR` "
+            f"and pass --pretrained_model_id DIR."
+        ) from error
+
+
+def dataset_label_names(dataset_name: str, label_column: str) -> list[str]:
+    import datasets
+
+    from nepa.data import label_names
+
+    if not Path(dataset_name).is_dir():
+        raise SystemExit(f"--dataset_name {dataset_name} is not a folder written by download_dataset.py.")
+    split = datasets.load_from_disk(dataset_name)["train"]
+    names = label_names(split, label_column)
+    if names is None:
+        raise SystemExit(f"the {label_column!r} column of {dataset_name} is not a ClassLabel: pass --num_labels.")
+    return names
+
+
+def target_config(args, pretrained_config: ViTNepaConfig) -> ViTNepaConfig:
+    if args.config_model_id:
+        config = ViTNepaConfig.from_pretrained(resolve_folder(args.config_model_id, None))
+    else:
+        config = ViTNepaConfig.from_dict({**pretrained_config.to_dict(), "is_causal": False, "add_pooling_layer": True})
+    mismatched = [
+        f"{name}: pretrained {getattr(pretrained_config, name)} vs target {getattr(config, name)}"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(pretrained_config, name) != getattr(config, name)
+    ]
+    if mismatched:
+        raise SystemExit("the fine-tuning config does not fit the pretrained backbone: " + "; ".join(mismatched))
+    config.nepa_mask_ratio = 0.0  # the mask token is a pretraining device
+    if args.disable_layerscale:
+        config.layerscale_value = None
+    if args.dataset_name:
+        names = dataset_label_names(args.dataset_name, args.label_column_name)
+        config.id2label, config.label2id = dict(enumerate(names)), {name: i for i, name in enumerate(names)}
+    elif args.num_labels:
+        config.num_labels = args.num_labels
+    config.architectures = ["ViTNepaForImageClassification"]
+    return config
+
+
+def fold_layerscale(state: dict[str, torch.Tensor], num_layers: int) -> None:
+    """x + ls * (W h + b) == x + (diag(ls) W) h + ls * b: scale each dense layer's rows and bias."""
+    for i in range(num_layers):
+        layer = f"{PREFIX}encoder.layer.{i}."
+        for scale, dense in (("layer_scale", "attention.output.dense"), ("output.layer_scale", "output.dense")):
+            lambda1 = state.pop(f"{layer}{scale}.lambda1")
+            state[f"{layer}{dense}.weight"] = state[f"{layer}{dense}.weight"] * lambda1[:, None]
+            state[f"{layer}{dense}.bias"] = state[f"{layer}{dense}.bias"] * lambda1
+
+
+def convert(args) -> ViTNepaForImageClassification:
+    folder = resolve_folder(args.pretrained_model_id, args.pretrained_revision)
+    pretrained_config = ViTNepaConfig.from_pretrained(folder)
+    weights_file = folder / (EMA_WEIGHTS_NAME if args.use_ema else "model.safetensors")
+    if not weights_file.is_file():
+        hint = " (it was pretrained without --use_ema)" if args.use_ema else ""
+        raise SystemExit(f"{weights_file} does not exist{hint}.")
+    state = {
+        (key if key.startswith(PREFIX) else PREFIX + key): tensor for key, tensor in load_file(weights_file).items()
+    }
+
+    config = target_config(args, pretrained_config)
+    if args.disable_layerscale and pretrained_config.layerscale_value is not None:
+        fold_layerscale(state, config.num_hidden_layers)
+    dropped = sorted(key for key in state if key.endswith("embeddings.mask_token"))
+    for key in dropped:
+        del state[key]
+
+    model = ViTNepaForImageClassification(config)
+    expected = model.state_dict()
+    new = {}
+    for key, tensor in expected.items():
+        if key in state:
+            continue
+        if key.startswith(("fc_norm.", "classifier.")) or key.endswith(("q_norm.weight", "k_norm.weight", "q_norm.bias", "k_norm.bias")):
+            new[key] = torch.ones_like(tensor) if key.endswith("norm.weight") else torch.zeros_like(tensor)
+    missing = sorted(set(expected) - set(state) - set(new))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise SystemExit(
+            f"the pretrained weights do not fit the classifier: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
+            f"LayerScale lambdas left over need --disable_layerscale; other keys mean the configs differ."
+        )
+    shapes = [f"{key}: {tuple(state[key].shape)} vs {tuple(expected[key].shape)}" for key in state if state[key].shape != expected[key].shape]
+    if shapes:
+        raise SystemExit("tensor shapes differ: " + "; ".join(shapes))
+    model.load_state_dict({**state, **new}, strict=True)
+
+    print(f"copied {len(state)} tensors from {weights_file}")
+    print(f"new ({len(new)}): {', '.join(sorted(new))}")
+    if dropped:
+        print(f"dropped: {', '.join(dropped)}")
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained_model_id", required=True, help="a pretraining output folder, or a Hub id")
+    parser.add_argument("--pretrained_revision", default=None, help="Hub revision of --pretrained_model_id")
+    parser.add_argument("--config_model_id", default=None, help="fine-tuning config folder (default: pretrained, bidirectional)")
+    parser.add_argument("--num_labels", type=int, default=None, help="number of classes (generic label names)")
+    parser.add_argument("--dataset_name", default=None, help="a download_dataset.py folder: take its class names")
+    parser.add_argument("--label_column_name", default="label")
+    parser.add_argument("--use_ema", action="store_true", help=f"start from {EMA_WEIGHTS_NAME} instead of the raw weights")
+    parser.add_argument("--disable_layerscale", action="store_true", help="fold LayerScale into the dense layers")
+    parser.add_argument("--save_local", action="store_true", help="save to --local_dir")
+    parser.add_argument("--local_dir", default=None, help="default: ./<pretrained folder name>-cls")
+    parser.add_argument("--push_to_hub", action="store_true", help="push to --new_model_id")
+    parser.add_argument("--new_model_id", default=None)
+    args = parser.parse_args(argv)
+    if not (args.save_local or args.push_to_hub):
+        parser.error("nothing would be written: pass --save_local (and --local_dir) or --push_to_hub --new_model_id.")
+    if args.push_to_hub and not args.new_model_id:
+        parser.error("--push_to_hub needs --new_model_id.")
+
+    model = convert(args)
+    processor_source = resolve_folder(args.config_model_id, None) if args.config_model_id else None
+    if processor_source is None or not (processor_source / "preprocessor_config.json").is_file():
+        processor_source = resolve_folder(args.pretrained_model_id, args.pretrained_revision)
+    processor = AutoImageProcessor.from_pretrained(processor_source)
+
+    if args.save_local:
+        local_dir = args.local_dir or f"{Path(args.pretrained_model_id.rstrip('/')).name}-cls"
+        model.save_pretrained(local_dir)
+        processor.save_pretrained(local_dir)
+        print(f"saved the classifier to {os.path.abspath(local_dir)}")
+    if args.push_to_hub:
+        try:
+            model.push_to_hub(args.new_model_id)
+            processor.push_to_hub(args.new_model_id)
+        except Exception as error:
+            raise SystemExit(
+                f"could not push to {args.new_model_id} ({type(error).__name__}: {error}); "
+                f"run `hf auth login` where there is network, or use --save_local."
+            ) from error
+
+
+if __name__ == "__main__":
+    main()
