@@ -1,0 +1,142 @@
+"""Evaluate a ViT-NEPA checkpoint on the validation split.
+
+    python eval.py --model_name_or_path outputs/nepa-b-sft --dataset_name data/imagenet-1k-hf \
+        --load_from_disk True --output_dir outputs/eval-nepa-b
+
+`--protocol finetuned` (default) runs the classifier: `eval_accuracy` (top-1), `eval_top5`,
+`eval_loss`, and the same with `eval_ema_` when the folder has EMA weights. `--protocol knn` and
+`--protocol linear` judge any encoder (pretraining or classifier folder) on frozen features, the
+mean of its patch tokens: weighted k-NN on cosine similarity, or a linear classifier trained on the
+train split's features. Metrics are printed and written to `output_dir/eval_results.json`.
+Runs multi-GPU under torchrun like the training scripts.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from transformers import AutoImageProcessor
+
+from models.vit_nepa import ViTNepaForImageClassification, ViTNepaModel
+from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
+from nepa.data import BatchNormalize, EvalTransform, ImageDataset, collate_images, get_split, load_image_dataset
+from nepa.ema import EMA_WEIGHTS_NAME
+from nepa.metrics import accuracy_metrics, knn_predict, linear_probe_predict, scores_to_metrics, top5_indices
+from nepa.trainer import NepaTrainer
+
+logger = logging.getLogger("eval")
+
+
+@dataclass
+class EvalArguments:
+    model_name_or_path: str = field(metadata={"help": "A saved ViT-NEPA folder."})
+    image_processor_name: str | None = field(default=None, metadata={"help": "Default: --model_name_or_path."})
+    protocol: str = field(default="finetuned", metadata={"help": "finetuned | knn | linear"})
+    knn_k: int = field(default=20, metadata={"help": "Neighbours of the k-NN protocol."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(cosine / T) of the k-NN protocol."})
+    linear_epochs: int = field(default=100, metadata={"help": "Epochs of the linear protocol's classifier."})
+    linear_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the linear protocol."})
+    crop_pct: float = field(default=0.875, metadata={"help": "Resize the shorter side to size / crop_pct, centre-crop."})
+    resize_size: int | None = field(default=None, metadata={"help": "Resize to this instead (overrides crop_pct)."})
+
+
+class FeatureTrainer(NepaTrainer):
+    """`predict()` returns (mean patch token, label) for every image, gathered across processes."""
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            hidden = model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        return None, hidden[:, 1:].mean(dim=1).float(), inputs["labels"]
+
+
+def evaluate_classifier(args, trainer_kwargs, training_args) -> tuple[NepaTrainer, dict]:
+    model, info = ViTNepaForImageClassification.from_pretrained(args.model_name_or_path, output_loading_info=True)
+    if info["missing_keys"]:
+        raise ValueError(
+            f"{args.model_name_or_path} has no trained classifier (missing {sorted(info['missing_keys'])[:4]}): "
+            f"fine-tune it first, or judge the encoder with --protocol knn / linear."
+        )
+    ema_file = Path(args.model_name_or_path) / EMA_WEIGHTS_NAME
+    training_args.use_ema = ema_file.is_file()
+    trainer = NepaTrainer(
+        model=model,
+        args=training_args,
+        compute_metrics=accuracy_metrics,
+        preprocess_logits_for_metrics=top5_indices,
+        **trainer_kwargs,
+    )
+    if trainer.ema is not None:
+        trainer.ema.load(str(ema_file))
+    return trainer, trainer.evaluate()
+
+
+def evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset, num_classes) -> tuple[NepaTrainer, dict]:
+    model, info = ViTNepaModel.from_pretrained(args.model_name_or_path, output_loading_info=True)
+    if info["missing_keys"]:
+        raise ValueError(f"{args.model_name_or_path} lacks encoder weights: {sorted(info['missing_keys'])[:4]}")
+    trainer = FeatureTrainer(model=model, args=training_args, **trainer_kwargs)
+    train = trainer.predict(train_dataset)
+    query = trainer.predict(trainer_kwargs["eval_dataset"])
+    train_features, train_labels = torch.from_numpy(train.predictions), torch.from_numpy(train.label_ids).long()
+    query_features, query_labels = torch.from_numpy(query.predictions), torch.from_numpy(query.label_ids).long()
+    if args.protocol == "knn":
+        votes = knn_predict(train_features, train_labels, query_features, num_classes, args.knn_k, args.knn_temperature)
+        scores = (votes / votes.sum(dim=1, keepdim=True)).clamp_min(1e-12).log()
+    else:
+        scores = linear_probe_predict(
+            train_features, train_labels, query_features, num_classes, args.linear_epochs, args.linear_lr, seed=training_args.seed
+        )
+    return trainer, scores_to_metrics(scores, query_labels)
+
+
+def num_classes_of(split: datasets.Dataset, label_column: str) -> int:
+    feature = split.features.get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes
+    return int(np.max(split[label_column])) + 1
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, NepaTrainingArguments), argv)
+    training_args.remove_unused_columns = False
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    if args.protocol not in ("finetuned", "knn", "linear"):
+        raise ValueError(f"--protocol must be finetuned, knn or linear, not {args.protocol!r}.")
+    if not Path(args.model_name_or_path).is_dir():
+        raise FileNotFoundError(
+            f"{args.model_name_or_path} is not a local folder. Released checkpoints: "
+            f"`hf download {args.model_name_or_path} --local-dir DIR` where there is network, then --model_name_or_path DIR."
+        )
+
+    processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
+    size = processor.size.get("height") or processor.size.get("shortest_edge")
+    transform = EvalTransform(size, args.resize_size, args.crop_pct)
+    dataset = load_image_dataset(data_args)
+    columns = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name, strict=data_args.strict_images)
+    eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
+    trainer_kwargs = dict(
+        eval_dataset=ImageDataset(eval_split, transform, **columns),
+        data_collator=collate_images,
+        normalize=BatchNormalize(processor.image_mean, processor.image_std),
+    )
+
+    if args.protocol == "finetuned":
+        trainer, metrics = evaluate_classifier(args, trainer_kwargs, training_args)
+    else:
+        train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
+        train_dataset = ImageDataset(train_split, transform, **columns)
+        num_classes = num_classes_of(train_split, data_args.label_column_name)
+        trainer, metrics = evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset, num_classes)
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics, combined=False)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
