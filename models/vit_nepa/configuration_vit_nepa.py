@@ -124,5 +124,7 @@ class ViTNepaConfig(PretrainedConfig):
                 f"patch_size {self.patch_size} does not divide image_size {self.image_size}: "
                 f"choose an image size that is a multiple of the patch size."
             )
+        if not 0.0 <= self.drop_path_prob < 1.0:
+            raise ValueError(f"drop_path_prob must lie in [0, 1), got {self.drop_path_prob}.")
         if not 0.0 <= self.nepa_mask_ratio < 1.0:
             raise ValueError(f"nepa_mask_ratio must lie in [0, 1), got {self.nepa_mask_ratio}.")
