@@ -1,0 +1,52 @@
+# Sourced by the recipe scripts: GPU count, batch arithmetic, the launcher and the logging backend.
+#
+# Environment (all optional):
+#   NPROC_PER_NODE   processes per node (default: the number of visible GPUs, 1 without GPUs)
+#   WORLD_SIZE       number of nodes, RANK this node's rank, MASTER_ADDR / MASTER_PORT the rendezvous
+#                    (the variables a cluster's job launcher sets for one launcher process per node)
+#   REPORT_TO        wandb | none | ... (default: wandb when it is installed and logged in, else none)
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+
+count_gpus() {
+  if [ -n "${NPROC_PER_NODE:-}" ]; then echo "$NPROC_PER_NODE"
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then nvidia-smi -L | grep -c '^GPU'
+  else echo 1
+  fi
+}
+GPUS=$(count_gpus)
+NNODES=${WORLD_SIZE:-1}
+NODE_RANK=${RANK:-0}
+
+# gradient_accumulation TOTAL_BATCH PER_DEVICE_BATCH: total / (per-device x processes), which must divide.
+gradient_accumulation() {
+  local devices=$((GPUS * NNODES))
+  if (( $1 % ($2 * devices) )); then
+    echo "total batch $1 is not a multiple of per-device batch $2 x $devices processes; set TOTAL_BATCH or PER_DEVICE_BATCH." >&2
+    exit 1
+  fi
+  echo $(( $1 / ($2 * devices) ))
+}
+
+# scaled_lr BASE_LR TOTAL_BATCH: the linear scaling rule, lr = base_lr * total_batch / 256.
+scaled_lr() { "$PYTHON" -c "print($1 * $2 / 256)"; }
+
+if [ -z "${REPORT_TO:-}" ]; then
+  if "$PYTHON" -c "import wandb, sys; sys.exit(0 if wandb.login(prompt=False) else 1)" >/dev/null 2>&1 && [ "${WANDB_MODE:-}" != disabled ]; then
+    REPORT_TO=wandb
+  else
+    REPORT_TO=none
+    echo "wandb is not installed or not logged in: logging to the console and trainer_state.json only (REPORT_TO=wandb to insist)." >&2
+  fi
+fi
+
+# launch SCRIPT ARGS...: torchrun across every process of every node, plain python for one.
+launch() {
+  if (( GPUS * NNODES > 1 )); then
+    "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
+      --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" "$@"
+  else
+    "$PYTHON" "$@"
+  fi
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The paper's ImageNet-1k fine-tuning recipe (shared/spec/RECIPES.md) for the classifier in MODEL:
+# total batch 1024, 100 epochs, AdamW (0.9, 0.999), wd 0.05, lr BASE_LR * batch / 256 with layer-wise decay
+# LLRD and head lr 1e-3, per-group warm-up WARMUP then cosine, drop path DROP_PATH, patch embedding frozen,
+# RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0, smoothing 0.1,
+# EMA 0.9999 evaluated beside the raw weights, best checkpoint by EMA accuracy, bidirectional attention.
+# nepa_b_sft.sh and nepa_l_sft.sh set the per-model numbers.
+# Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS; extra flags pass through.
+set -euo pipefail
+source "$(dirname "$0")/../common.sh"
+
+: "${MODEL:?set MODEL to a classifier folder from init_nepa_cls_from_pretrain.py}"
+if [ ! -d "$MODEL" ]; then
+  echo "$MODEL does not exist: convert a pretraining checkpoint first, e.g." >&2
+  echo "  python init_nepa_cls_from_pretrain.py --pretrained_model_id outputs/nepa-base-patch14-224 \\" >&2
+  echo "    --config_model_id configs/finetune/nepa-base-patch14-224-sft --save_local --local_dir $MODEL" >&2
+  exit 1
+fi
+TOTAL_BATCH=${TOTAL_BATCH:-1024}
+PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-128}
+launch train_finetune.py \
+  --model_name_or_path "$MODEL" \
+  --dataset_name "${DATA_DIR:-data/imagenet-1k-hf}" --load_from_disk True \
+  --output_dir "${OUTPUT_DIR:-outputs/$(basename "$MODEL")-sft}" \
+  --do_train --do_eval \
+  --num_train_epochs "${EPOCHS:-100}" \
+  --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size "$PER_DEVICE_BATCH" \
+  --gradient_accumulation_steps "$(gradient_accumulation "$TOTAL_BATCH" "$PER_DEVICE_BATCH")" \
+  --learning_rate "$(scaled_lr "$BASE_LR" "$TOTAL_BATCH")" --head_lr 1e-3 --llrd "$LLRD" \
+  --warmup_steps "$WARMUP" \
+  --optim adamw_torch_fused --adam_beta1 0.9 --adam_beta2 0.999 --weight_decay 0.05 \
+  --drop_path "$DROP_PATH" --is_causal False --freeze_embed True \
+  --aa rand-m9-mstd0.5-inc1 --reprob 0.25 \
+  --mixup 0.8 --cutmix 1.0 --mixup_prob 1.0 --mixup_switch_prob 0.5 --smoothing 0.1 \
+  --crop_pct "$CROP_PCT" \
+  --use_ema True --ema_decay 0.9999 \
+  --eval_strategy epoch --save_strategy epoch --save_total_limit 2 \
+  --metric_for_best_model ema_accuracy --greater_is_better True --load_best_model_at_end True \
+  --bf16 True --seed 1337 --logging_steps 100 \
+  --dataloader_num_workers "${NUM_WORKERS:-10}" --dataloader_drop_last True \
+  --report_to "$REPORT_TO" \
+  "$@"

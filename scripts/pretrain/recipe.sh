@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The paper's NEPA pretraining recipe on ImageNet-1k (shared/spec/RECIPES.md), for the model in CONFIG:
+# total batch 4096, 1600 epochs, AdamW (0.9, 0.95), wd 0.05, base lr 3e-4 scaled by batch / 256,
+# cosine schedule with 2.5 % warm-up, bf16, seed 1337. nepa_b.sh and nepa_l.sh choose the model.
+# Overrides: DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS; extra flags pass through.
+set -euo pipefail
+source "$(dirname "$0")/../common.sh"
+
+: "${CONFIG:?set CONFIG to a configs/pretrain folder, or run nepa_b.sh / nepa_l.sh}"
+TOTAL_BATCH=${TOTAL_BATCH:-4096}
+PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-256}
+launch train_pretrain.py \
+  --config_name "$CONFIG" \
+  --dataset_name "${DATA_DIR:-data/imagenet-1k-hf}" --load_from_disk True \
+  --output_dir "${OUTPUT_DIR:-outputs/$(basename "$CONFIG")}" \
+  --do_train \
+  --num_train_epochs "${EPOCHS:-1600}" \
+  --per_device_train_batch_size "$PER_DEVICE_BATCH" \
+  --gradient_accumulation_steps "$(gradient_accumulation "$TOTAL_BATCH" "$PER_DEVICE_BATCH")" \
+  --learning_rate "$(scaled_lr 3e-4 "$TOTAL_BATCH")" \
+  --lr_scheduler_type cosine --warmup_steps 0.025 \
+  --optim adamw_torch_fused --adam_beta1 0.9 --adam_beta2 0.95 --weight_decay 0.05 \
+  --bf16 True --seed 1337 \
+  --save_steps 50000 --logging_steps 100 \
+  --dataloader_num_workers "${NUM_WORKERS:-10}" --dataloader_drop_last True \
+  --report_to "$REPORT_TO" \
+  "$@"
