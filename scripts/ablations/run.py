@@ -1,0 +1,321 @@
+"""The paper's three ablation tables in miniature: pretrain one encoder per row, probe it, tabulate.
+
+    python scripts/ablations/run.py --table shift          # shift / causal masking / stop-gradient
+    python scripts/ablations/run.py --table masking        # input masking ratio 0 / 0.4 / 0.6
+    python scripts/ablations/run.py --table components     # LayerScale, RoPE, QK-norm, gated MLP
+
+Each row changes the base config (--config) only through `train_pretrain.py --config_overrides`,
+pretrains with the same seed and step budget as every other row, then judges the encoder with
+`eval.py --protocol knn` and `--protocol linear` on frozen features and, with --finetune_steps N,
+a short fine-tune (init_nepa_cls_from_pretrain.py + train_finetune.py). The table, beside the
+paper's ImageNet figures, goes to `<output_dir>/<table>.md` and is printed.
+
+A stage whose results exist is not run again (a failed pretraining counts as a result: its error is
+kept in `failed.txt`); --rerun starts the table's rows from scratch. The defaults (tiny ViT, 28 px
+Fashion-MNIST, 300 steps of 128 images) run the shift table, probes included, in well under an
+hour on a 2-core CPU.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATASET = "data/fashion-mnist-hf"
+LAYERSCALE = 1e-5  # the released configs' initial LayerScale
+COLLAPSE_COSINE = 0.9  # targets this alike carry almost no information about the image
+
+# (switch columns, paper's ImageNet ViT-B fine-tuned top-1 (RECIPES.md), config overrides) per row.
+COMPONENTS_OFF = {"layerscale_value": None, "use_rope": False, "qk_norm": False, "use_gated_mlp": False}
+SWIGLU = {"use_gated_mlp": True, "hidden_act": "silu"}  # intermediate_size kept: 1.5x the MLP weights
+TABLES = {
+    "shift": {
+        "columns": ("shift", "causal", "stop-grad"),
+        "paper": "50k-step top-1",
+        "rows": [
+            (("no", "yes", "yes"), "fails", {"nepa_shift": False}),
+            (("yes", "no", "yes"), "73.6", {"is_causal": False}),
+            (("yes", "yes", "no"), "fails (collapse)", {"nepa_stop_grad": False}),
+            (("yes", "yes", "yes"), "76.8", {}),
+        ],
+    },
+    "masking": {
+        "columns": ("input masking ratio",),
+        "paper": "top-1",
+        "rows": [
+            (("0 %",), "78.2", {"nepa_mask_ratio": 0.0}),
+            (("40 %",), "76.4", {"nepa_mask_ratio": 0.4}),
+            (("60 %",), "75.7", {"nepa_mask_ratio": 0.6}),
+        ],
+    },
+    "components": {
+        "columns": ("LayerScale", "RoPE", "QK-norm", "GatedMLP"),
+        "paper": "100k-step top-1",
+        "rows": [
+            (("-", "-", "-", "-"), "78.2", COMPONENTS_OFF),
+            (("yes", "-", "-", "-"), "77.4", {**COMPONENTS_OFF, "layerscale_value": LAYERSCALE}),
+            (("yes", "yes", "-", "-"), "80.2", {**COMPONENTS_OFF, "layerscale_value": LAYERSCALE, "use_rope": True}),
+            (
+                ("yes", "yes", "yes", "-"),
+                "fails",
+                {**COMPONENTS_OFF, "layerscale_value": LAYERSCALE, "use_rope": True, "qk_norm": True},
+            ),
+            (
+                ("yes", "yes", "-", "yes"),
+                "81.1",
+                {**COMPONENTS_OFF, "layerscale_value": LAYERSCALE, "use_rope": True, **SWIGLU},
+            ),
+            (
+                ("yes", "yes", "yes", "yes"),
+                "81.3",
+                {"layerscale_value": LAYERSCALE, "use_rope": True, "qk_norm": True, **SWIGLU},
+            ),
+        ],
+    },
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", required=True, choices=sorted(TABLES))
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, help="a download_dataset.py folder")
+    parser.add_argument("--config", default="configs/pretrain/nepa-tiny-patch4-28", help="the base pretraining config")
+    parser.add_argument("--max_steps", type=int, default=300, help="pretraining steps of every row")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--finetune_steps", type=int, default=0, help="a short fine-tune per row (0 = none)")
+    parser.add_argument("--probe_train_samples", type=int, default=10000, help="feature bank of the probes")
+    parser.add_argument("--probe_eval_samples", type=int, default=2000, help="images the probes (and fine-tune) are scored on")
+    parser.add_argument("--output_dir", default="outputs/ablations")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run; on a CPU shared with other work one thread is several times faster than two contending",
+    )
+    parser.add_argument("--rerun", action="store_true", help="delete this table's row folders and run them again")
+    return parser.parse_args()
+
+
+def ensure_dataset(path: str) -> None:
+    if Path(path).is_dir():
+        return
+    if path != DEFAULT_DATASET:
+        raise SystemExit(f"--dataset {path} does not exist: build it with download_dataset.py (see its --help).")
+    print(f"{path} is missing; building it with `python download_dataset.py --dataset fashion-mnist`.", flush=True)
+    subprocess.run([sys.executable, "download_dataset.py", "--dataset", "fashion-mnist"], cwd=REPO, check=True)
+
+
+def format_overrides(overrides: dict) -> str:
+    return ",".join(f"{key}={json.dumps(value)}" for key, value in overrides.items())
+
+
+def run_logged(command: list[str], log_file: Path, env: dict) -> str | None:
+    """Run a stage, showing its output (tqdm included) live and keeping it in `log_file`.
+    Returns None on success, else the last error-looking line of the output."""
+    print(f"\n$ {' '.join(command)}", flush=True)
+    with open(log_file, "wb") as log, subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as process:
+        for chunk in iter(lambda: process.stdout.read1(4096), b""):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            log.write(chunk)
+    if process.returncode == 0:
+        return None
+    lines = [line.strip() for line in log_file.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return f"exit {process.returncode}: {(errors or lines or ['no output'])[-1][:300]}"
+
+
+def common_flags(args) -> list[str]:
+    flags = ["--dataset_name", args.dataset, "--load_from_disk", "True", "--seed", str(args.seed), "--report_to", "none"]
+    flags += ["--dataloader_num_workers", "0"]
+    return flags + ([] if torch.cuda.is_available() else ["--use_cpu", "True"])
+
+
+def pretrain_command(args, overrides: dict, output: Path) -> list[str]:
+    return [
+        sys.executable, "train_pretrain.py",
+        "--config_name", args.config,
+        "--config_overrides", format_overrides(overrides),
+        "--output_dir", str(output),
+        "--do_train",
+        "--max_steps", str(args.max_steps),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--learning_rate", str(args.learning_rate),
+        "--lr_scheduler_type", "cosine",
+        "--warmup_steps", str(max(1, args.max_steps // 10)),
+        "--weight_decay", "0.05",
+        "--adam_beta2", "0.95",
+        "--logging_steps", str(max(1, args.max_steps // 30)),
+        "--save_strategy", "no",
+        *common_flags(args),
+    ]  # fmt: skip
+
+
+def probe_command(args, protocol: str, encoder: Path, output: Path) -> list[str]:
+    return [
+        sys.executable, "eval.py",
+        "--model_name_or_path", str(encoder),
+        "--protocol", protocol,
+        "--output_dir", str(output),
+        "--max_train_samples", str(args.probe_train_samples),
+        "--max_eval_samples", str(args.probe_eval_samples),
+        "--per_device_eval_batch_size", "256",
+        "--crop_pct", "1.0",  # 28 px images: no border to crop away
+        *common_flags(args),
+    ]  # fmt: skip
+
+
+def finetune_commands(args, encoder: Path, classifier: Path, output: Path) -> list[list[str]]:
+    convert = [
+        sys.executable, "init_nepa_cls_from_pretrain.py",
+        "--pretrained_model_id", str(encoder),
+        "--dataset_name", args.dataset,
+        "--save_local", "--local_dir", str(classifier),
+    ]  # fmt: skip
+    finetune = [
+        sys.executable, "train_finetune.py",
+        "--model_name_or_path", str(classifier),
+        "--output_dir", str(output),
+        "--do_train", "--do_eval",
+        "--max_steps", str(args.finetune_steps),
+        "--max_eval_samples", str(args.probe_eval_samples),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--per_device_eval_batch_size", "256",
+        "--learning_rate", "2e-3", "--head_lr", "2e-3", "--llrd", "0.75",
+        "--warmup_steps", str(max(1, args.finetune_steps // 10)),
+        "--weight_decay", "0.05",
+        "--crop_pct", "1.0",
+        "--logging_steps", str(max(1, args.finetune_steps // 10)),
+        "--save_strategy", "no",
+        *common_flags(args),
+    ]  # fmt: skip
+    return [convert, finetune]
+
+
+def run_row(args, row_dir: Path, overrides: dict, env: dict) -> None:
+    """Run the stages of one row that have no results yet; a failing stage ends the row."""
+    row_dir.mkdir(parents=True, exist_ok=True)
+    settings = {key: value for key, value in vars(args).items() if key not in ("table", "rerun", "output_dir")}
+    settings_file = row_dir / "settings.json"
+    previous = read_json(settings_file)
+    changed = sorted(key for key in settings if previous and key != "finetune_steps" and previous.get(key) != settings[key])
+    if changed:
+        raise SystemExit(f"{row_dir} was run with other {', '.join(changed)}: pass --rerun, or another --output_dir.")
+    settings_file.write_text(json.dumps(settings, indent=2))
+    failed = row_dir / "failed.txt"
+    if failed.exists():
+        return
+    encoder = row_dir / "pretrain"
+    stages = [("pretrain", encoder / "trainer_state.json", [pretrain_command(args, overrides, encoder)])]
+    for protocol in ("knn", "linear"):
+        stages.append((protocol, row_dir / protocol / "eval_results.json", [probe_command(args, protocol, encoder, row_dir / protocol)]))
+    if args.finetune_steps:
+        commands = finetune_commands(args, encoder, row_dir / "cls", row_dir / "finetune")
+        stages.append(("finetune", row_dir / "finetune" / "eval_results.json", commands))
+    for name, result, commands in stages:
+        if result.exists():
+            continue
+        for command in commands:
+            error = run_logged(command, row_dir / f"{name}.log", env)
+            if error:
+                failed.write_text(f"{name}: {error}\n")
+                print(f"\n{row_dir.name}: {name} failed ({error}); going on with the next row.", flush=True)
+                return
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def tail_mean(log_history: list[dict], key: str, count: int = 3) -> float | None:
+    values = [entry[key] for entry in log_history if key in entry]
+    return sum(values[-count:]) / len(values[-count:]) if values else None
+
+
+def row_summary(row_dir: Path) -> dict:
+    state = read_json(row_dir / "pretrain" / "trainer_state.json") or {}
+    history = state.get("log_history", [])
+    runtime = [entry["train_runtime"] for entry in history if "train_runtime" in entry]
+    accuracy = {}
+    for name, key in (("knn", "eval_accuracy"), ("linear", "eval_accuracy"), ("finetune", "eval_accuracy")):
+        results = read_json(row_dir / name / "eval_results.json")
+        accuracy[name] = results.get(key) if results else None
+    failed = row_dir / "failed.txt"
+    return {
+        "loss": tail_mean(history, "loss"),
+        "target_cosine": tail_mean(history, "target_cosine"),
+        "minutes": runtime[-1] / 60 if runtime else None,
+        "failed": failed.read_text().strip() if failed.exists() else None,
+        **accuracy,
+    }
+
+
+def verdict(summary: dict) -> str:
+    if summary["failed"]:
+        return f"fails ({summary['failed']})"
+    if summary["loss"] is None:
+        return "not run"
+    if summary["loss"] != summary["loss"]:
+        return "fails (NaN loss)"
+    if summary["target_cosine"] is not None and summary["target_cosine"] >= COLLAPSE_COSINE:
+        return "collapse"
+    return "trains"
+
+
+def number(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def markdown_table(table: dict, summaries: list[dict], finetune: bool) -> str:
+    header = [*table["columns"], f"paper ({table['paper']})", "outcome", "final NEPA loss", "target_cosine"]
+    header += ["k-NN top-1", "linear top-1"] + (["fine-tune top-1"] if finetune else []) + ["pretrain min"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (switches, paper, _), summary in zip(table["rows"], summaries):
+        cells = [*switches, paper, verdict(summary), number(summary["loss"], digits=4), number(summary["target_cosine"])]
+        cells += [number(summary["knn"], 100, 1), number(summary["linear"], 100, 1)]
+        cells += [number(summary["finetune"], 100, 1)] if finetune else []
+        cells.append(number(summary["minutes"], digits=1))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def row_name(overrides: dict) -> str:
+    return "base" if not overrides else "_".join(f"{key}-{value}" for key, value in overrides.items()).replace(".", "p")
+
+
+def main() -> None:
+    args = parse_args()
+    ensure_dataset(args.dataset)
+    if not (REPO / args.config / "config.json").is_file() and not (Path(args.config) / "config.json").is_file():
+        raise SystemExit(f"--config {args.config} has no config.json.")
+    table = TABLES[args.table]
+    table_dir = Path(args.output_dir).resolve() / args.table
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_DISABLED": "true", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+
+    started = time.time()
+    row_dirs = [table_dir / f"{index}_{row_name(overrides)}" for index, (_, _, overrides) in enumerate(table["rows"])]
+    for row_dir, (switches, _, overrides) in zip(row_dirs, table["rows"]):
+        if args.rerun and row_dir.exists():
+            shutil.rmtree(row_dir)
+        print(f"\n=== {args.table}: {' / '.join(table['columns'])} = {' / '.join(switches)}  ({row_dir.name})", flush=True)
+        run_row(args, row_dir, overrides, env)
+
+    text = markdown_table(table, [row_summary(row_dir) for row_dir in row_dirs], bool(args.finetune_steps))
+    (table_dir.parent / f"{args.table}.md").write_text(text + "\n")
+    print(f"\n{text}\n\nwritten to {table_dir.parent / f'{args.table}.md'} ({(time.time() - started) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
