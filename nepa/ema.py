@@ -31,7 +31,8 @@ class ModelEMA:
             shadow.copy_(buffer)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: tensor.detach().cpu().contiguous() for name, tensor in zip(self.names, self.shadow)}
+        """A copy on the CPU (the live average keeps changing)."""
+        return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in zip(self.names, self.shadow)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

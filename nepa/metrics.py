@@ -68,15 +68,22 @@ def linear_probe_predict(
     weight_decay: float = 1e-4,
     batch_size: int = 256,
     seed: int = 0,
+    min_steps: int = 1000,
 ) -> torch.Tensor:
-    """A linear classifier on standardised frozen features (AdamW, cosine lr). Returns logits of the queries."""
+    """A linear classifier on standardised frozen features (AdamW, cosine lr). Returns logits of the queries.
+
+    Trains for `epochs`, but at least `min_steps` optimiser steps, so that a small feature bank (one
+    batch per epoch) is not left underfitted. `seed` fixes the initial weights and the batch order."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
     x_train = ((train_features - mean) / std).float()
     x_query = ((query_features - mean) / std).float()
-    classifier = torch.nn.Linear(x_train.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = torch.nn.Linear(x_train.shape[1], num_classes)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, -(-x_train.shape[0] // batch_size))
+    epochs = max(epochs, -(-min_steps // steps_per_epoch))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
     for _ in range(epochs):
         order = torch.randperm(x_train.shape[0], generator=generator)

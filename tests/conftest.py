@@ -10,7 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+import torch  # noqa: E402
+
 from models.vit_nepa import ViTNepaConfig  # noqa: E402
+
+# The test models are tiny: a second thread costs more in synchronisation than it gains, many times
+# over on a busy machine.
+torch.set_num_threads(1)
 
 # The reference fixture lies beside the checkout (../shared); a copy inside it (shared/) also works.
 FIXTURE_CANDIDATES = [REPO.parent / "shared" / "fixtures" / "reference_cls_bidir", REPO / "shared" / "fixtures" / "reference_cls_bidir"]

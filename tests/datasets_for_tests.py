@@ -1,0 +1,81 @@
+"""Tiny model folders and datasets for the training-script tests, built from local files only."""
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from PIL import Image as PILImage
+from safetensors.torch import load_file
+from transformers import ViTImageProcessor
+
+import download_dataset
+from image_folder import make_image_folder
+from models.vit_nepa import ViTNepaConfig
+
+IMAGE_SIZE = 16
+TINY_ARCHITECTURE = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=IMAGE_SIZE,
+    patch_size=4,
+    qk_norm=True,
+)
+
+
+def save_processor(folder: Path, size: int = IMAGE_SIZE) -> None:
+    processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor.save_pretrained(folder)
+
+
+def write_config_folder(folder: Path, **overrides) -> Path:
+    """config.json + preprocessor_config.json of a 16 px, 4 px-patch, 2-layer ViT-NEPA (the --config_name input)."""
+    ViTNepaConfig(**{**TINY_ARCHITECTURE, **overrides}).save_pretrained(folder)
+    save_processor(folder)
+    return Path(folder)
+
+
+def build_image_dataset(root: Path, num_classes: int = 3, per_class: int = 8, val_per_class: int = 4) -> Path:
+    """A download_dataset.py folder from a generated image folder: one mean colour per class."""
+    source = make_image_folder(
+        root / "images", num_classes=num_classes, per_class=per_class, val_per_class=val_per_class
+    )
+    return download_dataset.main(["--imagefolder", str(source), "--output_dir", str(root / "dataset")])
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_reference_dataset(fixture_dir: Path, output_dir: Path) -> Path:
+    """The fixture's input images as PNGs, labelled with the argmax of its expected logits, in both splits.
+
+    Its pixel_values are normalised with mean = std = 0.5, so `(x * 0.5 + 0.5) * 255` recovers uint8 pixels;
+    values outside [0, 255] are clipped (the fixture's inputs are Gaussian noise, so about a third are)."""
+    expected = load_file(Path(fixture_dir) / "expected_io.safetensors")
+    pixels = ((expected["pixel_values"] * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8)
+    labels = expected["logits"].argmax(dim=-1).tolist()
+    num_classes = expected["logits"].shape[-1]
+    features = Features({"image": Image(), "label": ClassLabel(names=[f"LABEL_{i}" for i in range(num_classes)])})
+    images = [{"bytes": png_bytes(image.permute(1, 2, 0).numpy()), "path": None} for image in pixels]
+    split = Dataset.from_dict({"image": images, "label": labels}, features=features)
+    DatasetDict(train=split, validation=split).save_to_disk(str(output_dir))
+    return Path(output_dir)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one thread: on a small shared machine, two threads fighting other processes make these
+    tiny models' kernels about ten times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,561 @@
+"""Behaviour of the training and evaluation scripts (issues 3 and 4): pretraining, resuming, conversion to a
+classifier, fine-tuning with the paper's recipe, evaluation protocols, and the pieces they are built from
+(parameter groups, schedule, EMA, mixup, metrics). Tiny 16 px models on generated images, CPU, in-process
+through each script's `main(argv)`; one pretraining run is shared by the session."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from datasets_for_tests import (
+    IMAGE_SIZE,
+    build_image_dataset,
+    build_reference_dataset,
+    one_torch_thread,
+    save_processor,
+    write_config_folder,
+)
+from safetensors.torch import load_file
+from transformers import EvalPrediction
+
+import eval as eval_script
+import init_nepa_cls_from_pretrain
+import train_finetune
+import train_pretrain
+from models.vit_nepa import ViTNepaForImageClassification, ViTNepaForPreTraining
+from nepa.args import NepaTrainingArguments
+from nepa.data import BatchNormalize
+from nepa.ema import ModelEMA
+from nepa.metrics import accuracy_metrics, knn_predict, linear_probe_predict, top5_indices
+from nepa.optim import group_warmup_steps, layer_decay_cosine_schedule, layer_decay_param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 3
+COMMON = ["--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--seed", "0"]
+EVAL_KEYS = {"eval_accuracy", "eval_top5", "eval_loss"}
+EMA_EVAL_KEYS = {"eval_ema_accuracy", "eval_ema_top5", "eval_ema_loss"}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory) -> Path:
+    """3 classes of noisy single-colour 40x32 JPEGs: 24 training and 12 validation images."""
+    return build_image_dataset(tmp_path_factory.mktemp("data"), num_classes=NUM_CLASSES, per_class=8, val_per_class=4)
+
+
+@pytest.fixture(scope="session")
+def config_dir(tmp_path_factory) -> Path:
+    return write_config_folder(tmp_path_factory.mktemp("config"))
+
+
+def pretrain_argv(config_dir, dataset_dir, output_dir, *extra) -> list[str]:
+    return [
+        "--config_name", str(config_dir),
+        "--dataset_name", str(dataset_dir),
+        "--load_from_disk", "True",
+        "--output_dir", str(output_dir),
+        "--do_train",
+        "--per_device_train_batch_size", "8",
+        "--learning_rate", "1e-3",
+        "--weight_decay", "0.05",
+        *COMMON,
+        *extra,
+    ]  # fmt: skip
+
+
+def finetune_argv(model_dir, dataset_dir, output_dir, *extra) -> list[str]:
+    return [
+        "--model_name_or_path", str(model_dir),
+        "--dataset_name", str(dataset_dir),
+        "--load_from_disk", "True",
+        "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16",
+        "--learning_rate", "1e-3",
+        *COMMON,
+        *extra,
+    ]  # fmt: skip
+
+
+def eval_argv(model_dir, dataset_dir, output_dir, *extra) -> list[str]:
+    return [
+        "--model_name_or_path", str(model_dir),
+        "--dataset_name", str(dataset_dir),
+        "--load_from_disk", "True",
+        "--output_dir", str(output_dir),
+        "--per_device_eval_batch_size", "16",
+        *COMMON,
+        *extra,
+    ]  # fmt: skip
+
+
+def convert(pretrained_dir, local_dir, *extra) -> Path:
+    argv = ["--pretrained_model_id", str(pretrained_dir), "--save_local", "--local_dir", str(local_dir), *extra]
+    init_nepa_cls_from_pretrain.main(argv)
+    return Path(local_dir)
+
+
+def log_history(output_dir) -> list[dict]:
+    return json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"]
+
+
+@pytest.fixture(scope="session")
+def pretraining_run(tmp_path_factory, config_dir, dataset_dir) -> tuple[Path, dict]:
+    """40 steps of NEPA pretraining, logged every 5 steps; (output_dir, returned metrics)."""
+    output_dir = tmp_path_factory.mktemp("pretrained")
+    schedule = ["--max_steps", "40", "--warmup_steps", "5", "--logging_steps", "5", "--save_strategy", "no"]
+    with one_torch_thread():
+        metrics = train_pretrain.main(pretrain_argv(config_dir, dataset_dir, output_dir, *schedule))
+    return output_dir, metrics
+
+
+@pytest.fixture(scope="session")
+def pretrained_dir(pretraining_run) -> Path:
+    return pretraining_run[0]
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory, pretrained_dir, dataset_dir) -> Path:
+    """The pretrained encoder as a bidirectional classifier with the dataset's class names."""
+    return convert(pretrained_dir, tmp_path_factory.mktemp("classifier") / "cls", "--dataset_name", str(dataset_dir))
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining (issue 3)
+# --------------------------------------------------------------------------------------------
+
+
+def test_pretraining_loss_falls_and_the_model_is_saved(pretraining_run):
+    output_dir, metrics = pretraining_run
+    logs = [entry for entry in log_history(output_dir) if "loss" in entry]
+    assert [entry["step"] for entry in logs] == list(range(5, 41, 5))
+    losses = [entry["loss"] for entry in logs]
+    assert all(-1.0 <= loss <= 1.0 for loss in losses)  # a negative cosine
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.01, losses
+    # The collapse signal is logged beside every loss.
+    assert all(-1.0 <= entry["target_cosine"] <= 1.0 for entry in logs)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        assert (output_dir / name).is_file(), name
+    assert metrics["train_loss"] == pytest.approx(np.mean([entry["loss"] for entry in logs]), abs=1e-3)
+    reloaded = ViTNepaForPreTraining.from_pretrained(output_dir)
+    assert reloaded.config.image_size == IMAGE_SIZE and reloaded.config.is_causal
+
+
+def test_a_restarted_run_resumes_from_the_newest_complete_checkpoint(tmp_path, caplog, config_dir, dataset_dir):
+    output_dir = tmp_path / "run"
+    argv = pretrain_argv(config_dir, dataset_dir, output_dir, "--save_steps", "3", "--logging_steps", "1")
+    train_pretrain.main([*argv, "--max_steps", "6"])
+    first_history = log_history(output_dir / "checkpoint-3")
+    for step in (3, 6):
+        assert (output_dir / f"checkpoint-{step}" / "checkpoint_complete").is_file()
+    # A run killed while writing checkpoint-6 leaves it without its marker.
+    (output_dir / "checkpoint-6" / "checkpoint_complete").unlink()
+
+    caplog.clear()
+    train_pretrain.main([*argv, "--max_steps", "8"])
+    assert re.search(r"Skipping \S*checkpoint-6", caplog.text)
+    assert re.search(r"Resuming from \S*checkpoint-3\b", caplog.text)
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert steps == list(range(1, 9))
+    # Steps 1-3 come from checkpoint-3 as they were; a fresh start (8-step schedule) would log other lrs.
+    assert [entry for entry in state["log_history"] if entry["step"] <= 3] == first_history
+    assert (output_dir / "checkpoint-6" / "checkpoint_complete").is_file()  # written again, whole this time
+
+
+def test_arguments_from_a_json_file(tmp_path, config_dir, dataset_dir):
+    arguments = {
+        "config_name": str(config_dir),
+        "dataset_name": str(dataset_dir),
+        "load_from_disk": True,
+        "output_dir": str(tmp_path / "run"),
+        "do_train": True,
+        "max_steps": 2,
+        "logging_steps": 1,
+        "per_device_train_batch_size": 4,
+        "use_cpu": True,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+    (tmp_path / "args.json").write_text(json.dumps(arguments))
+    train_pretrain.main([str(tmp_path / "args.json")])
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["train_batch_size"] == 4
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_two_process_cpu_run(tmp_path, config_dir, dataset_dir):
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(REPO / "train_pretrain.py"),
+        *pretrain_argv(config_dir, dataset_dir, output_dir, "--max_steps", "3", "--logging_steps", "1"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    # Each process reads half the 24 images: 2 batches of 8 per epoch, so 3 steps are 1.5 epochs (1 alone).
+    assert state["epoch"] == pytest.approx(1.5)
+    assert (output_dir / "model.safetensors").is_file()
+
+
+def test_pretraining_parameter_groups(tmp_path):
+    torch.manual_seed(0)
+    model = ViTNepaForPreTraining(tiny_config(layerscale_value=1e-5, qk_norm_affine=True))
+    args = NepaTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", learning_rate=1e-3, weight_decay=0.05
+    )
+    normalize = BatchNormalize([0.5] * 3, [0.5] * 3)
+    trainer = train_pretrain.NepaPretrainer(model=model, args=args, normalize=normalize, embed_lr=2e-4)
+    optimizer = trainer.create_optimizer()
+
+    names = {id(param): name for name, param in model.named_parameters()}
+    placed = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            placed.setdefault(names[id(param)], []).append(group)
+    assert sorted(placed) == sorted(names.values()) and all(len(groups) == 1 for groups in placed.values())
+    for name, (group,) in placed.items():
+        no_decay = name.endswith(("bias", "lambda1", "cls_token")) or "norm" in name
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+        assert group["lr"] == (2e-4 if ".embeddings." in name else 1e-3), name
+    assert {"vit_nepa.embeddings.cls_token", "vit_nepa.embeddings.patch_embeddings.projection.weight"} <= set(placed)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion, fine-tuning and evaluation (issue 4)
+# --------------------------------------------------------------------------------------------
+
+
+def test_conversion_copies_the_backbone_and_reports_the_new_tensors(tmp_path, capsys, pretrained_dir, dataset_dir):
+    target = write_config_folder(tmp_path / "sft-config", is_causal=False, add_pooling_layer=True, qk_norm_affine=True)
+    local_dir = convert(
+        pretrained_dir, tmp_path / "cls", "--config_model_id", str(target), "--dataset_name", str(dataset_dir)
+    )
+
+    new_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("new ("))
+    query_key_norms = {
+        f"vit_nepa.encoder.layer.{i}.attention.attention.{norm}.weight"
+        for i in range(2)
+        for norm in ("q_norm", "k_norm")
+    }
+    expected_new = {"fc_norm.weight", "fc_norm.bias", "classifier.weight", "classifier.bias"} | query_key_norms
+    assert set(new_line.split(": ", 1)[1].split(", ")) == expected_new
+
+    pretrained = load_file(pretrained_dir / "model.safetensors")
+    converted = load_file(local_dir / "model.safetensors")
+    assert set(converted) == set(pretrained) | expected_new
+    for key, tensor in pretrained.items():
+        torch.testing.assert_close(converted[key], tensor, rtol=0, atol=0, msg=key)
+    assert not converted["classifier.weight"].any() and not converted["classifier.bias"].any()
+    for key in query_key_norms | {"fc_norm.weight"}:
+        assert torch.equal(converted[key], torch.ones_like(converted[key])), key
+    model = ViTNepaForImageClassification.from_pretrained(local_dir)
+    assert not model.config.is_causal
+    assert [model.config.id2label[i] for i in range(NUM_CLASSES)] == ["class_0", "class_1", "class_2"]
+    assert (local_dir / "preprocessor_config.json").is_file()
+
+
+def test_folding_layerscale_keeps_the_encoder_function(tmp_path, pretrained_dir):
+    # Lambdas far from 1 and from each other, so that a wrong fold shows.
+    pretrained = ViTNepaForPreTraining.from_pretrained(pretrained_dir).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in pretrained.named_parameters():
+            if name.endswith("lambda1"):
+                param.copy_(torch.empty(param.shape).uniform_(0.2, 2.0, generator=generator))
+    pretrained.save_pretrained(tmp_path / "pretrained")
+    save_processor(tmp_path / "pretrained")
+
+    local_dir = convert(tmp_path / "pretrained", tmp_path / "cls", "--disable_layerscale")
+    assert not any("lambda1" in key for key in load_file(local_dir / "model.safetensors"))
+    # The classifier is bidirectional; with the pretraining attention back, the encoder must be the same function.
+    folded = ViTNepaForImageClassification.from_pretrained(local_dir, is_causal=True).eval()
+    assert folded.config.layerscale_value is None
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    with torch.no_grad():
+        expected = pretrained.vit_nepa(pixels).last_hidden_state
+        actual = folded.vit_nepa(pixels).last_hidden_state
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_finetune_with_ema_then_eval(tmp_path, classifier_dir, dataset_dir):
+    output_dir = tmp_path / "sft"
+    ema = ["--use_ema", "True", "--ema_decay", "0.9"]
+    extra = ["--do_train", "--do_eval", "--max_steps", "4", "--save_strategy", "no", *ema]
+    metrics = train_finetune.main(finetune_argv(classifier_dir, dataset_dir, output_dir, *extra))
+    assert EVAL_KEYS | EMA_EVAL_KEYS <= set(metrics)
+    assert (output_dir / "model_ema.safetensors").is_file() and (output_dir / "model.safetensors").is_file()
+    assert set(load_file(output_dir / "model_ema.safetensors")) == set(load_file(output_dir / "model.safetensors"))
+
+    results = eval_script.main(eval_argv(output_dir, dataset_dir, tmp_path / "eval"))
+    written = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert EVAL_KEYS | EMA_EVAL_KEYS <= set(written)
+    assert written == pytest.approx(results)
+    # The same weights, data and eval transform as the fine-tuning run's own evaluation: the same numbers.
+    for key in EVAL_KEYS | EMA_EVAL_KEYS:
+        assert written[key] == pytest.approx(metrics[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("protocol", ["knn", "linear"])
+def test_frozen_feature_protocols_on_a_pretraining_folder(tmp_path, protocol, pretrained_dir, dataset_dir):
+    results = eval_script.main(eval_argv(pretrained_dir, dataset_dir, tmp_path / "eval", "--protocol", protocol))
+    written = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert EVAL_KEYS <= set(written) and written == pytest.approx(results)
+    assert 0.0 <= written["eval_accuracy"] <= written["eval_top5"] == 1.0  # 3 classes: top-5 holds them all
+
+
+def test_conversion_rejects_a_config_of_another_width(tmp_path, pretrained_dir):
+    target = write_config_folder(tmp_path / "wide", hidden_size=64, is_causal=False)
+    with pytest.raises(SystemExit, match=r"hidden_size: pretrained 32 vs target 64"):
+        convert(pretrained_dir, tmp_path / "cls", "--config_model_id", str(target))
+    assert not (tmp_path / "cls").exists()
+
+
+def test_finetune_asks_to_convert_a_pretraining_folder(tmp_path, pretrained_dir, dataset_dir):
+    with pytest.raises(ValueError, match=r"pretraining checkpoint.*init_nepa_cls_from_pretrain\.py"):
+        train_finetune.main(finetune_argv(pretrained_dir, dataset_dir, tmp_path / "sft", "--do_train"))
+
+
+def test_finetune_rejects_more_classes_than_labels(tmp_path, pretrained_dir, dataset_dir):
+    local_dir = convert(pretrained_dir, tmp_path / "cls", "--num_labels", "2")
+    with pytest.raises(ValueError, match=r"3 classes.*num_labels=2"):
+        train_finetune.main(finetune_argv(local_dir, dataset_dir, tmp_path / "sft", "--do_train"))
+
+
+def test_eval_of_the_reference_fixture_agrees_with_its_expected_logits(tmp_path, reference_fixture_dir):
+    model_dir = tmp_path / "reference"
+    shutil.copytree(reference_fixture_dir, model_dir)
+    save_processor(model_dir, size=56)
+    dataset = build_reference_dataset(reference_fixture_dir, tmp_path / "dataset")
+    results = eval_script.main(eval_argv(model_dir, dataset, tmp_path / "eval", "--resize_size", "56"))
+    assert results["eval_accuracy"] == 1.0 and results["eval_top5"] == 1.0
+    assert not EMA_EVAL_KEYS & set(results)  # the fixture folder has no EMA weights
+
+
+# --------------------------------------------------------------------------------------------
+# Layer-wise lr decay and its schedule
+# --------------------------------------------------------------------------------------------
+
+LAYERS, LR, DECAY, HEAD_LR = 2, 1e-3, 0.6, 5e-3
+
+
+def tiny_classifier() -> ViTNepaForImageClassification:
+    torch.manual_seed(0)
+    config = tiny_config(num_hidden_layers=LAYERS, add_pooling_layer=True, num_labels=NUM_CLASSES)
+    return ViTNepaForImageClassification(config)
+
+
+def expected_lr(name: str) -> float:
+    if name.startswith(("fc_norm.", "classifier.", "vit_nepa.layernorm.")):
+        return HEAD_LR
+    if name.startswith("vit_nepa.embeddings."):
+        return LR * DECAY**LAYERS
+    layer = int(re.match(r"vit_nepa\.encoder\.layer\.(\d+)\.", name).group(1))
+    return LR * DECAY ** (LAYERS - 1 - layer)
+
+
+def test_layer_decay_groups_follow_the_formula():
+    model = tiny_classifier()
+    model.vit_nepa.embeddings.patch_embeddings.requires_grad_(False)  # --freeze_embed
+    groups = layer_decay_param_groups(model, LR, weight_decay=0.05, layer_decay=DECAY, head_lr=HEAD_LR)
+
+    names = {id(param): name for name, param in model.named_parameters()}
+    placed = [(names[id(param)], param, group) for group in groups for param in group["params"]]
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert sorted(name for name, _, _ in placed) == sorted(trainable)  # each trainable tensor exactly once
+    assert not any("patch_embeddings" in name for name, _, _ in placed)
+    for name, param, group in placed:
+        assert group["lr"] == pytest.approx(expected_lr(name), rel=1e-12), name
+        assert group["weight_decay"] == (0.0 if param.ndim == 1 or name.endswith("cls_token") else 0.05), name
+    assert sorted({group["lr"] for group in groups}) == pytest.approx(sorted([HEAD_LR, LR, LR * DECAY, LR * DECAY**2]))
+
+
+def test_schedule_warms_each_group_up_then_decays_by_half_cosine():
+    warmup, total = 10, 50
+    model = tiny_classifier()
+    groups = layer_decay_param_groups(model, LR, weight_decay=0.05, layer_decay=DECAY, head_lr=HEAD_LR)
+    optimizer = torch.optim.AdamW(groups, lr=LR)
+    peaks = [group["lr"] for group in optimizer.param_groups]
+    schedule = layer_decay_cosine_schedule(optimizer, warmup, total)
+    lrs = []
+    for _ in range(total + 1):
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        schedule.step()
+    lrs = np.array(lrs)  # (step, group)
+
+    # warmup - round(warmup * min(factor, 1)), at least 1: head and last layer (factor 1) 1 step,
+    # layer 0 (factor 0.6) 10 - 6 = 4 steps, embeddings (factor 0.36) 10 - 4 = 6 steps.
+    by_layer = {0: 6, 1: 4, 2: 1, 3: 1}
+    for column, group in enumerate(optimizer.param_groups):
+        group_warmup = by_layer[group["layer"]]
+        assert group_warmup_steps(warmup, group["lr_factor"]) == group_warmup
+        peak = peaks[column]
+        rise = lrs[: group_warmup + 1, column]
+        np.testing.assert_allclose(rise, peak * np.arange(group_warmup + 1) / group_warmup, rtol=1e-9)
+        for step in (group_warmup + 1, (group_warmup + total) // 2, total - 1):
+            progress = (step - group_warmup) / (total - group_warmup)
+            assert lrs[step, column] == pytest.approx(peak * 0.5 * (1 + np.cos(np.pi * progress)), rel=1e-9)
+        assert lrs[total, column] == pytest.approx(0.0, abs=1e-12)
+        assert np.all(np.diff(lrs[group_warmup:, column]) <= 1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# EMA
+# --------------------------------------------------------------------------------------------
+
+
+def test_ema_is_the_hand_computed_average_and_swap_is_reversible():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))  # BatchNorm: an integer buffer too
+    decay = 0.8
+    ema = ModelEMA(model, decay)
+    expected = {name: tensor.clone() for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update()
+        for name, tensor in model.state_dict().items():
+            if name in expected:
+                expected[name] = decay * expected[name] + (1 - decay) * tensor
+    averaged = {name: tensor.clone() for name, tensor in ema.state_dict().items()}
+    assert set(averaged) == set(expected)  # num_batches_tracked is an integer: not averaged
+    for name in expected:
+        torch.testing.assert_close(averaged[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ema.swap()
+    for name in expected:
+        torch.testing.assert_close(model.state_dict()[name], averaged[name], rtol=0, atol=0)
+    ema.swap()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
+    for name, tensor in ema.state_dict().items():
+        torch.testing.assert_close(tensor, averaged[name], rtol=0, atol=0)
+
+
+def test_ema_survives_a_resume(tmp_path, classifier_dir, dataset_dir):
+    """An uninterrupted 6-step run against the same command restarted from its step-4 checkpoint: the same EMA.
+
+    Both runs have max_steps 6, so their lr schedules agree (a run stopped by max_steps 4 would have decayed
+    its lr to 0 by step 4 and trained other weights). Crops, flips and the RoPE scale augmentation still draw
+    random numbers; the Trainer restores the data order and the RNG states from the checkpoint, and on one
+    CPU thread the two runs agree bit for bit."""
+    no_randomness = ["--aa", "", "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--smoothing", "0"]
+    no_randomness += ["--drop_path", "0"]
+    ema = ["--use_ema", "True", "--ema_decay", "0.9"]
+    extra = ["--do_train", "--max_steps", "6", "--save_steps", "4", *ema, *no_randomness]
+    whole = tmp_path / "whole"
+    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, whole, *extra))
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-4", resumed / "checkpoint-4")
+    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, resumed, *extra))
+    assert json.loads((resumed / "trainer_state.json").read_text())["global_step"] == 6
+
+    at_step_4 = load_file(whole / "checkpoint-4" / "model_ema.safetensors")
+    expected = load_file(whole / "model_ema.safetensors")
+    actual = load_file(resumed / "model_ema.safetensors")
+    assert any(not torch.equal(expected[key], at_step_4[key]) for key in expected)  # steps 5 and 6 moved it
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=lambda text, key=key: f"{key}: {text}")
+
+
+# --------------------------------------------------------------------------------------------
+# Mixup, metrics, protocols
+# --------------------------------------------------------------------------------------------
+
+
+def test_mixup_labels_are_distributions_and_an_odd_batch_drops_one_image():
+    args = train_finetune.FinetuneArguments(model_name_or_path="unused")  # the recipe's defaults
+    augment = train_finetune.batch_augment(args, num_labels=5, device="cpu")
+    torch.manual_seed(0)
+    pixels, labels = augment(torch.randn(7, 3, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([0, 1, 2, 3, 4, 0, 1]))
+    assert pixels.shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE) and labels.shape == (6, 5)
+    assert labels.is_floating_point() and (labels >= 0).all()
+    torch.testing.assert_close(labels.sum(dim=1), torch.ones(6))
+    assert (labels.max(dim=1).values < 1).all()  # smoothed (and mixed): never one-hot
+
+    off = train_finetune.FinetuneArguments(model_name_or_path="unused", reprob=0, mixup=0, cutmix=0, smoothing=0)
+    assert train_finetune.batch_augment(off, num_labels=5, device="cpu") is None
+
+
+def test_accuracy_metrics_on_hand_made_logits():
+    logits = torch.tensor(
+        [
+            [9.0, 1, 2, 3, 4, 5, 6],  # label 0: top-1
+            [0.0, 9, 8, 7, 6, 5, 1],  # label 5: 5th best, top-5 only
+            [0.0, 9, 8, 7, 6, 5, 1],  # label 6: 6th best, neither
+            [1.0, 2, 3, 4, 5, 6, 9],  # label 5: 2nd best, top-5 only
+        ]
+    )
+    labels = torch.tensor([0, 5, 6, 5])
+    top5 = top5_indices((logits,), labels)  # the Trainer may hand over a tuple
+    assert top5.tolist()[1] == [1, 2, 3, 4, 5]
+    metrics = accuracy_metrics(EvalPrediction(predictions=top5.numpy(), label_ids=labels.numpy()))
+    assert metrics == {"accuracy": 0.25, "top5": 0.75}
+    assert top5_indices(logits[:, :3]).shape == (4, 3)  # fewer than 5 classes: all of them
+
+
+@pytest.fixture(scope="module")
+def gaussian_blobs():
+    """4 classes around orthogonal directions in 16-D, unit noise: separable by angle and by position."""
+    generator = torch.Generator().manual_seed(0)
+    centres = 4.0 * torch.eye(16)[:4]
+
+    def sample(per_class):
+        labels = torch.arange(4).repeat_interleave(per_class)
+        return centres[labels] + torch.randn(len(labels), 16, generator=generator), labels
+
+    return sample(500), sample(100)
+
+
+def test_knn_protocol_separates_gaussian_blobs(gaussian_blobs):
+    (train_x, train_y), (query_x, query_y) = gaussian_blobs
+    votes = knn_predict(train_x, train_y, query_x, num_classes=4)  # eval.py's defaults: k 20, T 0.07
+    assert votes.shape == (400, 4)
+    assert (votes.argmax(dim=1) == query_y).float().mean() > 0.95
+
+
+def test_linear_protocol_separates_gaussian_blobs(gaussian_blobs):
+    (train_x, train_y), (query_x, query_y) = gaussian_blobs
+    torch.manual_seed(0)  # the classifier's initialisation
+    logits = linear_probe_predict(train_x, train_y, query_x, num_classes=4)  # eval.py's defaults
+    assert logits.shape == (400, 4)
+    assert (logits.argmax(dim=1) == query_y).float().mean() > 0.95
+
+
+# --------------------------------------------------------------------------------------------
+# Scripts
+# --------------------------------------------------------------------------------------------
+
+
+def test_shell_scripts_parse():
+    scripts = sorted((REPO / "scripts").rglob("*.sh"))
+    if not scripts:
+        pytest.skip("no scripts/**/*.sh yet")
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.relative_to(REPO)}: {result.stderr}"
