@@ -93,7 +93,7 @@ def batch_augment(args: FinetuneArguments, num_labels: int, device) -> BatchAugm
         mixup = Mixup(
             mixup_alpha=args.mixup,
             cutmix_alpha=args.cutmix,
-            prob=args.mixup_prob,
+            prob=args.mixup_prob if args.mixup > 0 or args.cutmix > 0 else 0.0,  # smoothing alone: timm asserts otherwise
             switch_prob=args.mixup_switch_prob,
             label_smoothing=args.smoothing,
             num_classes=num_labels,
@@ -144,8 +144,16 @@ def main(argv: list[str] | None = None) -> dict:
             f"convert again with --dataset_name {data_args.dataset_name} (or --num_labels {len(names)})."
         )
 
+    if names is None and data_args.label_column_name in train_split.column_names:  # plain integers: check the largest
+        largest = max(train_split[data_args.label_column_name])
+        if largest >= model.config.num_labels:
+            raise ValueError(
+                f"the dataset has label {largest} but the classifier has num_labels={model.config.num_labels} "
+                f"(labels 0..{model.config.num_labels - 1}): convert again with --num_labels {largest + 1}."
+            )
+
     columns = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name, strict=data_args.strict_images)
-    train_dataset = ImageDataset(train_split, FinetuneTransform(size, args.aa), **columns) if training_args.do_train else None
+    train_dataset = ImageDataset(train_split, FinetuneTransform(size, args.aa, processor.image_mean), **columns) if training_args.do_train else None
     eval_dataset = None
     if training_args.do_eval:
         eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)

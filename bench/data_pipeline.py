@@ -133,7 +133,7 @@ def build_pipelines(size: int) -> dict[str, tuple]:
         "pretraining, plain with ToTensor first": (plain(tensor_first), *project_pretrain),
         f"fine-tuning (timm {RAND_AUGMENT}, erasing 0.25)": (
             plain(plain_finetune),
-            *project(FinetuneTransform(size, RAND_AUGMENT), normalize_and_erase),
+            *project(FinetuneTransform(size, RAND_AUGMENT, MEAN), normalize_and_erase),
         ),
         "evaluation (resize 256 bicubic, centre crop 224)": (
             plain(plain_eval),
@@ -164,7 +164,7 @@ def augmentation_parameters(size: int) -> list[tuple[str, str]]:
         "pretraining, plain": T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()]),
         "pretraining, project": PretrainTransform(size),
         "fine-tuning, plain": plain_finetune,
-        "fine-tuning, project": FinetuneTransform(size, RAND_AUGMENT),
+        "fine-tuning, project": FinetuneTransform(size, RAND_AUGMENT, MEAN),
     }
     rows = []
     for name, transform in transforms.items():

@@ -12,11 +12,16 @@ training device (`BatchNormalize`, `BatchAugment`, applied by `nepa.trainer.Nepa
 import io
 import logging
 import os
+import random
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import datasets
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -36,12 +41,14 @@ class BadImageError(ValueError):
 
 def _read_bytes(record: dict) -> tuple[bytes, str]:
     path = record.get("path") or "<embedded bytes>"
+    if path.startswith("file://"):  # download_dataset.py names files by URI; the log shows them as plain paths
+        path = url2pathname(urlparse(path).path)
     data = record.get("bytes")
     if data is None:
         if not record.get("path"):
             raise BadImageError(path, "the record has neither bytes nor a path")
         try:
-            data = Path(record["path"]).read_bytes()
+            data = Path(path).read_bytes()
         except OSError as error:
             raise BadImageError(path, str(error)) from error
     if not data:
@@ -73,6 +80,8 @@ def open_rgb_pil(record: dict) -> Image.Image:
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: keep the top 8 bits
                 image = image.point(lambda value: value / 256).convert("L")
             return image.convert("RGB")
+    except UnidentifiedImageError as error:
+        raise BadImageError(path, "not an image format Pillow or torchvision can read") from error
     except (OSError, ValueError, SyntaxError) as error:  # PIL's decoders raise all three
         raise BadImageError(path, f"{type(error).__name__}: {error}") from error
 
@@ -105,38 +114,68 @@ class EvalTransform:
 
 
 class FinetuneTransform:
-    """timm's ImageNet training recipe (bicubic RandomResizedCrop, flip, RandAugment) on PIL images.
+    """timm's ImageNet fine-tuning recipe: bicubic RandomResizedCrop and flip (on uint8 tensors, as in
+    pretraining), then timm's RandAugment on a PIL image of the crop. Normalisation and random erasing
+    are the batch's (see `BatchAugment`). `mean` is the fill colour of RandAugment's geometric ops."""
 
-    Normalisation and random erasing are the batch's (see `BatchAugment`), so only timm's first two
-    stages are kept here."""
-
-    def __init__(self, size: int, auto_augment: str | None):
-        from timm.data import create_transform
-
-        primary, secondary, _ = create_transform(
-            size,
-            is_training=True,
-            auto_augment=auto_augment or None,
-            interpolation="bicubic",
-            color_jitter=None,
-            separate=True,
+    def __init__(self, size: int, auto_augment: str | None, mean):
+        self.crop = v2.Compose(
+            [v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.RandomHorizontalFlip()]
         )
-        self.augment = v2.Compose([primary, secondary, v2.PILToTensor()])
+        self.rand_augment = None
+        if auto_augment:
+            from timm.data import create_transform
+
+            _, self.rand_augment, _ = create_transform(
+                size, is_training=True, auto_augment=auto_augment, interpolation="bicubic",
+                color_jitter=None, mean=tuple(mean), separate=True,
+            )
 
     def __call__(self, record: dict) -> torch.Tensor:
-        return self.augment(open_rgb_pil(record))
+        pixels = self.crop(decode_rgb_tensor(record))
+        if self.rand_augment is None:
+            return pixels
+        return TF.pil_to_tensor(self.rand_augment(TF.to_pil_image(pixels)))
 
 
 # --- dataset ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def seeded_random(seed: int):
+    """Run the block with torch, `random` and numpy seeded by `seed`, leaving the process's own states as they were."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also reseeds CUDA
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """One split of an image dataset, transformed, with undecodable images skipped.
 
     A bad image is replaced by the next decodable one (so batches keep their size), and the log names
-    the file and counts the skips; `strict=True` makes the first bad image an error instead."""
+    the file and counts the skips; `strict=True` makes the first bad image an error instead.
 
-    def __init__(self, split: datasets.Dataset, transform, image_column="image", label_column="label", strict=False):
+    Each image's random augmentation is drawn from its own seed (`seed`, the epoch, the index) rather than
+    from the process's random state, which the dataloader advances ahead of the model (it fetches a batch
+    in advance): a resumed run then draws exactly what the uninterrupted run drew, and the draws do not
+    depend on the number of dataloader workers or training processes. `NepaTrainer` calls `set_epoch`."""
+
+    def __init__(
+        self,
+        split: datasets.Dataset,
+        transform,
+        image_column="image",
+        label_column="label",
+        strict=False,
+        seed: int | None = None,
+    ):
         for column in (image_column, label_column):
             if column and column not in split.column_names:
                 raise ValueError(
@@ -149,6 +188,11 @@ class ImageDataset(torch.utils.data.Dataset):
         self.label_column = label_column
         self.strict = strict
         self.skipped = 0
+        self.seed = torch.initial_seed() if seed is None else seed  # default: the run's `set_seed`
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by persistent dataloader workers too
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -156,8 +200,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         for attempt in range(len(self)):
             row = self.split[(index + attempt) % len(self)]
+            image_seed = int(np.random.SeedSequence([self.seed, int(self.epoch), index, attempt]).generate_state(1)[0])
             try:
-                pixels = self.transform(row[self.image_column])
+                with seeded_random(image_seed):
+                    pixels = self.transform(row[self.image_column])
             except BadImageError as error:
                 if self.strict:
                     raise
@@ -189,8 +235,10 @@ class BatchNormalize:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.is_floating_point():
             raise TypeError("BatchNormalize expects uint8 pixels; these are already floating point.")
-        scale, shift = self.scale.to(pixels.device), self.shift.to(pixels.device)
-        return pixels.float() * scale - shift
+        if self.scale.device != pixels.device:  # once, not a host-to-device copy every step
+            self.scale, self.shift = self.scale.to(pixels.device), self.shift.to(pixels.device)
+        # In place: one float batch allocated instead of three (on the CPU the page faults cost more than the math).
+        return pixels.float().mul_(self.scale).sub_(self.shift)
 
 
 class BatchAugment:

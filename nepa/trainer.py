@@ -3,9 +3,11 @@
 - optimiser parameter groups from `parameter_groups()` (subclasses choose the grouping);
 - an optional EMA of the weights: updated every step, evaluated beside the raw weights
   (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint and restored on resume;
-- a non-finite loss stops the run before the optimiser step (or, with `skip_nonfinite_loss`, drops
-  that step's gradients), so NaN never reaches the weights or a checkpoint;
-- checkpoints get a `checkpoint_complete` marker once fully written; resuming picks the newest marked one;
+- a non-finite loss (in any process) stops the run before the optimiser step (or, with `skip_nonfinite_loss`,
+  drops that step's gradients in every process), so NaN never reaches the weights or a checkpoint;
+- checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
+  newest marked one;
+- the training dataset learns the epoch (`set_epoch`), which seeds each image's augmentation;
 - uint8 batches are normalised (and, in training, augmented) on the device;
 - per-step scalars recorded with `record()` are averaged into each logging line.
 """
@@ -50,8 +52,15 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 def resume_checkpoint(args) -> str | None:
     """`--resume_from_checkpoint` when given, else the newest complete checkpoint in `output_dir`."""
     if args.resume_from_checkpoint:
-        if not Path(args.resume_from_checkpoint).is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a directory.")
+        folder = Path(args.resume_from_checkpoint)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {folder} is not a directory.")
+        if not (folder / CHECKPOINT_COMPLETE).is_file():
+            newest = last_complete_checkpoint(folder.parent)
+            raise ValueError(
+                f"--resume_from_checkpoint {folder} has no {CHECKPOINT_COMPLETE} marker, so its writing was "
+                f"interrupted (a killed run?). The newest complete checkpoint beside it is {newest}."
+            )
         return args.resume_from_checkpoint
     if not Path(args.output_dir).is_dir():
         return None
@@ -74,6 +83,12 @@ class _StepHooks(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.ema is not None:
             self.trainer.ema.update()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # accelerate forwards the epoch to the dataset only for some sampler layouts (not under several processes,
+        # nor in the epoch a run resumes in), so set it here; `state.epoch` is the resumed one's, e.g. 2.5 -> 2.
+        if hasattr(self.trainer.train_dataset, "set_epoch"):
+            self.trainer.train_dataset.set_epoch(int(state.epoch))
 
 
 class NepaTrainer(Trainer):
@@ -111,12 +126,15 @@ class NepaTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
+        nonfinite = (~torch.isfinite(loss)).float()
+        if self.args.world_size > 1:  # decide alike everywhere: DDP has already spread one's NaN gradients to all
+            nonfinite = self.accelerator.reduce(nonfinite, reduction="sum")
+        if nonfinite > 0:
             step = self.state.global_step + 1
             if not self.args.skip_nonfinite_loss:
                 raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at step {step}: stopped before the optimiser step, so no NaN "
-                    f"reached the weights. The last good checkpoint is "
+                    f"non-finite loss at step {step} (loss {loss.item()} in process {self.args.process_index}): "
+                    f"stopped before the optimiser step, so no NaN reached the weights. The last good checkpoint is "
                     f"{last_complete_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None}. "
                     f"Lower the learning rate or use bf16 instead of fp16; --skip_nonfinite_loss True drops such steps."
                 )
@@ -158,6 +176,7 @@ class NepaTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             (folder / CHECKPOINT_COMPLETE).write_text(f"global_step {self.state.global_step}\n")
