@@ -18,12 +18,19 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-import transformers
 from transformers import AutoImageProcessor
 
-from models.vit_nepa import ViTNepaForImageClassification, ViTNepaModel
-from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
-from nepa.data import BatchNormalize, EvalTransform, ImageDataset, collate_images, get_split, load_image_dataset
+from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaModel
+from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
+from nepa.data import (
+    BatchNormalize,
+    EvalTransform,
+    ImageDataset,
+    collate_images,
+    get_split,
+    load_image_dataset,
+    processor_image_size,
+)
 from nepa.ema import EMA_WEIGHTS_NAME
 from nepa.metrics import accuracy_metrics, knn_predict, linear_probe_predict, scores_to_metrics, top5_indices
 from nepa.trainer import NepaTrainer
@@ -103,9 +110,7 @@ def num_classes_of(split: datasets.Dataset, label_column: str) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, NepaTrainingArguments), argv)
-    training_args.remove_unused_columns = False
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    configure_logging(training_args)
     if args.protocol not in ("finetuned", "knn", "linear"):
         raise ValueError(f"--protocol must be finetuned, knn or linear, not {args.protocol!r}.")
     if not Path(args.model_name_or_path).is_dir():
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
-    size = processor.size.get("height") or processor.size.get("shortest_edge")
+    size = processor_image_size(processor, ViTNepaConfig.from_pretrained(args.model_name_or_path).patch_size)
     transform = EvalTransform(size, args.resize_size, args.crop_pct)
     dataset = load_image_dataset(data_args)
     columns = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name, strict=data_args.strict_images)

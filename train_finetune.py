@@ -12,11 +12,10 @@ works; a run started again with the same command resumes from its newest complet
 import logging
 from dataclasses import dataclass, field
 
-import transformers
 from transformers import AutoImageProcessor, set_seed
 
 from models.vit_nepa import ViTNepaForImageClassification
-from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
+from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
 from nepa.data import (
     BatchAugment,
     BatchNormalize,
@@ -27,10 +26,11 @@ from nepa.data import (
     get_split,
     label_names,
     load_image_dataset,
+    processor_image_size,
 )
 from nepa.metrics import accuracy_metrics, top5_indices
 from nepa.optim import layer_decay_cosine_schedule, layer_decay_param_groups
-from nepa.trainer import NepaTrainer, resume_checkpoint
+from nepa.trainer import NepaTrainer, resume_checkpoint, train_and_evaluate
 
 logger = logging.getLogger("train_finetune")
 
@@ -122,18 +122,14 @@ class FinetuneTrainer(NepaTrainer):
 
 def main(argv: list[str] | None = None) -> dict:
     args, data_args, training_args = parse_arguments((FinetuneArguments, DataArguments, NepaTrainingArguments), argv)
-    training_args.remove_unused_columns = False
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    configure_logging(training_args)
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the arguments fails here, before the images are read.
     model = load_classifier(args)
     freeze(model, args)
     processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
-    size = processor.size.get("height") or processor.size.get("shortest_edge")
-    if size % model.config.patch_size:
-        raise ValueError(f"image size {size} is not a multiple of patch_size {model.config.patch_size}.")
+    size = processor_image_size(processor, model.config.patch_size)
     checkpoint = resume_checkpoint(training_args)
     dataset = load_image_dataset(data_args)
     train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
@@ -174,21 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         layer_decay=args.llrd,
         head_lr=args.head_lr,
     )
-    metrics = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        processor.save_pretrained(training_args.output_dir)
-        metrics.update(result.metrics)
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        metrics.update(eval_metrics)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-    return metrics
+    return train_and_evaluate(trainer, processor, checkpoint)
 
 
 if __name__ == "__main__":

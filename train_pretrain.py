@@ -13,11 +13,10 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import transformers
 from transformers import AutoImageProcessor, set_seed
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
-from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
+from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
 from nepa.data import (
     BatchNormalize,
     EvalTransform,
@@ -26,10 +25,11 @@ from nepa.data import (
     collate_images,
     get_split,
     load_image_dataset,
+    processor_image_size,
 )
 from nepa.metrics import mean_pairwise_cosine
 from nepa.optim import pretraining_param_groups
-from nepa.trainer import NepaTrainer, resume_checkpoint
+from nepa.trainer import NepaTrainer, resume_checkpoint, train_and_evaluate
 
 logger = logging.getLogger("train_pretrain")
 
@@ -78,16 +78,6 @@ def build_model(model_args: ModelArguments) -> ViTNepaForPreTraining:
     return ViTNepaForPreTraining(config)
 
 
-def image_geometry(processor, config: ViTNepaConfig) -> tuple[int, list[float], list[float]]:
-    size = processor.size.get("height") or processor.size.get("shortest_edge")
-    if size % config.patch_size:
-        raise ValueError(
-            f"the image processor's size {size} is not a multiple of patch_size {config.patch_size}: "
-            f"fix preprocessor_config.json or the config."
-        )
-    return size, list(processor.image_mean), list(processor.image_std)
-
-
 class NepaPretrainer(NepaTrainer):
     """Adds the embedding learning rate and logs the collapse signal (`target_cosine`)."""
 
@@ -113,9 +103,7 @@ class NepaPretrainer(NepaTrainer):
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, NepaTrainingArguments), argv)
-    training_args.remove_unused_columns = False  # the collator needs the image column
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    configure_logging(training_args)
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the arguments fails here, before any data is read.
@@ -123,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     processor = AutoImageProcessor.from_pretrained(
         model_args.image_processor_name or model_args.model_name_or_path or model_args.config_name
     )
-    size, mean, std = image_geometry(processor, model.config)
+    size = processor_image_size(processor, model.config.patch_size)
     checkpoint = resume_checkpoint(training_args)
 
     dataset = load_image_dataset(data_args)
@@ -144,24 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collate_images,
-        normalize=BatchNormalize(mean, std),
+        normalize=BatchNormalize(processor.image_mean, processor.image_std),
         embed_lr=model_args.embed_lr,
     )
-    metrics = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        processor.save_pretrained(training_args.output_dir)
-        metrics.update(result.metrics)
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        metrics.update(eval_metrics)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-    return metrics
+    return train_and_evaluate(trainer, processor, checkpoint)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 Every `TrainingArguments` flag works beside these, and a single `.json` argument replaces the
 whole command line (`python train_pretrain.py configs/my_run.json`)."""
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
 
@@ -41,8 +43,19 @@ def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tu
 class NepaTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus what `NepaTrainer` adds."""
 
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: batches carry labels that an encoder's forward does not take."}
+    )
+
     use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the weights, evaluate and save it too."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimiser step."})
     skip_nonfinite_loss: bool = field(
         default=False, metadata={"help": "Drop a step whose loss is NaN/inf instead of stopping the run."}
     )
+
+
+def configure_logging(training_args: TrainingArguments) -> None:
+    """Python and Transformers logging at the Trainer's per-process level (quiet on non-main ranks)."""
+    level = training_args.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
+    transformers.utils.logging.set_verbosity(level)

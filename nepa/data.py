@@ -260,6 +260,17 @@ class BatchAugment:
         return pixels, labels
 
 
+def processor_image_size(processor, patch_size: int) -> int:
+    """The square input size an image processor produces, checked against the model's patch size."""
+    size = processor.size.get("height") or processor.size.get("shortest_edge")
+    if size % patch_size:
+        raise ValueError(
+            f"the image processor's size {size} is not a multiple of patch_size {patch_size}: "
+            f"fix preprocessor_config.json or the model config."
+        )
+    return size
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
 

@@ -191,3 +191,24 @@ class NepaTrainer(Trainer):
                     f"Resume without --use_ema, or start a new output_dir."
                 )
             self.ema.load(path)
+
+
+def train_and_evaluate(trainer: Trainer, processor, checkpoint: str | None) -> dict:
+    """What every training script ends with: train (resuming from `checkpoint`), save the model, its image
+    processor and the state, evaluate, and print / save the metrics the Trainer's way."""
+    args, metrics = trainer.args, {}
+    if args.do_train:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        if args.should_save:
+            processor.save_pretrained(args.output_dir)
+        metrics.update(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if args.do_eval:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    return metrics
