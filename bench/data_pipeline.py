@@ -73,6 +73,12 @@ def make_photographs(count: int, seed: int = 0) -> list[dict]:
     return records
 
 
+def photograph_split(records: list[dict]) -> datasets.Dataset:
+    """The records as a `datasets` split, the way the training scripts read images."""
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64")})
+    return datasets.Dataset.from_dict({"image": records, "label": [0] * len(records)}, features=features)
+
+
 def open_pil(record: dict) -> Image.Image:
     return Image.open(io.BytesIO(record["bytes"])).convert("RGB")
 
@@ -80,19 +86,22 @@ def open_pil(record: dict) -> Image.Image:
 # --- the pipelines -------------------------------------------------------------------------------------------------
 
 
-def build_pipelines(size: int) -> dict[str, tuple]:
+def build_pipelines(size: int, split: datasets.Dataset) -> dict[str, tuple]:
     """name -> (plain, project worker, project batch step).
 
-    Each plain pipeline and each project worker is a function of a list of records returning a collated batch (what
-    a DataLoader worker hands over); the project's batch step is what the training loop then does to that batch on
-    the device. Every pipeline ends in float32 pixels of shape (batch, 3, size, size)."""
+    Each plain pipeline and each project worker is a function of a list of row indices of `split` returning a
+    collated batch (what a DataLoader worker hands over): both read the Arrow rows; the project's worker is
+    `nepa.data.ImageDataset` (per-image seeding and bad-image handling included). The project's batch step is what
+    the training loop then does to that batch on the device. Every pipeline ends in float32 pixels of shape
+    (batch, 3, size, size)."""
     normalize = BatchNormalize(MEAN, STD)
 
     def plain(transform):
-        return lambda records: default_collate([transform(open_pil(record)) for record in records])
+        return lambda rows: default_collate([transform(open_pil(split[i]["image"])) for i in rows])
 
     def project(transform, batch_step):
-        return lambda records: collate_images([{"pixel_values": transform(r), "labels": 0} for r in records]), batch_step
+        dataset = ImageDataset(split, transform)
+        return lambda rows: collate_images([dataset[i] for i in rows]), batch_step
 
     def normalize_batch(batch):
         return normalize(batch["pixel_values"])
@@ -211,8 +220,7 @@ def build_stages(records: list[dict], size: int) -> list[tuple[str, list, object
     def crop_then_tensor_float(image):
         return T.RandomResizedCrop(size)(T.ToTensor()(image))
 
-    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64")})
-    split = datasets.Dataset.from_dict({"image": records, "label": [0] * len(records)}, features=features)
+    split = photograph_split(records)
     untransformed = ImageDataset(split, transform=lambda record: record)
 
     bicubic = v2.InterpolationMode.BICUBIC
@@ -305,7 +313,8 @@ def main():
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     records = make_photographs(args.images, args.seed)
-    batches = [records[i : i + args.batch_size] for i in range(0, len(records), args.batch_size)]
+    split = photograph_split(records)
+    batches = [list(range(i, i + args.batch_size)) for i in range(0, len(records), args.batch_size)]
     sizes = sorted({Image.open(io.BytesIO(r["bytes"])).size for r in records})
     mean_kb = sum(len(r["bytes"]) for r in records) / len(records) / 1024
     print(
@@ -318,7 +327,7 @@ def main():
         print(f"| {name} | {parameters} |")
     print()
 
-    pipelines = build_pipelines(args.size)
+    pipelines = build_pipelines(args.size, split)
     check_same_output(pipelines, batches[0], args.size)
     seconds = time_pipelines(pipelines, batches, args.rounds)
     print(

@@ -143,8 +143,11 @@ class FinetuneTransform:
 
 @contextmanager
 def seeded_random(seed: int):
-    """Run the block with torch, `random` and numpy seeded by `seed`, leaving the process's own states as they were."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
+    """Run the block with torch's CPU generator, `random` and numpy seeded by `seed`.
+
+    Afterwards `random` and numpy continue from seeds drawn from their own streams before the block: the
+    process's sequences stay deterministic without saving numpy's large state, which costs more than a crop."""
+    python_next, numpy_next = random.getrandbits(64), int(np.random.randint(2**32))
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also reseeds CUDA
         random.seed(seed)
@@ -152,8 +155,8 @@ def seeded_random(seed: int):
         try:
             yield
         finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+            random.seed(python_next)
+            np.random.seed(numpy_next)
 
 
 class ImageDataset(torch.utils.data.Dataset):
