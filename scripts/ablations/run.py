@@ -12,7 +12,7 @@ paper's ImageNet figures, goes to `<output_dir>/<table>.md` and is printed.
 
 A stage whose results exist is not run again (a failed pretraining counts as a result: its error is
 kept in `failed.txt`); --rerun starts the table's rows from scratch. The defaults (tiny ViT, 28 px
-Fashion-MNIST, 300 steps of 128 images) run the shift table, probes included, in well under an
+Fashion-MNIST, 200 steps of 128 images) run the shift table, probes included, in well under an
 hour on a 2-core CPU.
 """
 
@@ -87,7 +87,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--table", required=True, choices=sorted(TABLES))
     parser.add_argument("--dataset", default=DEFAULT_DATASET, help="a download_dataset.py folder")
     parser.add_argument("--config", default="configs/pretrain/nepa-tiny-patch4-28", help="the base pretraining config")
-    parser.add_argument("--max_steps", type=int, default=300, help="pretraining steps of every row")
+    parser.add_argument("--max_steps", type=int, default=200, help="pretraining steps of every row")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--finetune_steps", type=int, default=0, help="a short fine-tune per row (0 = none)")
@@ -206,7 +206,8 @@ def finetune_commands(args, encoder: Path, classifier: Path, output: Path) -> li
 def run_row(args, row_dir: Path, overrides: dict, env: dict) -> None:
     """Run the stages of one row that have no results yet; a failing stage ends the row."""
     row_dir.mkdir(parents=True, exist_ok=True)
-    settings = {key: value for key, value in vars(args).items() if key not in ("table", "rerun", "output_dir")}
+    # Settings that change a row's results; --finetune_steps may be added to finished rows later.
+    settings = {key: value for key, value in vars(args).items() if key not in ("table", "rerun", "output_dir", "threads")}
     settings_file = row_dir / "settings.json"
     previous = read_json(settings_file)
     changed = sorted(key for key in settings if previous and key != "finetune_steps" and previous.get(key) != settings[key])
