@@ -98,8 +98,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads per run; on a CPU shared with other work one thread is several times faster than two contending",
+        default=None,
+        help="torch threads per run (default: torch's choice, all cores); on a CPU shared with other work, 1 is "
+        "several times faster than threads contending for the cores",
     )
     parser.add_argument("--rerun", action="store_true", help="delete this table's row folders and run them again")
     return parser.parse_args()
@@ -302,7 +303,9 @@ def main() -> None:
         raise SystemExit(f"--config {args.config} has no config.json.")
     table = TABLES[args.table]
     table_dir = Path(args.output_dir).resolve() / args.table
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_DISABLED": "true", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "WANDB_DISABLED": "true", "HF_HUB_OFFLINE": "1"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
 
     started = time.time()
