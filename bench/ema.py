@@ -1,11 +1,13 @@
-"""Milliseconds per EMA update of ViT-B/14 and ViT-L/14 classifier weights: the common per-tensor loop over
-`state_dict()` against the project's `nepa.ema.ModelEMA.update()` (one `torch._foreach_lerp_` over all tensors).
+"""Milliseconds per EMA update of ViT-B/14 and ViT-L/14 classifier weights: per-tensor loops over `state_dict()`
+against the project's `nepa.ema.ModelEMA.update()` (one `torch._foreach_lerp_` over all tensors).
 
     .venv/bin/python bench/ema.py                       # about 2 minutes on 2 busy cores
     .venv/bin/python bench/ema.py --threads 1
     .venv/bin/python bench/ema.py --device cuda
 
-Two more columns bound what any update with the same numerics could do: `_foreach_mul_` + `_foreach_add_` (the
+Two loops: timm's `ModelEmaV2.update()` as the field runs it (out of place: `ema.copy_(d * ema + (1 - d) * w)` per
+tensor), and the fastest per-tensor loop (in place: `ema.mul_(d).add_(w, alpha=1 - d)`). Two more columns bound what
+any update with the same numerics could do: `_foreach_mul_` + `_foreach_add_` (the
 loop's arithmetic in multi-tensor form) and one `lerp_` over the weights and the average each held in a single
 contiguous buffer (one kernel, the fewest bytes moved; a model's parameters are not laid out like that).
 """
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from timm.utils import ModelEmaV2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,8 +33,8 @@ CONFIGS = {
 }
 
 
-class LoopEMA:
-    """The usual implementation: walk the model's state dict every step, two in-place ops per tensor."""
+class InPlaceLoopEMA:
+    """Walk the model's state dict every step, two in-place ops per tensor."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.model = model
@@ -105,14 +108,17 @@ def main():
     print(f"torch {torch.__version__}, {where}, decay {args.decay}, median of {args.repeats} updates\n")
 
     print(
-        "| weights | tensors | parameters | loop over state_dict() ms | ModelEMA.update() ms | loop / ModelEMA "
-        "| _foreach_mul_ + _foreach_add_ ms | one flat lerp_ ms |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| weights | tensors | parameters | timm ModelEmaV2 ms | in-place loop ms | ModelEMA.update() ms "
+        "| timm / ModelEMA | in-place loop / ModelEMA | _foreach_mul_ + _foreach_add_ ms | one flat lerp_ ms |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for name in args.models:
         model = ViTNepaForImageClassification(ViTNepaConfig.from_pretrained(CONFIGS[name])).to(device)
         project = ModelEMA(model, args.decay)
+        timm_ema = ModelEmaV2(model, args.decay)
         updates = {
-            "loop": LoopEMA(model, args.decay).update,
+            "timm": lambda: timm_ema.update(model),
+            "loop": InPlaceLoopEMA(model, args.decay).update,
             "project": project.update,
             "foreach_mul_add": ForeachMulAddEMA(project).update,
             "flat": FlatEMA(project).update,
@@ -120,11 +126,12 @@ def main():
         ms = median_ms(updates, args.repeats, device)
         parameters = sum(tensor.numel() for tensor in project.live)
         print(
-            f"| {name} | {len(project.live)} | {parameters / 1e6:.0f} M | {ms['loop']:.1f} | {ms['project']:.1f} "
-            f"| {ms['loop'] / ms['project']:.2f}x | {ms['foreach_mul_add']:.1f} | {ms['flat']:.1f} |",
+            f"| {name} | {len(project.live)} | {parameters / 1e6:.0f} M | {ms['timm']:.1f} | {ms['loop']:.1f} "
+            f"| {ms['project']:.1f} | {ms['timm'] / ms['project']:.2f}x | {ms['loop'] / ms['project']:.2f}x "
+            f"| {ms['foreach_mul_add']:.1f} | {ms['flat']:.1f} |",
             flush=True,
         )
-        del model, project, updates
+        del model, project, timm_ema, updates
 
 
 if __name__ == "__main__":

@@ -113,6 +113,19 @@ class EvalTransform:
         return self.resize(decode_rgb_tensor(record))
 
 
+class ChannelsLastResizedCrop(v2.RandomResizedCrop):
+    """`v2.RandomResizedCrop` (same sampling, same pixels) whose output is laid out channels-last.
+
+    The crop is copied channels-last before it is resampled: torch's uint8 antialiased bicubic kernel
+    works channels-last, and handed a channels-first crop it converts in and out. The channels-last
+    result also becomes a PIL image without a transposing copy. Both took as long as the resize."""
+
+    def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
+        crop = TF.crop(inpt, params["top"], params["left"], params["height"], params["width"])
+        crop = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        return TF.resize(crop, self.size, interpolation=self.interpolation, antialias=self.antialias)
+
+
 class FinetuneTransform:
     """timm's ImageNet fine-tuning recipe: bicubic RandomResizedCrop and flip (on uint8 tensors, as in
     pretraining), then timm's RandAugment on a PIL image of the crop. Normalisation and random erasing
@@ -120,7 +133,10 @@ class FinetuneTransform:
 
     def __init__(self, size: int, auto_augment: str | None, mean):
         self.crop = v2.Compose(
-            [v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.RandomHorizontalFlip()]
+            [
+                ChannelsLastResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
         )
         self.rand_augment = None
         if auto_augment:
@@ -135,7 +151,8 @@ class FinetuneTransform:
         pixels = self.crop(decode_rgb_tensor(record))
         if self.rand_augment is None:
             return pixels
-        return TF.pil_to_tensor(self.rand_augment(TF.to_pil_image(pixels)))
+        image = Image.fromarray(pixels.permute(1, 2, 0).numpy())  # (H, W, 3) view of channels-last memory
+        return TF.pil_to_tensor(self.rand_augment(image))
 
 
 # --- dataset ---------------------------------------------------------------------------------------

@@ -483,6 +483,27 @@ def test_ema_survives_a_resume(tmp_path, classifier_dir, dataset_dir):
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=lambda text, key=key: f"{key}: {text}")
 
 
+def test_compiled_finetuning_saves_plain_names_and_resumes_exactly(tmp_path, classifier_dir, dataset_dir):
+    """`--torch_compile True`, as the recipe scripts run: the checkpoints keep the model's own tensor names (no
+    `_orig_mod.`), the EMA follows the compiled model, and a restart from a checkpoint ends with the same weights,
+    drop path and the full augmentation recipe included (inductor's random numbers come from the restored RNG)."""
+    extra = ["--do_train", "--max_steps", "4", "--save_steps", "2", "--use_ema", "True", "--ema_decay", "0.9"]
+    extra += ["--drop_path", "0.1", "--torch_compile", "True"]
+    whole = tmp_path / "whole"
+    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, whole, *extra))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, resumed, *extra))
+
+    names = set(load_file(classifier_dir / "model.safetensors"))
+    for weights in ("model.safetensors", "model_ema.safetensors"):
+        expected, actual = load_file(whole / weights), load_file(resumed / weights)
+        assert set(expected) == set(actual) == names
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=lambda text, key=key: f"{weights} {key}: {text}")
+
+
 # --------------------------------------------------------------------------------------------
 # Mixup, metrics, protocols
 # --------------------------------------------------------------------------------------------
