@@ -41,6 +41,13 @@ if [ -z "${REPORT_TO:-}" ]; then
   fi
 fi
 
+# dataloader_flags: NUM_WORKERS loader processes per GPU (default 10), kept alive between epochs when there are any.
+dataloader_flags() {
+  local workers=${NUM_WORKERS:-10}
+  echo "--dataloader_num_workers $workers --dataloader_persistent_workers $( ((workers > 0)) && echo True || echo False)" \
+    "--dataloader_drop_last True"
+}
+
 # launch SCRIPT ARGS...: torchrun across every process of every node, plain python for one.
 launch() {
   if (( GPUS * NNODES > 1 )); then

@@ -31,7 +31,7 @@ import init_nepa_cls_from_pretrain
 import train_finetune
 import train_pretrain
 from models.vit_nepa import ViTNepaForImageClassification, ViTNepaForPreTraining
-from nepa.args import NepaTrainingArguments
+from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
 from nepa.data import BatchNormalize
 from nepa.ema import ModelEMA
 from nepa.metrics import accuracy_metrics, knn_predict, linear_probe_predict, top5_indices
@@ -580,3 +580,48 @@ def test_shell_scripts_parse():
     for script in scripts:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.relative_to(REPO)}: {result.stderr}"
+
+
+RECIPES = {
+    "pretrain/nepa_b.sh": (train_pretrain, ("ModelArguments",)),
+    "pretrain/nepa_l.sh": (train_pretrain, ("ModelArguments",)),
+    "finetune/nepa_b_sft.sh": (train_finetune, ("FinetuneArguments",)),
+    "finetune/nepa_l_sft.sh": (train_finetune, ("FinetuneArguments",)),
+    "eval/nepa_b_sft_eval.sh": (eval_script, ("EvalArguments",)),
+    "eval/nepa_l_sft_eval.sh": (eval_script, ("EvalArguments",)),
+}
+
+
+def recipe_command(tmp_path, script: str, **env) -> list[str]:
+    """The command line a recipe script launches on one GPU, recorded by a stand-in for Python (which still runs
+    the scripts' `python -c` arithmetic). `--use_cpu True` goes through as an extra flag: bf16 needs it here."""
+    stand_in, record = tmp_path / "python", tmp_path / "argv"
+    stand_in.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\nprintf "%s\\n" "$@" > {record}\n')
+    stand_in.chmod(0o755)
+    model = tmp_path / "classifier"
+    model.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHON": str(stand_in), "NPROC_PER_NODE": "1", "REPORT_TO": "none", "MODEL": str(model), **env}
+    command = ["bash", str(REPO / "scripts" / script), "--use_cpu", "True"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return record.read_text().splitlines()
+
+
+@pytest.mark.parametrize("script", sorted(RECIPES))
+def test_recipe_scripts_launch_a_command_their_entry_point_accepts(tmp_path, script):
+    """Every flag a recipe passes exists and parses; training runs compile, use fused AdamW, bf16 and persistent
+    workers (docs/performance.md), and NUM_WORKERS=0 turns persistence off (torch refuses it without workers)."""
+    module, (arguments,) = RECIPES[script]
+    argv = recipe_command(tmp_path, script)
+    assert argv[0] == Path(module.__file__).name and argv[-2:] == ["--use_cpu", "True"]
+    _, _, training_args = parse_arguments((getattr(module, arguments), DataArguments, NepaTrainingArguments), argv[1:])
+    assert training_args.bf16
+    if "eval/" in script:
+        return
+    assert training_args.torch_compile and training_args.optim == "adamw_torch_fused"
+    assert training_args.dataloader_num_workers == 10 and training_args.dataloader_persistent_workers
+
+    argv = recipe_command(tmp_path, script, NUM_WORKERS="0")
+    _, _, training_args = parse_arguments((getattr(module, arguments), DataArguments, NepaTrainingArguments), argv[1:])
+    assert training_args.dataloader_num_workers == 0 and not training_args.dataloader_persistent_workers
+

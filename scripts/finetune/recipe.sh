@@ -5,7 +5,8 @@
 # RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0, smoothing 0.1,
 # EMA 0.9999 evaluated beside the raw weights, best checkpoint by EMA accuracy, bidirectional attention.
 # nepa_b_sft.sh and nepa_l_sft.sh set the per-model numbers.
-# Speed (docs/performance.md): fused AdamW and torch.compile; --torch_compile False turns compiling off.
+# Speed (docs/performance.md): fused AdamW, torch.compile (--torch_compile False turns it off), workers kept
+# between epochs.
 # Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS; extra flags pass through.
 set -euo pipefail
 source "$(dirname "$0")/../common.sh"
@@ -38,6 +39,6 @@ launch train_finetune.py \
   --eval_strategy epoch --save_strategy epoch --save_total_limit 2 \
   --metric_for_best_model ema_accuracy --greater_is_better True --load_best_model_at_end True \
   --bf16 True --torch_compile True --seed 1337 --logging_steps 100 \
-  --dataloader_num_workers "${NUM_WORKERS:-10}" --dataloader_drop_last True \
+  $(dataloader_flags) \
   --report_to "$REPORT_TO" \
   "$@"
