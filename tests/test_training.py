@@ -486,7 +486,7 @@ def test_ema_survives_a_resume(tmp_path, classifier_dir, dataset_dir):
 def test_compiled_finetuning_saves_plain_names_and_resumes_exactly(tmp_path, classifier_dir, dataset_dir):
     """`--torch_compile True`, as the recipe scripts run: the checkpoints keep the model's own tensor names (no
     `_orig_mod.`), the EMA follows the compiled model, and a restart from a checkpoint ends with the same weights,
-    drop path and the full augmentation recipe included (inductor's random numbers come from the restored RNG)."""
+    with drop path and the full augmentation recipe drawing random numbers on both sides of the restart."""
     extra = ["--do_train", "--max_steps", "4", "--save_steps", "2", "--use_ema", "True", "--ema_decay", "0.9"]
     extra += ["--drop_path", "0.1", "--torch_compile", "True"]
     whole = tmp_path / "whole"
