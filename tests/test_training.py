@@ -455,6 +455,16 @@ def test_ema_is_the_hand_computed_average_and_swap_is_reversible():
         torch.testing.assert_close(tensor, averaged[name], rtol=0, atol=0)
 
 
+def finetune_whole_and_resumed(tmp_path, classifier_dir, dataset_dir, extra, checkpoint) -> tuple[Path, Path]:
+    """One fine-tuning run, and the same command restarted in a new output_dir holding only its `checkpoint`."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, whole, *extra))
+    resumed.mkdir()
+    shutil.copytree(whole / checkpoint, resumed / checkpoint)
+    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, resumed, *extra))
+    return whole, resumed
+
+
 def test_ema_survives_a_resume(tmp_path, classifier_dir, dataset_dir):
     """An uninterrupted 6-step run against the same command restarted from its step-4 checkpoint: the same EMA.
 
@@ -466,13 +476,7 @@ def test_ema_survives_a_resume(tmp_path, classifier_dir, dataset_dir):
     no_randomness += ["--drop_path", "0"]
     ema = ["--use_ema", "True", "--ema_decay", "0.9"]
     extra = ["--do_train", "--max_steps", "6", "--save_steps", "4", *ema, *no_randomness]
-    whole = tmp_path / "whole"
-    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, whole, *extra))
-
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(whole / "checkpoint-4", resumed / "checkpoint-4")
-    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, resumed, *extra))
+    whole, resumed = finetune_whole_and_resumed(tmp_path, classifier_dir, dataset_dir, extra, "checkpoint-4")
     assert json.loads((resumed / "trainer_state.json").read_text())["global_step"] == 6
 
     at_step_4 = load_file(whole / "checkpoint-4" / "model_ema.safetensors")
@@ -489,12 +493,7 @@ def test_compiled_finetuning_saves_plain_names_and_resumes_exactly(tmp_path, cla
     with drop path and the full augmentation recipe drawing random numbers on both sides of the restart."""
     extra = ["--do_train", "--max_steps", "4", "--save_steps", "2", "--use_ema", "True", "--ema_decay", "0.9"]
     extra += ["--drop_path", "0.1", "--torch_compile", "True"]
-    whole = tmp_path / "whole"
-    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, whole, *extra))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
-    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, resumed, *extra))
+    whole, resumed = finetune_whole_and_resumed(tmp_path, classifier_dir, dataset_dir, extra, "checkpoint-2")
 
     names = set(load_file(classifier_dir / "model.safetensors"))
     for weights in ("model.safetensors", "model_ema.safetensors"):
