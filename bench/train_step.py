@@ -7,7 +7,8 @@ The matmul peak that MFU is measured against is timed by the same subprocesses, 
 with the same threads, and the best figure of the run is kept. Nothing here asserts on time.
 
     python bench/train_step.py                                  # CPU: vit-s-112, batch 32
-    python bench/train_step.py --device cuda --sizes vit-b-224  # GPU: the recipe's batch 256
+    python bench/train_step.py --device cuda --sizes vit-b-224,vit-l-224 --dtypes bf16 --grad_ckpt off --compile off,on
+                                                                # GPU: the recipes' per-device batches
 """
 
 import argparse
@@ -32,7 +33,15 @@ SIZES = {
     "vit-b-224": dict(
         hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=14, image_size=224
     ),
+    "vit-l-224": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=14, image_size=224
+    ),
 }
+# Per-device batch of the recipe scripts on an 80 GB GPU (scripts/pretrain/nepa_*.sh, scripts/finetune/recipe.sh).
+RECIPE_GPU_BATCH = {("vit-b-224", "pretrain"): 256, ("vit-b-224", "finetune"): 128,
+                    ("vit-l-224", "pretrain"): 128, ("vit-l-224", "finetune"): 128}
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by a substring of the device name.
+DATASHEET_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.5, "H100 NVL": 835.5, "H200": 989.4, "A100": 312.0}
 # The pretraining and -sft release configs differ in attention direction, pooling, QK-norm affine and drop path.
 MODELS = {
     "pretrain": (ViTNepaForPreTraining, dict(is_causal=True, qk_norm_affine=False, drop_path_prob=0.0)),
@@ -68,6 +77,10 @@ def training_flops_per_image(config: ViTNepaConfig, with_classifier: bool) -> fl
     classifier = 2 * hidden * config.num_labels if with_classifier else 0
     per_layer = projections + attention + mlp_matmuls
     return 2 * patch_embed + 3 * (config.num_hidden_layers * per_layer + classifier)
+
+
+def datasheet_bf16_tflops(device_name: str) -> float | None:
+    return next((tflops for key, tflops in DATASHEET_BF16_TFLOPS.items() if key in device_name), None)
 
 
 def synchronize(device: torch.device) -> None:
@@ -165,6 +178,7 @@ def run_one(spec: dict) -> dict:
         "best_s": min(times),
         "median_s": statistics.median(times),
         "step_memory": step_memory,
+        "peak_memory": peak_memory(device),
         "flops_per_image": training_flops_per_image(config, with_classifier=spec["model"] == "finetune"),
         "peak_flops": matmul_peak(dtype, device),
     }
@@ -201,7 +215,11 @@ def main() -> None:
     )
     parser.add_argument("--models", default="pretrain,finetune", help=f"comma-separated from {', '.join(MODELS)}")
     parser.add_argument(
-        "--batch_size", type=int, help="per step; default 32 on CPU, 256 (the recipe's per-device batch) on GPU"
+        "--batch_size", type=int, help="per step; default 32 on CPU, the recipe's per-device batch on GPU (256 or 128)"
+    )
+    parser.add_argument(
+        "--nominal_tflops", type=float,
+        help="bf16 peak for a second MFU column; default on GPU: the datasheet's dense figure for known cards",
     )
     parser.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
     parser.add_argument(
@@ -225,7 +243,6 @@ def main() -> None:
         raise SystemExit(f"--batch_size must be at least 1, got {args.batch_size}.")
     on_gpu = device.type == "cuda"
     sizes = parse_choices(args.sizes or ("vit-b-224" if on_gpu else "vit-s-112"), SIZES, "--sizes")
-    batch_size = args.batch_size or (256 if on_gpu else 32)
     grid = itertools.product(
         sizes,
         parse_choices(args.models, MODELS, "--models"),
@@ -235,6 +252,7 @@ def main() -> None:
     )
     rows = []
     for size, model, dtype, compile_, grad_ckpt in grid:
+        batch_size = args.batch_size or (RECIPE_GPU_BATCH.get((size, model), 128) if on_gpu else 32)
         spec = dict(
             device=args.device, size=size, model=model, dtype=dtype, compile=SWITCH[compile_],
             grad_ckpt=SWITCH[grad_ckpt], batch_size=batch_size, steps=args.steps, warmup=args.warmup,
@@ -244,38 +262,45 @@ def main() -> None:
         outcome = result["error"] if "error" in result else f"best step {result['best_s'] * 1e3:.0f} ms"
         print(f"# {model} {size} {dtype} compile={compile_} grad_ckpt={grad_ckpt}: {outcome} "
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-        rows.append((model, size, dtype, compile_, grad_ckpt, result))
+        rows.append((model, size, dtype, compile_, grad_ckpt, batch_size, result))
 
     # MFU against the best matmul throughput any subprocess of this run measured for that dtype.
     peaks = {}
-    for *_, dtype, _, _, result in rows:
+    for _, _, dtype, _, _, _, result in rows:
         if "peak_flops" in result:
             peaks[dtype] = max(peaks.get(dtype, 0.0), result["peak_flops"])
     where = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"Device: {where}; torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up.")
     measured = ", ".join(f"{dtype} {flops / 1e12:.3f} TFLOP/s" for dtype, flops in peaks.items())
     print(f"Matmul peak: {measured or 'none measured'}")
+    nominal = args.nominal_tflops or (datasheet_bf16_tflops(where) if on_gpu else None)
+    if nominal:
+        print(f"Nominal bf16 peak: {nominal} TFLOP/s ({'--nominal_tflops' if args.nominal_tflops else 'dense, datasheet'}).")
     print()
     print(
         "| model | size | dtype | compile | grad ckpt | batch | images/s | step ms (best / median) | TFLOP/s | MFU % "
-        "| step memory MiB |"
+        f"{'| MFU % of nominal ' if nominal else ''}| step memory MiB | peak memory MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for model, size, dtype, compile_, grad_ckpt, result in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if nominal else ""))
+    for model, size, dtype, compile_, grad_ckpt, batch_size, result in rows:
         head = f"| {model} | {size} | {dtype} | {compile_} | {grad_ckpt} | {batch_size} |"
         if "error" in result:
-            print(f"{head} {result['error']} | | | | |")
+            print(f"{head} {result['error']} | | | | | |" + (" |" if nominal else ""))
             continue
         achieved = result["flops_per_image"] * batch_size / result["best_s"]
+        of_nominal = (f"| {100 * achieved / (nominal * 1e12):.1f} " if dtype == "bf16" else "| - ") if nominal else ""
         print(
             f"{head} {batch_size / result['best_s']:.1f} | {result['best_s'] * 1e3:.0f} / {result['median_s'] * 1e3:.0f} "
-            f"| {achieved / 1e12:.3f} | {100 * achieved / peaks[dtype]:.1f} | {result['step_memory'] / 2**20:.0f} |"
+            f"| {achieved / 1e12:.3f} | {100 * achieved / peaks[dtype]:.1f} {of_nominal}"
+            f"| {result['step_memory'] / 2**20:.0f} | {result['peak_memory'] / 2**20:.0f} |"
         )
     print()
-    print("images/s, TFLOP/s and MFU use the fastest timed step (the least disturbed on a shared machine).")
+    print("images/s, TFLOP/s and MFU use the fastest timed step (the least disturbed on a shared machine);")
+    print("MFU % is against the matmul peak measured above, MFU % of nominal against the card's datasheet figure.")
     print("MFU counts model FLOPs only: the forward that gradient checkpointing recomputes is not credited.")
     print("step memory: peak over the timed steps minus what was held before the first step (weights, batch):")
     print("gradients, AdamW state, activations; CUDA max_memory_allocated, or on CPU the process's peak RSS.")
+    print("peak memory: the same peak with nothing subtracted.")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@
   newest marked one;
 - the training dataset learns the epoch (`set_epoch`), which seeds each image's augmentation;
 - uint8 batches are normalised (and, in training, augmented) on the device;
-- per-step scalars recorded with `record()` are averaged into each logging line.
+- per-step scalars recorded with `record()` are averaged into each logging line, beside the training
+  throughput since the previous line (`images_per_second`, all processes together).
 """
 
 import logging
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -80,6 +82,9 @@ class _StepHooks(TrainerCallback):
             self.trainer.discard_gradients = False
             self.trainer.skipped_steps += 1
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.last_log = (time.perf_counter(), state.global_step)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.ema is not None:
             self.trainer.ema.update()
@@ -102,6 +107,7 @@ class NepaTrainer(Trainer):
         self.ema = ModelEMA(self.model, self.args.ema_decay) if self.args.use_ema else None
         self.discard_gradients = False
         self.skipped_steps = 0
+        self.last_log: tuple[float, int] | None = None  # (time, global step) of the last training log line
         self._recorded: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.add_callback(_StepHooks(self))
 
@@ -155,6 +161,12 @@ class NepaTrainer(Trainer):
             self._recorded.clear()
             if self.skipped_steps:
                 logs["skipped_steps"] = self.skipped_steps
+            now, step = time.perf_counter(), self.state.global_step
+            if self.last_log is not None and step > self.last_log[1]:
+                images = (step - self.last_log[1]) * self.args.train_batch_size
+                images *= self.args.gradient_accumulation_steps * self.args.world_size
+                logs["images_per_second"] = round(images / (now - self.last_log[0]), 1)
+            self.last_log = (now, step)
         super().log(logs, start_time)
 
     # --- EMA: evaluation, saving, resuming ------------------------------------------------------
