@@ -1,4 +1,4 @@
-"""Reliability of the training scripts (issue 8), one test per bullet: killed runs resume exactly, bad images
+"""Reliability of the training scripts: killed runs resume exactly, bad images
 are skipped and named, a non-finite loss stops (or skips) without NaN weights, bad arguments fail before any
 image is read, and two processes give the loss curve of one. Tiny models on CPU; the entry points run
 in-process through their `main(argv)` unless the test needs a real process (SIGKILL, torchrun)."""

@@ -1,4 +1,4 @@
-"""Behaviour of the training and evaluation scripts (issues 3 and 4): pretraining, resuming, conversion to a
+"""Behaviour of the training and evaluation scripts: pretraining, resuming, conversion to a
 classifier, fine-tuning with the paper's recipe, evaluation protocols, and the pieces they are built from
 (parameter groups, schedule, EMA, mixup, metrics). Tiny 16 px models on generated images, CPU, in-process
 through each script's `main(argv)`; one pretraining run is shared by the session."""
@@ -134,7 +134,7 @@ def classifier_dir(tmp_path_factory, pretrained_dir, dataset_dir) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Pretraining (issue 3)
+# Pretraining
 # --------------------------------------------------------------------------------------------
 
 
@@ -240,7 +240,7 @@ def test_pretraining_parameter_groups(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Conversion, fine-tuning and evaluation (issue 4)
+# Conversion, fine-tuning and evaluation
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's ImageNet-1k fine-tuning recipe (shared/spec/RECIPES.md) for the classifier in MODEL:
+# The paper's ImageNet-1k fine-tuning recipe (docs/recipes.md) for the classifier in MODEL:
 # total batch 1024, 100 epochs, AdamW (0.9, 0.999), wd 0.05, lr BASE_LR * batch / 256 with layer-wise decay
 # LLRD and head lr 1e-3, per-group warm-up WARMUP then cosine, drop path DROP_PATH, patch embedding frozen,
 # RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0, smoothing 0.1,
