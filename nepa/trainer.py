@@ -7,6 +7,7 @@
   drops that step's gradients in every process), so NaN never reaches the weights or a checkpoint;
 - checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
   newest marked one;
+- every process draws its own random stream (batch augmentation, drop path), seeded from the seed and its rank;
 - the training dataset learns the epoch (`set_epoch`), which seeds each image's augmentation;
 - uint8 batches are normalised (and, in training, augmented) on the device;
 - per-step scalars recorded with `record()` are averaged into each logging line.
@@ -18,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import BatchAugment, BatchNormalize
@@ -97,6 +98,10 @@ class NepaTrainer(Trainer):
 
     def __init__(self, *args, normalize: BatchNormalize, batch_augment: BatchAugment | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # The Trainer seeded every process alike, so every rank would draw the same mixup / cutmix lambda and box,
+        # erasing rectangles and drop-path masks. Give each its own stream (process 0 keeps the seed); checkpoints
+        # keep each process's RNG state, so a resumed run continues every stream exactly.
+        set_seed(self.args.seed + self.args.process_index)
         self.normalize = normalize
         self.batch_augment = batch_augment
         self.ema = ModelEMA(self.model, self.args.ema_decay) if self.args.use_ema else None

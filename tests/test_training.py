@@ -199,21 +199,38 @@ def test_arguments_from_a_json_file(tmp_path, config_dir, dataset_dir):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-def test_two_process_cpu_run(tmp_path, config_dir, dataset_dir):
-    output_dir = tmp_path / "run"
+def run_two_processes(script: str, argv: list[str]) -> None:
+    """`script` under torchrun with 2 CPU processes (gloo), as the recipes run it: DDP without the per-step search
+    for unused parameters."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(REPO / "train_pretrain.py"),
-        *pretrain_argv(config_dir, dataset_dir, output_dir, "--max_steps", "3", "--logging_steps", "1"),
+        str(REPO / script), *argv, "--ddp_find_unused_parameters", "False",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_two_process_cpu_run(tmp_path, config_dir, dataset_dir):
+    output_dir = tmp_path / "run"
+    run_two_processes("train_pretrain.py", pretrain_argv(config_dir, dataset_dir, output_dir, "--max_steps", "3", "--logging_steps", "1"))
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     # Each process reads half the 24 images: 2 batches of 8 per epoch, so 3 steps are 1.5 epochs (1 alone).
     assert state["epoch"] == pytest.approx(1.5)
     assert (output_dir / "model.safetensors").is_file()
+
+
+def test_two_process_finetuning_with_drop_path_and_frozen_layers_draws_a_stream_per_rank(tmp_path, classifier_dir, dataset_dir):
+    """DDP without the unused-parameter search copes with drop path and frozen layers, and the two processes draw
+    different random numbers (mixup, erasing, drop path) from streams seeded by seed and rank."""
+    output_dir = tmp_path / "sft"
+    extra = ["--do_train", "--max_steps", "2", "--save_steps", "2", "--drop_path", "0.2", "--freeze_vit_layers", "1"]
+    run_two_processes("train_finetune.py", finetune_argv(classifier_dir, dataset_dir, output_dir, *extra))
+    states = [torch.load(output_dir / "checkpoint-2" / f"rng_state_{rank}.pth", weights_only=False) for rank in (0, 1)]
+    assert not torch.equal(states[0]["cpu"], states[1]["cpu"])
+    assert states[0]["python"] != states[1]["python"]
+    assert not np.array_equal(states[0]["numpy"][1], states[1]["numpy"][1])
 
 
 def test_pretraining_parameter_groups(tmp_path):
@@ -611,6 +628,27 @@ def recipe_command(tmp_path, script: str, **env) -> list[str]:
     return record.read_text().splitlines()
 
 
+def test_recipe_scripts_count_the_gpus_torch_sees(tmp_path):
+    """torch's count honours CUDA_VISIBLE_DEVICES (nvidia-smi's does not); NPROC_PER_NODE overrides it."""
+    fake_torch = tmp_path / "torch"
+    fake_torch.mkdir()
+    (fake_torch / "__init__.py").write_text(
+        "import os, types\n"
+        "cuda = types.SimpleNamespace(device_count=lambda: len(os.environ['CUDA_VISIBLE_DEVICES'].split(',')))\n"
+    )
+    count = ["bash", "-c", f"source {REPO / 'scripts' / 'common.sh'} && echo $GPUS"]
+    env = {**os.environ, "PYTHON": sys.executable, "REPORT_TO": "none", "PYTHONPATH": str(tmp_path)}
+    env.pop("NPROC_PER_NODE", None)
+    for visible, expected in (("0,1,2,3", "4"), ("5", "1")):
+        result = subprocess.run(count, env={**env, "CUDA_VISIBLE_DEVICES": visible}, capture_output=True, text=True)
+        assert result.stdout.strip() == expected, result.stderr
+    result = subprocess.run(count, env={**env, "CUDA_VISIBLE_DEVICES": "0,1,2,3", "NPROC_PER_NODE": "2"}, capture_output=True, text=True)
+    assert result.stdout.strip() == "2"
+    real_torch = {key: value for key, value in env.items() if key != "PYTHONPATH"}
+    result = subprocess.run(count, env={**real_torch, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
+    assert result.stdout.strip() == "1"  # no GPU: one process
+
+
 @pytest.mark.parametrize("script", sorted(RECIPES))
 def test_recipe_scripts_launch_a_command_their_entry_point_accepts(tmp_path, script):
     """Every flag a recipe passes exists and parses; training runs compile, use fused AdamW, bf16 and persistent
@@ -622,6 +660,7 @@ def test_recipe_scripts_launch_a_command_their_entry_point_accepts(tmp_path, scr
     assert training_args.bf16
     if "eval/" in script:
         return
+    assert not training_args.ddp_find_unused_parameters
     assert training_args.torch_compile and training_args.optim == "adamw_torch_fused"
     assert training_args.dataloader_num_workers == 10 and training_args.dataloader_persistent_workers
 

@@ -39,6 +39,7 @@ launch train_finetune.py \
   --eval_strategy epoch --save_strategy epoch --save_total_limit 2 \
   --metric_for_best_model ema_accuracy --greater_is_better True --load_best_model_at_end True \
   --bf16 True --torch_compile True --seed 1337 --logging_steps 100 \
+  --ddp_find_unused_parameters False \
   $(dataloader_flags) \
   --report_to "$REPORT_TO" \
   "$@"

@@ -24,6 +24,7 @@ launch train_pretrain.py \
   --optim adamw_torch_fused --adam_beta1 0.9 --adam_beta2 0.95 --weight_decay 0.05 \
   --bf16 True --torch_compile True --seed 1337 \
   --save_steps 50000 --logging_steps 100 \
+  --ddp_find_unused_parameters False \
   $(dataloader_flags) \
   --report_to "$REPORT_TO" \
   "$@"
