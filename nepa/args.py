@@ -70,6 +70,10 @@ class NepaTrainingArguments(TrainingArguments):
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio {self.warmup_ratio} is not a fraction in [0, 1) of the training steps.")
             self.warmup_steps = self.warmup_ratio
+        if self.data_seed is None:
+            # accelerate's sampler would seed itself from torch's initial seed, which NepaTrainer makes differ per
+            # process; every process must draw the same permutation to take its own slice of it.
+            self.data_seed = self.seed
         super().__post_init__()
         if self.fsdp and self.use_ema:
             # ModelEMA keeps views of the parameters taken at start; FSDP replaces them with flat shards, so the

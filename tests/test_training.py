@@ -313,10 +313,12 @@ def test_folding_layerscale_keeps_the_encoder_function(tmp_path, pretrained_dir)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
-def test_finetune_with_ema_then_eval(tmp_path, classifier_dir, dataset_dir):
+def test_finetune_with_the_releases_flags_keeps_an_ema_then_eval(tmp_path, classifier_dir, dataset_dir):
+    """The release's fine-tuning flags, which leave the EMA to its default (on), give eval_ema_* beside eval_*."""
     output_dir = tmp_path / "sft"
-    ema = ["--use_ema", "True", "--ema_decay", "0.9"]
-    extra = ["--do_train", "--do_eval", "--max_steps", "4", "--save_strategy", "no", *ema]
+    release = ["--freeze_vit", "False", "--freeze_embed", "True", "--warmup_ratio", "0.2", "--llrd", "0.65"]
+    release += ["--lr_scheduler_kwargs", '{"custom_scheduler_type": "llrd_cosine_warmup"}', "--ema_decay", "0.9"]
+    extra = ["--do_train", "--do_eval", "--max_steps", "4", "--save_strategy", "no", *release]
     metrics = train_finetune.main(finetune_argv(classifier_dir, dataset_dir, output_dir, *extra))
     assert EVAL_KEYS | EMA_EVAL_KEYS <= set(metrics)
     assert (output_dir / "model_ema.safetensors").is_file() and (output_dir / "model.safetensors").is_file()
