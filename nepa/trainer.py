@@ -1,7 +1,7 @@
 """The `Trainer` behaviour both training scripts share.
 
 - optimiser parameter groups from `parameter_groups()` (subclasses choose the grouping);
-- an optional EMA of the weights: updated every step, evaluated beside the raw weights
+- an EMA of the weights (on unless `--use_ema False`): updated every step, evaluated beside the raw weights
   (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint and restored on resume;
 - a non-finite loss (in any process) stops the run before the optimiser step (or, with `skip_nonfinite_loss`,
   drops that step's gradients in every process), so NaN never reaches the weights or a checkpoint;
@@ -193,7 +193,7 @@ class NepaTrainer(Trainer):
             if not os.path.isfile(path):
                 raise FileNotFoundError(
                     f"{resume_from_checkpoint} has no {EMA_WEIGHTS_NAME}: it was written without EMA. "
-                    f"Resume without --use_ema, or start a new output_dir."
+                    f"Resume with --use_ema False, or start a new output_dir."
                 )
             self.ema.load(path)
 
