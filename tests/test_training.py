@@ -233,6 +233,15 @@ def test_two_process_finetuning_with_drop_path_and_frozen_layers_draws_a_stream_
     assert not np.array_equal(states[0]["numpy"][1], states[1]["numpy"][1])
 
 
+def test_every_process_shuffles_with_the_same_data_seed():
+    """The processes' random streams differ, but the data sampler must not: it is seeded with --seed unless
+    --data_seed is given (the two-process curve test in test_reliability.py runs it end to end)."""
+    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", "--seed", "7"])
+    assert args.data_seed == 7
+    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", "--seed", "7", "--data_seed", "3"])
+    assert args.data_seed == 3
+
+
 def test_pretraining_parameter_groups(tmp_path):
     torch.manual_seed(0)
     model = ViTNepaForPreTraining(tiny_config(layerscale_value=1e-5, qk_norm_affine=True))
