@@ -86,6 +86,7 @@ def evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset,
     model, info = ViTNepaModel.from_pretrained(args.model_name_or_path, output_loading_info=True)
     if info["missing_keys"]:
         raise ValueError(f"{args.model_name_or_path} lacks encoder weights: {sorted(info['missing_keys'])[:4]}")
+    training_args.use_ema = False  # the features come from the saved weights; an EMA copy would only cost memory
     trainer = FeatureTrainer(model=model, args=training_args, **trainer_kwargs)
     train = trainer.predict(train_dataset)
     query = trainer.predict(trainer_kwargs["eval_dataset"])

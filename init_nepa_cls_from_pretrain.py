@@ -103,7 +103,7 @@ def convert(args) -> ViTNepaForImageClassification:
     pretrained_config = ViTNepaConfig.from_pretrained(folder)
     weights_file = folder / (EMA_WEIGHTS_NAME if args.use_ema else "model.safetensors")
     if not weights_file.is_file():
-        hint = " (it was pretrained without --use_ema)" if args.use_ema else ""
+        hint = " (it was pretrained with --use_ema False)" if args.use_ema else ""
         raise SystemExit(f"{weights_file} does not exist{hint}.")
     state = {
         (key if key.startswith(PREFIX) else PREFIX + key): tensor for key, tensor in load_file(weights_file).items()

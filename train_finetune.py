@@ -11,6 +11,7 @@ works; a run started again with the same command resumes from its newest complet
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import AutoImageProcessor, set_seed
 
@@ -38,6 +39,10 @@ logger = logging.getLogger("train_finetune")
 @dataclass
 class FinetuneArguments:
     model_name_or_path: str = field(metadata={"help": "A classifier folder (init_nepa_cls_from_pretrain.py writes one)."})
+    model_revision: str | None = field(
+        default=None,
+        metadata={"help": "The Hub revision the folder was downloaded from (the release's commands pass `init`)."},
+    )
     image_processor_name: str | None = field(default=None, metadata={"help": "Default: --model_name_or_path."})
     freeze_embed: bool = field(default=True, metadata={"help": "Freeze the patch projection."})
     freeze_vit: bool = field(default=False, metadata={"help": "Linear probe: train only fc_norm and the classifier."})
@@ -45,7 +50,7 @@ class FinetuneArguments:
     drop_path: float = field(default=0.1, metadata={"help": "Stochastic depth of the last layer."})
     is_causal: bool = field(default=False, metadata={"help": "Keep causal attention while fine-tuning."})
     llrd: float = field(default=0.65, metadata={"help": "Layer-wise lr decay (1 = none)."})
-    head_lr: float | None = field(default=1e-3, metadata={"help": "Learning rate of the final norm, fc_norm and classifier."})
+    head_lr: float | None = field(default=1e-3, metadata={"help": "Learning rate of the classifier and the final norm (fc_norm gets --learning_rate)."})
     crop_pct: float = field(default=0.875, metadata={"help": "Eval: resize the shorter side to size / crop_pct, centre-crop."})
     resize_size: int | None = field(default=None, metadata={"help": "Eval: resize to this instead (overrides crop_pct)."})
     aa: str | None = field(default="rand-m9-mstd0.5-inc1", metadata={"help": "timm RandAugment policy ('' for none)."})
@@ -58,6 +63,18 @@ class FinetuneArguments:
 
 
 def load_classifier(args: FinetuneArguments) -> ViTNepaForImageClassification:
+    if not Path(args.model_name_or_path).is_dir():  # models load from local folders only, never from the Hub
+        revision = f" --revision {args.model_revision}" if args.model_revision else ""
+        raise FileNotFoundError(
+            f"--model_name_or_path {args.model_name_or_path} is not a local folder. Where there is network, run "
+            f"`hf download {args.model_name_or_path}{revision} --local-dir DIR` and pass --model_name_or_path DIR."
+        )
+    if args.model_revision:
+        logger.warning(
+            "--model_revision %s names a Hub revision; %s is a local folder, so whatever it holds is loaded.",
+            args.model_revision,
+            args.model_name_or_path,
+        )
     model, info = ViTNepaForImageClassification.from_pretrained(
         args.model_name_or_path, drop_path_prob=args.drop_path, is_causal=args.is_causal, output_loading_info=True
     )

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining  # noqa: E402
 
-# Release architecture (MODEL.md): QK-norm, LayerScale 1e-5, RoPE, GELU MLP; only the size varies.
+# The released architecture: QK-norm, LayerScale 1e-5, RoPE, GELU MLP; only the size varies.
 SIZES = {
     "vit-s-112": dict(
         hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14, image_size=112

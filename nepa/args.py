@@ -41,17 +41,47 @@ def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tu
 
 @dataclass
 class NepaTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus what `NepaTrainer` adds."""
+    """`TrainingArguments` plus what `NepaTrainer` adds, and `--warmup_ratio`, which the original release's
+    commands pass and Transformers 5 replaced by a fractional `--warmup_steps`."""
 
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: batches carry labels that an encoder's forward does not take."}
     )
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Warm up over this fraction of the training steps: the same as --warmup_steps with a value below 1."},
+    )
 
-    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the weights, evaluate and save it too."})
+    use_ema: bool = field(
+        default=True, metadata={"help": "Keep an EMA of the weights, evaluate and save it too (the release's default)."}
+    )
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimiser step."})
     skip_nonfinite_loss: bool = field(
         default=False, metadata={"help": "Drop a step whose loss is NaN/inf instead of stopping the run."}
     )
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if self.warmup_steps:
+                raise ValueError(
+                    f"--warmup_ratio {self.warmup_ratio} and --warmup_steps {self.warmup_steps} both set the warm-up: "
+                    f"pass one of them (--warmup_steps below 1 is a ratio too)."
+                )
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio {self.warmup_ratio} is not a fraction in [0, 1) of the training steps.")
+            self.warmup_steps = self.warmup_ratio
+        if self.data_seed is None:
+            # accelerate's sampler would seed itself from torch's initial seed, which NepaTrainer makes differ per
+            # process; every process must draw the same permutation to take its own slice of it.
+            self.data_seed = self.seed
+        super().__post_init__()
+        if self.fsdp and self.use_ema:
+            # ModelEMA keeps views of the parameters taken at start; FSDP replaces them with flat shards, so the
+            # average would silently stop following the weights.
+            raise ValueError(
+                "--fsdp with --use_ema True (the default) is not supported: the EMA would stop tracking the sharded "
+                "weights. Pass --use_ema False to train with FSDP, or use DDP (no --fsdp) to keep the EMA."
+            )
 
 
 def configure_logging(training_args: TrainingArguments) -> None:

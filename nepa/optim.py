@@ -39,30 +39,37 @@ def layer_index(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
+def is_head(name: str) -> bool:
+    """The release's head group: the classifier and the encoder's final LayerNorm (not fc_norm)."""
+    return name.startswith("classifier.") or name.removeprefix("vit_nepa.").startswith("layernorm.")
+
+
 def layer_decay_param_groups(
     model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float, head_lr: float | None
 ) -> list[dict]:
-    """Layer-wise lr decay: encoder layer i gets lr * decay**(L-1-i), the embeddings lr * decay**L, and the
-    final norm, fc_norm and classifier `head_lr` (lr when None). Each group records its `lr_factor`
-    (head: 1), which the schedule uses to stretch the warm-up of the lower layers."""
+    """Layer-wise lr decay: encoder layer i gets lr * decay**(L-1-i), the embeddings lr * decay**L, the other
+    parameters above the layers (fc_norm) lr, and the classifier and final norm `head_lr` (lr when None).
+    Each group records its `lr_factor` (1 above the layers), which the schedule uses to stretch the warm-up
+    of the lower layers."""
     num_layers = model.config.num_hidden_layers
-    groups: dict[tuple[int, bool], dict] = {}
+    groups: dict[tuple[int, bool, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         index = layer_index(name, num_layers)
+        head = is_head(name)
         decay = uses_weight_decay(name, param)
-        if (index, decay) not in groups:
-            is_head = index == num_layers + 1
-            factor = 1.0 if is_head else layer_decay ** (num_layers - index)
-            groups[(index, decay)] = {
+        key = (index, head, decay)
+        if key not in groups:
+            factor = layer_decay ** max(0, num_layers - index)
+            groups[key] = {
                 "params": [],
                 "weight_decay": weight_decay if decay else 0.0,
-                "lr": (head_lr if head_lr is not None else lr) if is_head else lr * factor,
+                "lr": head_lr if head and head_lr is not None else lr * factor,
                 "lr_factor": factor,
                 "layer": index,
             }
-        groups[(index, decay)]["params"].append(param)
+        groups[key]["params"].append(param)
     return [groups[key] for key in sorted(groups)]
 
 

@@ -1,12 +1,13 @@
 """The `Trainer` behaviour both training scripts share.
 
 - optimiser parameter groups from `parameter_groups()` (subclasses choose the grouping);
-- an optional EMA of the weights: updated every step, evaluated beside the raw weights
+- an EMA of the weights (on unless `--use_ema False`): updated every step, evaluated beside the raw weights
   (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint and restored on resume;
 - a non-finite loss (in any process) stops the run before the optimiser step (or, with `skip_nonfinite_loss`,
   drops that step's gradients in every process), so NaN never reaches the weights or a checkpoint;
 - checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
   newest marked one;
+- every process draws its own random stream (batch augmentation, drop path), seeded from the seed and its rank;
 - the training dataset learns the epoch (`set_epoch`), which seeds each image's augmentation;
 - uint8 batches are normalised (and, in training, augmented) on the device;
 - per-step scalars recorded with `record()` are averaged into each logging line, beside the training
@@ -20,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import BatchAugment, BatchNormalize
@@ -102,6 +103,10 @@ class NepaTrainer(Trainer):
 
     def __init__(self, *args, normalize: BatchNormalize, batch_augment: BatchAugment | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # The Trainer seeded every process alike, so every rank would draw the same mixup / cutmix lambda and box,
+        # erasing rectangles and drop-path masks. Give each its own stream (process 0 keeps the seed); checkpoints
+        # keep each process's RNG state, so a resumed run continues every stream exactly.
+        set_seed(self.args.seed + self.args.process_index)
         self.normalize = normalize
         self.batch_augment = batch_augment
         self.ema = ModelEMA(self.model, self.args.ema_decay) if self.args.use_ema else None
@@ -200,7 +205,7 @@ class NepaTrainer(Trainer):
             if not os.path.isfile(path):
                 raise FileNotFoundError(
                     f"{resume_from_checkpoint} has no {EMA_WEIGHTS_NAME}: it was written without EMA. "
-                    f"Resume without --use_ema, or start a new output_dir."
+                    f"Resume with --use_ema False, or start a new output_dir."
                 )
             self.ema.load(path)
 

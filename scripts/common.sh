@@ -1,7 +1,8 @@
 # Sourced by the recipe scripts: GPU count, batch arithmetic, the launcher and the logging backend.
 #
 # Environment (all optional):
-#   NPROC_PER_NODE   processes per node (default: the number of visible GPUs, 1 without GPUs)
+#   NPROC_PER_NODE   processes per node (default: the GPUs torch sees, which honours CUDA_VISIBLE_DEVICES;
+#                    1 without GPUs)
 #   WORLD_SIZE       number of nodes, RANK this node's rank, MASTER_ADDR / MASTER_PORT the rendezvous
 #                    (the variables a cluster's job launcher sets for one launcher process per node)
 #   REPORT_TO        wandb | none | ... (default: wandb when it is installed and logged in, else none)
@@ -11,8 +12,7 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 
 count_gpus() {
   if [ -n "${NPROC_PER_NODE:-}" ]; then echo "$NPROC_PER_NODE"
-  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then nvidia-smi -L | grep -c '^GPU'
-  else echo 1
+  else "$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))"
   fi
 }
 GPUS=$(count_gpus)

@@ -18,16 +18,13 @@ from models.vit_nepa import ViTNepaConfig  # noqa: E402
 # over on a busy machine.
 torch.set_num_threads(1)
 
-# The reference fixture lies beside the checkout (../shared); a copy inside it (shared/) also works.
-FIXTURE_CANDIDATES = [REPO.parent / "shared" / "fixtures" / "reference_cls_bidir", REPO / "shared" / "fixtures" / "reference_cls_bidir"]
+# A small released-format classifier with its inputs and expected outputs (see tests/fixtures/README.md).
+REFERENCE_FIXTURE = REPO / "tests" / "fixtures" / "reference_cls_bidir"
 
 
 @pytest.fixture(scope="session")
 def reference_fixture_dir() -> Path:
-    for candidate in FIXTURE_CANDIDATES:
-        if candidate.is_dir():
-            return candidate
-    pytest.fail(f"reference fixture not found at any of {[str(c) for c in FIXTURE_CANDIDATES]}")
+    return REFERENCE_FIXTURE
 
 
 def tiny_config(**overrides) -> ViTNepaConfig:

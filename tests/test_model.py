@@ -1,5 +1,5 @@
-"""Behaviour of the ViT-NEPA model package (issue 2): the released-file format, the forward pass of
-MODEL.md, the NEPA loss and its ablations, and the Transformers integration. Tiny configs, CPU, fp32
+"""Behaviour of the ViT-NEPA model package: the released-file format, the forward pass of
+the released model, the NEPA loss and its ablations, and the Transformers integration. Tiny configs, CPU, fp32
 unless a test says otherwise."""
 
 import json
@@ -60,7 +60,7 @@ def reference_nepa_loss(predictions, targets, shift=True):
 
 
 # --------------------------------------------------------------------------------------------
-# The released file format: the reference fixture and MODEL.md's parameter table
+# The released file format: the reference fixture and the released parameter table
 # --------------------------------------------------------------------------------------------
 
 
@@ -122,7 +122,7 @@ def test_config_defaults_are_the_spec():
 
 
 def spec_parameter_shapes(config: ViTNepaConfig, head: str) -> dict[str, tuple[int, ...]]:
-    """MODEL.md's parameter table for `config`; head is "model", "pretraining" or "classifier"."""
+    """The released checkpoints' parameter names and shapes for `config`; head is "model", "pretraining" or "classifier"."""
     D, I, C, P = config.hidden_size, config.intermediate_size, config.num_channels, config.patch_size
     head_dim = D // config.num_attention_heads
     prefix = "" if head == "model" else "vit_nepa."

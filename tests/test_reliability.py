@@ -1,4 +1,4 @@
-"""Reliability of the training scripts (issue 8), one test per bullet: killed runs resume exactly, bad images
+"""Reliability of the training scripts: killed runs resume exactly, bad images
 are skipped and named, a non-finite loss stops (or skips) without NaN weights, bad arguments fail before any
 image is read, and two processes give the loss curve of one. Tiny models on CPU; the entry points run
 in-process through their `main(argv)` unless the test needs a real process (SIGKILL, torchrun)."""
@@ -453,12 +453,12 @@ def torchrun(script: str | Path, argv: list[str], processes: int) -> None:
 @pytest.mark.slow
 def test_two_processes_give_the_curve_of_one(tmp_path, tiny_model, tiny_dataset, pretrained_folder):
     """One process with batch 8 and two with batch 4 each take the same images in each step (accelerate's seedable
-    sampler deals one permutation out in consecutive slices), augment them alike (each image has its own seed) and
-    draw the same RoPE coordinate augmentation (every process's random stream is the seeded one), so their losses
-    and weights agree to float rounding; the test compares them step by step, which a broken gradient all-reduce
-    fails at once. Checkpoints of either layout resume in the other and continue the same curve. transformers
-    restores the RNG only within a layout (rng_state.pth vs rng_state_<rank>.pth), so the pretraining runs switch
-    the RoPE coordinate augmentation off (their only random draw besides the per-image seeds); fine-tuning keeps it."""
+    sampler deals one permutation out in consecutive slices) and augment them alike (each image has its own seed),
+    so their losses and weights agree to float rounding; the test compares them step by step, which a broken
+    gradient all-reduce fails at once. Checkpoints of either layout resume in the other and continue the same curve.
+    Every process draws from its own random stream (seed + rank), so the runs switch off what draws from it: the
+    RoPE coordinate augmentation (one draw per forward, i.e. per process batch) and, in fine-tuning, mixup / cutmix,
+    random erasing and drop path."""
     no_rope_augmentation = ["--config_overrides", "pos_embed_rescale=null"]
     flags = dict(max_steps=6, save_steps=3)
 
@@ -488,9 +488,11 @@ def test_two_processes_give_the_curve_of_one(tmp_path, tiny_model, tiny_dataset,
     torchrun(script, no_rope_augmentation + pretrain_args(tiny_model, tiny_dataset, nan_run, **nan_flags), 2)
     assert_step_skipped(nan_run, step=3)
 
-    # Fine-tuning: mixup / cutmix pair images across the batch, and random erasing and drop path draw per image from
-    # the process's stream, so they are off; RandAugment (per-image seeds) and the RoPE augmentation stay on.
+    # Fine-tuning: mixup / cutmix pair images across the batch, and random erasing, drop path and the RoPE
+    # augmentation draw from the process's stream, so they are off; RandAugment (per-image seeds) stays on.
     classifier = convert_to_classifier(pretrained_folder, tmp_path / "classifier", "--dataset_name", str(tiny_dataset))
+    config = json.loads((classifier / "config.json").read_text())
+    (classifier / "config.json").write_text(json.dumps({**config, "pos_embed_rescale": None}))
     recipe = ["--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--reprob", "0", "--drop_path", "0"]
     data = ["--model_name_or_path", str(classifier), *saved_dataset(tiny_dataset), "--do_train"]
     one_ft, two_ft = tmp_path / "one_process_ft", tmp_path / "two_processes_ft"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The paper's ImageNet-1k fine-tuning recipe (shared/spec/RECIPES.md) for the classifier in MODEL:
+# The paper's ImageNet-1k fine-tuning recipe (docs/recipes.md) for the classifier in MODEL:
 # total batch 1024, 100 epochs, AdamW (0.9, 0.999), wd 0.05, lr BASE_LR * batch / 256 with layer-wise decay
-# LLRD and head lr 1e-3, per-group warm-up WARMUP then cosine, drop path DROP_PATH, patch embedding frozen,
-# RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0, smoothing 0.1,
-# EMA 0.9999 evaluated beside the raw weights, best checkpoint by EMA accuracy, bidirectional attention.
+# LLRD (fc_norm at the full lr), head lr 1e-3 for the classifier and final norm, per-group warm-up WARMUP then
+# cosine, drop path DROP_PATH, patch embedding frozen, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25,
+# mixup 0.8 / cutmix 1.0, smoothing 0.1, EMA 0.9999 evaluated beside the raw weights, best checkpoint by EMA
+# accuracy, bidirectional attention, DDP without the unused-parameter search.
 # nepa_b_sft.sh and nepa_l_sft.sh set the per-model numbers.
 # Speed (docs/performance.md): fused AdamW, torch.compile (--torch_compile False turns it off), workers kept
 # between epochs.
@@ -39,6 +40,7 @@ launch train_finetune.py \
   --eval_strategy epoch --save_strategy epoch --save_total_limit 2 \
   --metric_for_best_model ema_accuracy --greater_is_better True --load_best_model_at_end True \
   --bf16 True --torch_compile True --seed 1337 --logging_steps 100 \
+  --ddp_find_unused_parameters False \
   $(dataloader_flags) \
   --report_to "$REPORT_TO" \
   "$@"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The paper's NEPA pretraining recipe on ImageNet-1k (shared/spec/RECIPES.md), for the model in CONFIG:
+# The paper's NEPA pretraining recipe on ImageNet-1k (docs/recipes.md), for the model in CONFIG:
 # total batch 4096, 1600 epochs, AdamW (0.9, 0.95), wd 0.05, base lr 3e-4 scaled by batch / 256,
-# cosine schedule with 2.5 % warm-up, bf16, seed 1337. nepa_b.sh and nepa_l.sh choose the model.
+# cosine schedule with 2.5 % warm-up, bf16, seed 1337, an EMA of the weights (decay 0.9999, the default, as in the
+# release; --use_ema False turns it off), DDP without the unused-parameter search. nepa_b.sh and nepa_l.sh choose
+# the model.
 # Speed (docs/performance.md): fused AdamW, torch.compile (--torch_compile False turns it off), workers kept
 # between epochs.
 # Overrides: DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS; extra flags pass through.
@@ -24,6 +26,7 @@ launch train_pretrain.py \
   --optim adamw_torch_fused --adam_beta1 0.9 --adam_beta2 0.95 --weight_decay 0.05 \
   --bf16 True --torch_compile True --seed 1337 \
   --save_steps 50000 --logging_steps 100 \
+  --ddp_find_unused_parameters False \
   $(dataloader_flags) \
   --report_to "$REPORT_TO" \
   "$@"
