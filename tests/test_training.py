@@ -145,8 +145,9 @@ def test_pretraining_loss_falls_and_the_model_is_saved(pretraining_run):
     losses = [entry["loss"] for entry in logs]
     assert all(-1.0 <= loss <= 1.0 for loss in losses)  # a negative cosine
     assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.01, losses
-    # The collapse signal is logged beside every loss.
+    # The collapse signal and the throughput since the previous line are logged beside every loss.
     assert all(-1.0 <= entry["target_cosine"] <= 1.0 for entry in logs)
+    assert all(entry["images_per_second"] > 0 for entry in logs)
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert (output_dir / name).is_file(), name
     assert metrics["train_loss"] == pytest.approx(np.mean([entry["loss"] for entry in logs]), abs=1e-3)
