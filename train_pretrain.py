@@ -89,13 +89,13 @@ class NepaPretrainer(NepaTrainer):
         return pretraining_param_groups(model, self.args.weight_decay, self.embed_lr)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self.prepare_batch(inputs)
         outputs = model(pixel_values=inputs["pixel_values"])
         if model.training:
             self.record("target_cosine", mean_pairwise_cosine(outputs.input_embeddings[:, 1:]))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None

@@ -59,6 +59,14 @@ class NepaTrainingArguments(TrainingArguments):
     skip_nonfinite_loss: bool = field(
         default=False, metadata={"help": "Drop a step whose loss is NaN/inf instead of stopping the run."}
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Off: NepaTrainer stops on (or, with --skip_nonfinite_loss, drops) a step with a NaN/inf loss, "
+            "checking once per optimiser step on the device; the Trainer's filter would make the CPU wait for the "
+            "GPU every micro-step to hide such losses from the log."
+        },
+    )
 
     def __post_init__(self):
         if self.warmup_ratio is not None:

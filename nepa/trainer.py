@@ -4,14 +4,17 @@
 - an EMA of the weights (on unless `--use_ema False`): updated every step, evaluated beside the raw weights
   (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint and restored on resume;
 - a non-finite loss (in any process) stops the run before the optimiser step (or, with `skip_nonfinite_loss`,
-  drops that step's gradients in every process), so NaN never reaches the weights or a checkpoint;
+  drops that step's gradients in every process), so NaN never reaches the weights or a checkpoint; it is
+  counted on the device and read once per optimiser step, never per micro-step (`NonFiniteLossGuard`);
 - checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
   newest marked one;
 - every process draws its own random stream (batch augmentation, drop path), seeded from the seed and its rank;
 - the training dataset learns the epoch (`set_epoch`), which seeds each image's augmentation;
-- uint8 batches are normalised (and, in training, augmented) on the device;
+- uint8 batches are normalised (and, in training, augmented) on the device, in `compute_loss`;
 - per-step scalars recorded with `record()` are averaged into each logging line, beside the training
   throughput since the previous line (`images_per_second`, all processes together).
+
+It overrides only public `Trainer` methods and callback hooks; no private one is needed.
 """
 
 import logging
@@ -73,15 +76,49 @@ def resume_checkpoint(args) -> str | None:
     return checkpoint
 
 
+class NonFiniteLossGuard(TrainerCallback):
+    """Keeps a NaN/inf loss from reaching the weights, deciding once per optimiser step.
+
+    Each micro-step only adds its count of non-finite losses to a tensor on the device (`observe`), so the CPU
+    never waits for the GPU there. Just before the optimiser step the count is summed across processes (on the
+    device) and read once: if any process saw one, the run stops with `NonFiniteLossError`, or, with
+    `skip_nonfinite_loss`, every process drops the step's gradients (DDP has already spread one process's NaN
+    gradients to all), and AdamW leaves parameters without gradients and their state untouched."""
+
+    def __init__(self, trainer: "NepaTrainer"):
+        self.trainer = trainer
+        self.count: torch.Tensor | None = None  # non-finite losses since the last optimiser step, on the device
+        self.skipped_steps = 0
+
+    def observe(self, loss: torch.Tensor) -> None:
+        nonfinite = (~torch.isfinite(loss.detach())).sum()
+        self.count = nonfinite if self.count is None else self.count + nonfinite
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        count, self.count = self.count, None
+        if count is None:
+            return
+        if args.world_size > 1:
+            count = self.trainer.accelerator.reduce(count, reduction="sum")
+        nonfinite = int(count.item())  # the one host read of the optimiser step
+        if not nonfinite:
+            return
+        step = state.global_step + 1
+        if not args.skip_nonfinite_loss:
+            checkpoint = last_complete_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} ({nonfinite} NaN/inf micro-batch loss(es) across processes): stopped "
+                f"before the optimiser step, so no NaN reached the weights. The last good checkpoint is {checkpoint}. "
+                f"Lower the learning rate or use bf16 instead of fp16; --skip_nonfinite_loss True drops such steps."
+            )
+        logger.warning("non-finite loss at step %d: dropping this step's gradients.", step)
+        self.trainer.model.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+
+
 class _StepHooks(TrainerCallback):
     def __init__(self, trainer: "NepaTrainer"):
         self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer.discard_gradients:
-            self.trainer.model.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
-            self.trainer.discard_gradients = False
-            self.trainer.skipped_steps += 1
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.last_log = (time.perf_counter(), state.global_step)
@@ -95,6 +132,13 @@ class _StepHooks(TrainerCallback):
         # nor in the epoch a run resumes in), so set it here; `state.epoch` is the resumed one's, e.g. 2.5 -> 2.
         if hasattr(self.trainer.train_dataset, "set_epoch"):
             self.trainer.train_dataset.set_epoch(int(state.epoch))
+
+    def on_save(self, args, state, control, **kwargs):
+        # The Trainer has written checkpoint-N (and, through `save_model`, the EMA) and called this in every process.
+        self.trainer.accelerator.wait_for_everyone()  # every process has written its RNG state
+        if args.should_save:
+            folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            (folder / CHECKPOINT_COMPLETE).write_text(f"global_step {state.global_step}\n")
 
 
 class NepaTrainer(Trainer):
@@ -110,10 +154,10 @@ class NepaTrainer(Trainer):
         self.normalize = normalize
         self.batch_augment = batch_augment
         self.ema = ModelEMA(self.model, self.args.ema_decay) if self.args.use_ema else None
-        self.discard_gradients = False
-        self.skipped_steps = 0
+        self.nonfinite_guard = NonFiniteLossGuard(self)
         self.last_log: tuple[float, int] | None = None  # (time, global step) of the last training log line
         self._recorded: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.add_callback(self.nonfinite_guard)
         self.add_callback(_StepHooks(self))
 
     # --- optimisation ---------------------------------------------------------------------------
@@ -128,29 +172,20 @@ class NepaTrainer(Trainer):
             self.optimizer = optimizer_cls(self.parameter_groups(model), **optimizer_kwargs)
         return self.optimizer
 
-    def _prepare_inputs(self, inputs):
-        inputs = super()._prepare_inputs(inputs)
-        inputs["pixel_values"] = self.normalize(inputs["pixel_values"])
+    def prepare_batch(self, inputs: dict) -> dict:
+        """The model's inputs from a collated batch (already on the device): pixels normalised and, in training,
+        augmented with `batch_augment` (which may change the labels and drop an image)."""
+        inputs = {**inputs, "pixel_values": self.normalize(inputs["pixel_values"])}
         if self.batch_augment is not None and self.model.training:  # training_step calls model.train() first
             inputs["pixel_values"], inputs["labels"] = self.batch_augment(inputs["pixel_values"], inputs["labels"])
         return inputs
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, self.prepare_batch(inputs), return_outputs, num_items_in_batch)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        nonfinite = (~torch.isfinite(loss)).float()
-        if self.args.world_size > 1:  # decide alike everywhere: DDP has already spread one's NaN gradients to all
-            nonfinite = self.accelerator.reduce(nonfinite, reduction="sum")
-        if nonfinite > 0:
-            step = self.state.global_step + 1
-            if not self.args.skip_nonfinite_loss:
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} (loss {loss.item()} in process {self.args.process_index}): "
-                    f"stopped before the optimiser step, so no NaN reached the weights. The last good checkpoint is "
-                    f"{last_complete_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None}. "
-                    f"Lower the learning rate or use bf16 instead of fp16; --skip_nonfinite_loss True drops such steps."
-                )
-            logger.warning("non-finite loss at step %d: dropping this step's gradients.", step)
-            self.discard_gradients = True
+        self.nonfinite_guard.observe(loss)
         return loss
 
     # --- logging --------------------------------------------------------------------------------
@@ -164,8 +199,8 @@ class NepaTrainer(Trainer):
             for name, values in self._recorded.items():
                 logs[name] = round(torch.stack(values).mean().item(), 6)
             self._recorded.clear()
-            if self.skipped_steps:
-                logs["skipped_steps"] = self.skipped_steps
+            if self.nonfinite_guard.skipped_steps:
+                logs["skipped_steps"] = self.nonfinite_guard.skipped_steps
             now, step = time.perf_counter(), self.state.global_step
             if self.last_log is not None and step > self.last_log[1]:
                 images = (step - self.last_log[1]) * self.args.train_batch_size
@@ -191,16 +226,13 @@ class NepaTrainer(Trainer):
         if self.ema is not None and self.args.should_save:
             self.ema.save(os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()  # every process has written its RNG state
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            (folder / CHECKPOINT_COMPLETE).write_text(f"global_step {self.state.global_step}\n")
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.ema is not None:
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """`Trainer.train`, which also restores the EMA when resuming (the Trainer restores the rest)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete checkpoint.")
+        if self.ema is not None and resume_from_checkpoint:
             path = os.path.join(resume_from_checkpoint, EMA_WEIGHTS_NAME)
             if not os.path.isfile(path):
                 raise FileNotFoundError(
@@ -208,6 +240,7 @@ class NepaTrainer(Trainer):
                     f"Resume with --use_ema False, or start a new output_dir."
                 )
             self.ema.load(path)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
 def train_and_evaluate(trainer: Trainer, processor, checkpoint: str | None) -> dict:

@@ -242,6 +242,46 @@ def test_every_process_shuffles_with_the_same_data_seed():
     assert args.data_seed == 3
 
 
+def test_trainers_override_no_private_trainer_method():
+    """The trainers build on public `Trainer` methods and callback hooks only, so a transformers upgrade that renames
+    a private method cannot silently bypass normalisation, the EMA, the checkpoint marker or the non-finite guard."""
+    from transformers import Trainer
+
+    from nepa.trainer import NepaTrainer
+
+    for trainer_class in (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer, eval_script.FeatureTrainer):
+        private = [name for name in vars(trainer_class) if name.startswith("_") and not name.startswith("__")]
+        assert not private, f"{trainer_class.__name__} overrides private Trainer methods {private}"
+    for hook in ("compute_loss", "training_step", "prediction_step", "create_optimizer", "create_scheduler", "train", "log"):
+        assert callable(getattr(Trainer, hook)), hook
+
+
+def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
+    """A micro-step only counts non-finite losses on the device: the CPU must not wait for the GPU there. The count
+    is read once per optimiser step, by the guard before it (and the Trainer reads the loss when it logs)."""
+    from nepa.data import collate_images
+    from nepa.trainer import NepaTrainer
+
+    def host_read(*_):
+        raise AssertionError("training_step read a tensor on the host")
+
+    def checked_training_step(self, *args, **kwargs):
+        with monkeypatch.context() as patched:
+            for method in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                patched.setattr(torch.Tensor, method, host_read)
+            return NepaTrainer.training_step(self, *args, **kwargs)
+
+    flags = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", str(tmp_path), *COMMON, *flags, "--save_strategy", "no"])
+    images = [{"pixel_values": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)} for _ in range(8)]
+    trainer_class = type("CheckedTrainer", (NepaTrainer,), {"training_step": checked_training_step})
+    trainer = trainer_class(
+        model=ViTNepaForPreTraining(tiny_config()), args=args, train_dataset=images, data_collator=collate_images,
+        normalize=BatchNormalize([0.5] * 3, [0.5] * 3),
+    )
+    assert trainer.train().global_step == 2
+
+
 def test_pretraining_parameter_groups(tmp_path):
     torch.manual_seed(0)
     model = ViTNepaForPreTraining(tiny_config(layerscale_value=1e-5, qk_norm_affine=True))
