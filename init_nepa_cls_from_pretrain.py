@@ -3,7 +3,8 @@
     python init_nepa_cls_from_pretrain.py --pretrained_model_id outputs/nepa-b \
         --config_model_id configs/finetune/nepa-base-patch14-224-sft --save_local --local_dir outputs/nepa-b-cls
 
-Every backbone tensor is copied. New: fc_norm (ones / zeros), a zero-initialised classifier, and
+Without `--config_model_id` the classifier's config is the pretrained one made bidirectional with
+mean pooling and drop path 0.1. Every backbone tensor is copied. New: fc_norm (ones / zeros), a zero-initialised classifier, and
 QK-norm affine weights that the pretraining checkpoint lacks (ones). Anything else missing or left
 over is an error. `--disable_layerscale` folds each LayerScale lambda into the dense layer before it.
 """
@@ -68,7 +69,9 @@ def target_config(args, pretrained_config: ViTNepaConfig) -> ViTNepaConfig:
     if args.config_model_id:
         config = ViTNepaConfig.from_pretrained(resolve_folder(args.config_model_id, None))
     else:
-        config = ViTNepaConfig.from_dict({**pretrained_config.to_dict(), "is_causal": False, "add_pooling_layer": True})
+        # The fine-tuning architecture of the released configs: bidirectional, mean-pooled, drop path 0.1 (ViT-B's).
+        changes = {"is_causal": False, "add_pooling_layer": True, "drop_path_prob": 0.1}
+        config = ViTNepaConfig.from_dict({**pretrained_config.to_dict(), **changes})
     mismatched = [
         f"{name}: pretrained {getattr(pretrained_config, name)} vs target {getattr(config, name)}"
         for name in ARCHITECTURE_FIELDS

@@ -5,8 +5,10 @@
 
 The recipe: timm RandAugment + bicubic RandomResizedCrop + random erasing, mixup / cutmix with label
 smoothing, layer-wise lr decay with a separate head lr and per-group warm-up, an EMA of the weights
-evaluated beside the raw ones. `--freeze_vit True` is a linear probe. Every `TrainingArguments` flag
-works; a run started again with the same command resumes from its newest complete checkpoint.
+evaluated beside the raw ones. `--freeze_vit True` is a linear probe. The architecture is the classifier
+folder's config; `--config_overrides` changes it (`--drop_path`, `--is_causal` spell two of its fields).
+Every `TrainingArguments` flag works; a run started again with the same command resumes from its newest
+complete checkpoint.
 """
 
 import logging
@@ -16,7 +18,14 @@ from pathlib import Path
 from transformers import AutoImageProcessor, set_seed
 
 from models.vit_nepa import ViTNepaForImageClassification
-from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
+from nepa.args import (
+    DataArguments,
+    NepaTrainingArguments,
+    config_overrides_field,
+    configure_logging,
+    load_config,
+    parse_arguments,
+)
 from nepa.data import (
     BatchAugment,
     BatchNormalize,
@@ -47,8 +56,13 @@ class FinetuneArguments:
     freeze_embed: bool = field(default=True, metadata={"help": "Freeze the patch projection."})
     freeze_vit: bool = field(default=False, metadata={"help": "Linear probe: train only fc_norm and the classifier."})
     freeze_vit_layers: int = field(default=0, metadata={"help": "Freeze the embeddings and the first N layers."})
-    drop_path: float = field(default=0.1, metadata={"help": "Stochastic depth of the last layer."})
-    is_causal: bool = field(default=False, metadata={"help": "Keep causal attention while fine-tuning."})
+    config_overrides: str | None = config_overrides_field()
+    drop_path: float | None = field(
+        default=None, metadata={"help": "Stochastic depth of the last layer: --config_overrides drop_path_prob=X."}
+    )
+    is_causal: bool | None = field(
+        default=None, metadata={"help": "Causal attention while fine-tuning: --config_overrides is_causal=X."}
+    )
     llrd: float = field(default=0.65, metadata={"help": "Layer-wise lr decay (1 = none)."})
     head_lr: float | None = field(default=1e-3, metadata={"help": "Learning rate of the classifier and the final norm (fc_norm gets --learning_rate)."})
     crop_pct: float = field(default=0.875, metadata={"help": "Eval: resize the shorter side to size / crop_pct, centre-crop."})
@@ -75,9 +89,8 @@ def load_classifier(args: FinetuneArguments) -> ViTNepaForImageClassification:
             args.model_revision,
             args.model_name_or_path,
         )
-    model, info = ViTNepaForImageClassification.from_pretrained(
-        args.model_name_or_path, drop_path_prob=args.drop_path, is_causal=args.is_causal, output_loading_info=True
-    )
+    config = load_config(args.model_name_or_path, args.config_overrides, drop_path_prob=args.drop_path, is_causal=args.is_causal)
+    model, info = ViTNepaForImageClassification.from_pretrained(args.model_name_or_path, config=config, output_loading_info=True)
     missing = info["missing_keys"]
     if missing:
         raise ValueError(

@@ -8,15 +8,21 @@ Every `TrainingArguments` flag works. A run started again with the same command 
 newest complete checkpoint in `output_dir`.
 """
 
-import json
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoImageProcessor, set_seed
 
-from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
-from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
+from models.vit_nepa import ViTNepaForPreTraining
+from nepa.args import (
+    DataArguments,
+    NepaTrainingArguments,
+    config_overrides_field,
+    configure_logging,
+    load_config,
+    parse_arguments,
+)
 from nepa.data import (
     BatchNormalize,
     EvalTransform,
@@ -43,36 +49,15 @@ class ModelArguments:
     image_processor_name: str | None = field(
         default=None, metadata={"help": "Folder of preprocessor_config.json; default: the config or model folder."}
     )
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "Comma-separated key=value config changes (JSON values), e.g. 'nepa_shift=false,qk_norm=false'."},
-    )
+    config_overrides: str | None = config_overrides_field()
     embed_lr: float | None = field(default=None, metadata={"help": "A separate learning rate for the embeddings."})
-
-
-def parse_config_overrides(text: str | None) -> dict:
-    overrides = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config_overrides item {item!r} is not key=value.")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
 
 
 def build_model(model_args: ModelArguments) -> ViTNepaForPreTraining:
     if not (model_args.config_name or model_args.model_name_or_path):
         raise ValueError("pass --config_name (train from scratch) or --model_name_or_path (continue from weights).")
     source = model_args.model_name_or_path or model_args.config_name
-    config = ViTNepaConfig.from_pretrained(source)
-    for key, value in parse_config_overrides(model_args.config_overrides).items():
-        if not hasattr(config, key):
-            raise ValueError(f"--config_overrides: ViTNepaConfig has no field {key!r}.")
-        setattr(config, key, value)
-    config.check_geometry()
+    config = load_config(source, model_args.config_overrides)
     if model_args.model_name_or_path:
         return ViTNepaForPreTraining.from_pretrained(model_args.model_name_or_path, config=config)
     return ViTNepaForPreTraining(config)

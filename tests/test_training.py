@@ -408,6 +408,26 @@ def test_finetune_rejects_more_classes_than_labels(tmp_path, pretrained_dir, dat
         train_finetune.main(finetune_argv(local_dir, dataset_dir, tmp_path / "sft", "--do_train"))
 
 
+def test_finetuning_config_comes_from_the_folder_and_flags_apply_only_when_given(tmp_path):
+    """The classifier folder's drop_path_prob / is_causal run unless --config_overrides or its spellings
+    --drop_path / --is_causal change them; the two ways disagreeing is an error."""
+    folder = tmp_path / "cls"
+    ViTNepaForImageClassification(tiny_config(add_pooling_layer=True, is_causal=False, drop_path_prob=0.3)).save_pretrained(folder)
+
+    def loaded(**flags):
+        return train_finetune.load_classifier(train_finetune.FinetuneArguments(model_name_or_path=str(folder), **flags)).config
+
+    assert (loaded().drop_path_prob, loaded().is_causal) == (0.3, False)
+    assert loaded(drop_path=0.0).drop_path_prob == 0.0
+    assert loaded(is_causal=True).is_causal
+    changed = loaded(config_overrides="is_causal=true,drop_path_prob=0.2,pos_embed_rescale=null")
+    assert (changed.is_causal, changed.drop_path_prob, changed.pos_embed_rescale) == (True, 0.2, None)
+    with pytest.raises(ValueError, match="sets drop_path_prob=0.2 and a flag sets it to 0.1"):
+        loaded(config_overrides="drop_path_prob=0.2", drop_path=0.1)
+    with pytest.raises(ValueError, match="ViTNepaConfig has no field 'drop_path'"):
+        loaded(config_overrides="drop_path=0.2")
+
+
 def test_eval_of_the_reference_fixture_agrees_with_its_expected_logits(tmp_path, reference_fixture_dir):
     model_dir = tmp_path / "reference"
     shutil.copytree(reference_fixture_dir, model_dir)
