@@ -15,20 +15,20 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
-import numpy as np
 import torch
 from transformers import AutoImageProcessor
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaModel
+from models.vit_nepa.modeling_vit_nepa import mean_patch_tokens
 from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
 from nepa.data import (
     BatchNormalize,
     EvalTransform,
-    ImageDataset,
     collate_images,
     get_split,
+    image_dataset,
     load_image_dataset,
+    num_classes,
     processor_image_size,
 )
 from nepa.ema import EMA_WEIGHTS_NAME
@@ -58,7 +58,7 @@ class FeatureTrainer(NepaTrainer):
         inputs = self.prepare_batch(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             hidden = model(pixel_values=inputs["pixel_values"]).last_hidden_state
-        return None, hidden[:, 1:].mean(dim=1).float(), inputs["labels"]
+        return None, mean_patch_tokens(hidden).float(), inputs["labels"]
 
 
 def evaluate_classifier(args, trainer_kwargs, training_args) -> tuple[NepaTrainer, dict]:
@@ -102,13 +102,6 @@ def evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset,
     return trainer, scores_to_metrics(scores, query_labels)
 
 
-def num_classes_of(split: datasets.Dataset, label_column: str) -> int:
-    feature = split.features.get(label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return feature.num_classes
-    return int(np.max(split[label_column])) + 1
-
-
 def main(argv: list[str] | None = None) -> dict:
     args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, NepaTrainingArguments), argv)
     configure_logging(training_args)
@@ -124,10 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     size = processor_image_size(processor, ViTNepaConfig.from_pretrained(args.model_name_or_path).patch_size)
     transform = EvalTransform(size, args.resize_size, args.crop_pct)
     dataset = load_image_dataset(data_args)
-    columns = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name, strict=data_args.strict_images)
     eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
     trainer_kwargs = dict(
-        eval_dataset=ImageDataset(eval_split, transform, **columns),
+        eval_dataset=image_dataset(eval_split, transform, data_args),
         data_collator=collate_images,
         normalize=BatchNormalize(processor.image_mean, processor.image_std),
     )
@@ -136,9 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
         trainer, metrics = evaluate_classifier(args, trainer_kwargs, training_args)
     else:
         train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
-        train_dataset = ImageDataset(train_split, transform, **columns)
-        num_classes = num_classes_of(train_split, data_args.label_column_name)
-        trainer, metrics = evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset, num_classes)
+        train_dataset = image_dataset(train_split, transform, data_args)
+        classes = num_classes(train_split, data_args.label_column_name)
+        trainer, metrics = evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset, classes)
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics, combined=False)
     return metrics

@@ -31,10 +31,10 @@ from nepa.data import (
     BatchNormalize,
     EvalTransform,
     FinetuneTransform,
-    ImageDataset,
+    check_labels_fit,
     collate_images,
     get_split,
-    label_names,
+    image_dataset,
     load_image_dataset,
     processor_image_size,
 )
@@ -163,27 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = resume_checkpoint(training_args)
     dataset = load_image_dataset(data_args)
     train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
-    names = label_names(train_split, data_args.label_column_name)
-    if names is not None and len(names) > model.config.num_labels:
-        raise ValueError(
-            f"the dataset has {len(names)} classes but the classifier has num_labels={model.config.num_labels}: "
-            f"convert again with --dataset_name {data_args.dataset_name} (or --num_labels {len(names)})."
-        )
-
-    if names is None and data_args.label_column_name in train_split.column_names:  # plain integers: check the largest
-        largest = max(train_split[data_args.label_column_name])
-        if largest >= model.config.num_labels:
-            raise ValueError(
-                f"the dataset has label {largest} but the classifier has num_labels={model.config.num_labels} "
-                f"(labels 0..{model.config.num_labels - 1}): convert again with --num_labels {largest + 1}."
-            )
-
-    columns = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name, strict=data_args.strict_images)
-    train_dataset = ImageDataset(train_split, FinetuneTransform(size, args.aa, processor.image_mean), **columns) if training_args.do_train else None
+    check_labels_fit(train_split, data_args.label_column_name, model.config.num_labels, data_args.dataset_name)
+    transform = FinetuneTransform(size, args.aa, processor.image_mean)
+    train_dataset = image_dataset(train_split, transform, data_args) if training_args.do_train else None
     eval_dataset = None
     if training_args.do_eval:
         eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
-        eval_dataset = ImageDataset(eval_split, EvalTransform(size, args.resize_size, args.crop_pct), **columns)
+        eval_dataset = image_dataset(eval_split, EvalTransform(size, args.resize_size, args.crop_pct), data_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("fine-tuning %.2fM of %.2fM parameters", trainable / 1e6, model.num_parameters() / 1e6)
 

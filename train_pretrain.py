@@ -26,10 +26,10 @@ from nepa.args import (
 from nepa.data import (
     BatchNormalize,
     EvalTransform,
-    ImageDataset,
     PretrainTransform,
     collate_images,
     get_split,
+    image_dataset,
     load_image_dataset,
     processor_image_size,
 )
@@ -100,15 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = resume_checkpoint(training_args)
 
     dataset = load_image_dataset(data_args)
-    columns = dict(image_column=data_args.image_column_name, label_column=None, strict=data_args.strict_images)
-    train_dataset = ImageDataset(
-        get_split(dataset, "train", data_args.max_train_samples, training_args.seed), PretrainTransform(size), **columns
-    )
+    train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
+    train_dataset = image_dataset(train_split, PretrainTransform(size), data_args, labels=False)
     eval_dataset = None
     if training_args.do_eval:
-        eval_dataset = ImageDataset(
-            get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed), EvalTransform(size), **columns
-        )
+        eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
+        eval_dataset = image_dataset(eval_split, EvalTransform(size), data_args, labels=False)
     logger.info("NEPA pretraining of %.1fM parameters on %d images", model.num_parameters() / 1e6, len(train_dataset))
 
     trainer = NepaPretrainer(
