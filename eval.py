@@ -36,13 +36,17 @@ from nepa.metrics import accuracy_metrics, knn_predict, linear_probe_predict, sc
 from nepa.trainer import NepaTrainer
 
 logger = logging.getLogger("eval")
+PROTOCOLS = ("finetuned", "knn", "linear")
 
 
 @dataclass
 class EvalArguments:
     model_name_or_path: str = field(metadata={"help": "A saved ViT-NEPA folder."})
     image_processor_name: str | None = field(default=None, metadata={"help": "Default: --model_name_or_path."})
-    protocol: str = field(default="finetuned", metadata={"help": "finetuned | knn | linear"})
+    protocol: str = field(
+        default="finetuned",
+        metadata={"help": "The classifier's predictions, or k-NN / a linear probe on frozen features.", "choices": PROTOCOLS},
+    )
     knn_k: int = field(default=20, metadata={"help": "Neighbours of the k-NN protocol."})
     knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(cosine / T) of the k-NN protocol."})
     linear_epochs: int = field(default=100, metadata={"help": "Epochs of the linear protocol's classifier."})
@@ -105,8 +109,6 @@ def evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset,
 def main(argv: list[str] | None = None) -> dict:
     args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, NepaTrainingArguments), argv)
     configure_logging(training_args)
-    if args.protocol not in ("finetuned", "knn", "linear"):
-        raise ValueError(f"--protocol must be finetuned, knn or linear, not {args.protocol!r}.")
     if not Path(args.model_name_or_path).is_dir():
         raise FileNotFoundError(
             f"{args.model_name_or_path} is not a local folder. Released checkpoints: "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 
 @dataclass
@@ -134,6 +135,12 @@ class NepaTrainingArguments(TrainingArguments):
                 "--fsdp with --use_ema True (the default) is not supported: the EMA would stop tracking the sharded "
                 "weights. Pass --use_ema False to train with FSDP, or use DDP (no --fsdp) to keep the EMA."
             )
+
+
+def add_bool_argument(parser, name: str, help: str) -> None:
+    """An argparse boolean spelt as the `HfArgumentParser` entry points spell theirs: `--name True` / `--name False`
+    (default False); a bare `--name` still means True."""
+    parser.add_argument(name, type=string_to_bool, nargs="?", const=True, default=False, metavar="{True,False}", help=help)
 
 
 def configure_logging(training_args: TrainingArguments) -> None:

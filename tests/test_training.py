@@ -395,6 +395,10 @@ def test_conversion_rejects_a_config_of_another_width(tmp_path, pretrained_dir):
     with pytest.raises(SystemExit, match=r"hidden_size: pretrained 32 vs target 64"):
         convert(pretrained_dir, tmp_path / "cls", "--config_model_id", str(target))
     assert not (tmp_path / "cls").exists()
+    # Below main(), a function raises the exception; only main() turns it into an exit status.
+    args = init_nepa_cls_from_pretrain.parse_args(["--pretrained_model_id", str(pretrained_dir), "--config_model_id", str(target), "--save_local"])
+    with pytest.raises(ValueError, match=r"hidden_size: pretrained 32 vs target 64"):
+        init_nepa_cls_from_pretrain.convert(args)
 
 
 def test_finetune_asks_to_convert_a_pretraining_folder(tmp_path, pretrained_dir, dataset_dir):
@@ -406,6 +410,23 @@ def test_finetune_rejects_more_classes_than_labels(tmp_path, pretrained_dir, dat
     local_dir = convert(pretrained_dir, tmp_path / "cls", "--num_labels", "2")
     with pytest.raises(ValueError, match=r"3 classes.*num_labels=2"):
         train_finetune.main(finetune_argv(local_dir, dataset_dir, tmp_path / "sft", "--do_train"))
+
+
+def test_argparse_scripts_spell_booleans_as_the_training_scripts_do(capsys):
+    """`--flag True` / `--flag False` everywhere; the bare `--flag` of the release's converter still means True."""
+    import download_dataset
+
+    base = ["--pretrained_model_id", "unused"]
+    for spelling, expected in (([], False), (["--use_ema"], True), (["--use_ema", "True"], True), (["--use_ema", "False"], False)):
+        args = init_nepa_cls_from_pretrain.parse_args([*base, "--save_local", "True", *spelling])
+        assert (args.use_ema, args.save_local) == (expected, True)
+    assert download_dataset.parse_args(["--overwrite", "true"]).overwrite
+    assert not download_dataset.parse_args(["--overwrite", "False"]).overwrite
+    with pytest.raises(SystemExit):
+        init_nepa_cls_from_pretrain.parse_args([*base, "--save_local", "maybe"])
+    with pytest.raises(SystemExit):
+        parse_arguments((eval_script.EvalArguments,), ["--model_name_or_path", "unused", "--protocol", "knm"])
+    assert "invalid choice: 'knm' (choose from 'finetuned', 'knn', 'linear')" in capsys.readouterr().err
 
 
 def test_finetuning_config_comes_from_the_folder_and_flags_apply_only_when_given(tmp_path):
