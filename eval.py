@@ -22,9 +22,7 @@ from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNep
 from models.vit_nepa.modeling_vit_nepa import mean_patch_tokens
 from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
 from nepa.data import (
-    BatchNormalize,
     EvalTransform,
-    collate_images,
     get_split,
     image_dataset,
     load_image_dataset,
@@ -33,7 +31,7 @@ from nepa.data import (
 )
 from nepa.ema import EMA_WEIGHTS_NAME
 from nepa.metrics import accuracy_metrics, knn_predict, linear_probe_predict, scores_to_metrics, top5_indices
-from nepa.trainer import NepaTrainer
+from nepa.trainer import NepaTrainer, image_inputs
 
 logger = logging.getLogger("eval")
 PROTOCOLS = ("finetuned", "knn", "linear")
@@ -120,11 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     transform = EvalTransform(size, args.resize_size, args.crop_pct)
     dataset = load_image_dataset(data_args)
     eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
-    trainer_kwargs = dict(
-        eval_dataset=image_dataset(eval_split, transform, data_args),
-        data_collator=collate_images,
-        normalize=BatchNormalize(processor.image_mean, processor.image_std),
-    )
+    trainer_kwargs = image_inputs(processor, eval_dataset=image_dataset(eval_split, transform, data_args))
 
     if args.protocol == "finetuned":
         trainer, metrics = evaluate_classifier(args, trainer_kwargs, training_args)

@@ -18,21 +18,12 @@ from pathlib import Path
 from transformers import AutoImageProcessor, set_seed
 
 from models.vit_nepa import ViTNepaForImageClassification
-from nepa.args import (
-    DataArguments,
-    NepaTrainingArguments,
-    config_overrides_field,
-    configure_logging,
-    load_config,
-    parse_arguments,
-)
+from nepa.args import DataArguments, NepaTrainingArguments, config_overrides_field, configure_logging, load_config, parse_arguments
 from nepa.data import (
     BatchAugment,
-    BatchNormalize,
     EvalTransform,
     FinetuneTransform,
     check_labels_fit,
-    collate_images,
     get_split,
     image_dataset,
     load_image_dataset,
@@ -40,7 +31,7 @@ from nepa.data import (
 )
 from nepa.metrics import accuracy_metrics, top5_indices
 from nepa.optim import layer_decay_cosine_schedule, layer_decay_param_groups
-from nepa.trainer import NepaTrainer, resume_checkpoint, train_and_evaluate
+from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint, train_and_evaluate
 
 logger = logging.getLogger("train_finetune")
 
@@ -176,10 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = FinetuneTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collate_images,
-        normalize=BatchNormalize(processor.image_mean, processor.image_std),
+        **image_inputs(processor, train_dataset, eval_dataset),
         batch_augment=batch_augment(args, model.config.num_labels, training_args.device),
         compute_metrics=accuracy_metrics,
         preprocess_logits_for_metrics=top5_indices,

@@ -15,19 +15,10 @@ import torch
 from transformers import AutoImageProcessor, set_seed
 
 from models.vit_nepa import ViTNepaForPreTraining
-from nepa.args import (
-    DataArguments,
-    NepaTrainingArguments,
-    config_overrides_field,
-    configure_logging,
-    load_config,
-    parse_arguments,
-)
+from nepa.args import DataArguments, NepaTrainingArguments, config_overrides_field, configure_logging, load_config, parse_arguments
 from nepa.data import (
-    BatchNormalize,
     EvalTransform,
     PretrainTransform,
-    collate_images,
     get_split,
     image_dataset,
     load_image_dataset,
@@ -35,7 +26,7 @@ from nepa.data import (
 )
 from nepa.metrics import mean_pairwise_cosine
 from nepa.optim import pretraining_param_groups
-from nepa.trainer import NepaTrainer, resume_checkpoint, train_and_evaluate
+from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint, train_and_evaluate
 
 logger = logging.getLogger("train_pretrain")
 
@@ -111,10 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = NepaPretrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collate_images,
-        normalize=BatchNormalize(processor.image_mean, processor.image_std),
+        **image_inputs(processor, train_dataset, eval_dataset),
         embed_lr=model_args.embed_lr,
     )
     return train_and_evaluate(trainer, processor, checkpoint)

@@ -27,7 +27,7 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .data import BatchAugment, BatchNormalize
+from .data import BatchAugment, BatchNormalize, collate_images
 from .ema import EMA_WEIGHTS_NAME, ModelEMA
 from .optim import pretraining_param_groups
 
@@ -241,6 +241,12 @@ class NepaTrainer(Trainer):
                 )
             self.ema.load(path)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def image_inputs(processor, train_dataset=None, eval_dataset=None) -> dict:
+    """The `NepaTrainer` arguments every entry point passes: its datasets, uint8 collation, the processor's normalisation."""
+    normalize = BatchNormalize(processor.image_mean, processor.image_std)
+    return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collate_images, normalize=normalize)
 
 
 def train_and_evaluate(trainer: Trainer, processor, checkpoint: str | None) -> dict:
