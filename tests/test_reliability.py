@@ -17,6 +17,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from helpers import write_config_folder
 from image_folder import add_bad_images, make_image_folder
 from safetensors.torch import load_file
 from transformers import ViTImageProcessor
@@ -37,11 +38,7 @@ TOLERANCE = 1e-5
 
 def write_tiny_model(folder: Path, **config_changes) -> Path:
     """config.json and preprocessor_config.json of a 16 px, 4 px-patch, 2-layer ViT-NEPA."""
-    ViTNepaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=4
-    ).save_pretrained(folder)
-    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor.save_pretrained(folder)
+    write_config_folder(folder, qk_norm=False)
     if config_changes:  # written into the JSON: ViTNepaConfig itself refuses to build a broken geometry
         config_file = folder / "config.json"
         config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **config_changes}))

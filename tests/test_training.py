@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
-from datasets_for_tests import (
+from helpers import tiny_config
+from helpers import (
     IMAGE_SIZE,
     build_image_dataset,
     build_reference_dataset,
