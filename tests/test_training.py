@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
 from helpers import (
     IMAGE_SIZE,
     build_image_dataset,
     build_reference_dataset,
     one_torch_thread,
     save_processor,
+    tiny_config,
     write_config_folder,
 )
 from safetensors.torch import load_file
@@ -154,29 +154,6 @@ def test_pretraining_loss_falls_and_the_model_is_saved(pretraining_run):
     assert reloaded.config.image_size == IMAGE_SIZE and reloaded.config.is_causal
 
 
-def test_a_restarted_run_resumes_from_the_newest_complete_checkpoint(tmp_path, caplog, config_dir, dataset_dir):
-    output_dir = tmp_path / "run"
-    argv = pretrain_argv(config_dir, dataset_dir, output_dir, "--save_steps", "3", "--logging_steps", "1")
-    train_pretrain.main([*argv, "--max_steps", "6"])
-    first_history = log_history(output_dir / "checkpoint-3")
-    for step in (3, 6):
-        assert (output_dir / f"checkpoint-{step}" / "checkpoint_complete").is_file()
-    # A run killed while writing checkpoint-6 leaves it without its marker.
-    (output_dir / "checkpoint-6" / "checkpoint_complete").unlink()
-
-    caplog.clear()
-    train_pretrain.main([*argv, "--max_steps", "8"])
-    assert re.search(r"Skipping \S*checkpoint-6", caplog.text)
-    assert re.search(r"Resuming from \S*checkpoint-3\b", caplog.text)
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    assert state["global_step"] == 8
-    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
-    assert steps == list(range(1, 9))
-    # Steps 1-3 come from checkpoint-3 as they were; a fresh start (8-step schedule) would log other lrs.
-    assert [entry for entry in state["log_history"] if entry["step"] <= 3] == first_history
-    assert (output_dir / "checkpoint-6" / "checkpoint_complete").is_file()  # written again, whole this time
-
-
 def test_arguments_from_a_json_file(tmp_path, config_dir, dataset_dir):
     arguments = {
         "config_name": str(config_dir),
@@ -197,40 +174,6 @@ def test_arguments_from_a_json_file(tmp_path, config_dir, dataset_dir):
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 4
     assert (tmp_path / "run" / "model.safetensors").is_file()
-
-
-def run_two_processes(script: str, argv: list[str]) -> None:
-    """`script` under torchrun with 2 CPU processes (gloo), as the recipes run it: DDP without the per-step search
-    for unused parameters."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(REPO / script), *argv, "--ddp_find_unused_parameters", "False",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-
-
-def test_two_process_cpu_run(tmp_path, config_dir, dataset_dir):
-    output_dir = tmp_path / "run"
-    run_two_processes("train_pretrain.py", pretrain_argv(config_dir, dataset_dir, output_dir, "--max_steps", "3", "--logging_steps", "1"))
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    assert state["global_step"] == 3
-    # Each process reads half the 24 images: 2 batches of 8 per epoch, so 3 steps are 1.5 epochs (1 alone).
-    assert state["epoch"] == pytest.approx(1.5)
-    assert (output_dir / "model.safetensors").is_file()
-
-
-def test_two_process_finetuning_with_drop_path_and_frozen_layers_draws_a_stream_per_rank(tmp_path, classifier_dir, dataset_dir):
-    """DDP without the unused-parameter search copes with drop path and frozen layers, and the two processes draw
-    different random numbers (mixup, erasing, drop path) from streams seeded by seed and rank."""
-    output_dir = tmp_path / "sft"
-    extra = ["--do_train", "--max_steps", "2", "--save_steps", "2", "--drop_path", "0.2", "--freeze_vit_layers", "1"]
-    run_two_processes("train_finetune.py", finetune_argv(classifier_dir, dataset_dir, output_dir, *extra))
-    states = [torch.load(output_dir / "checkpoint-2" / f"rng_state_{rank}.pth", weights_only=False) for rank in (0, 1)]
-    assert not torch.equal(states[0]["cpu"], states[1]["cpu"])
-    assert states[0]["python"] != states[1]["python"]
-    assert not np.array_equal(states[0]["numpy"][1], states[1]["numpy"][1])
 
 
 def test_every_process_shuffles_with_the_same_data_seed():
@@ -399,17 +342,6 @@ def test_conversion_rejects_a_config_of_another_width(tmp_path, pretrained_dir):
     args = init_nepa_cls_from_pretrain.parse_args(["--pretrained_model_id", str(pretrained_dir), "--config_model_id", str(target), "--save_local"])
     with pytest.raises(ValueError, match=r"hidden_size: pretrained 32 vs target 64"):
         init_nepa_cls_from_pretrain.convert(args)
-
-
-def test_finetune_asks_to_convert_a_pretraining_folder(tmp_path, pretrained_dir, dataset_dir):
-    with pytest.raises(ValueError, match=r"pretraining checkpoint.*init_nepa_cls_from_pretrain\.py"):
-        train_finetune.main(finetune_argv(pretrained_dir, dataset_dir, tmp_path / "sft", "--do_train"))
-
-
-def test_finetune_rejects_more_classes_than_labels(tmp_path, pretrained_dir, dataset_dir):
-    local_dir = convert(pretrained_dir, tmp_path / "cls", "--num_labels", "2")
-    with pytest.raises(ValueError, match=r"3 classes.*num_labels=2"):
-        train_finetune.main(finetune_argv(local_dir, dataset_dir, tmp_path / "sft", "--do_train"))
 
 
 def test_argparse_scripts_spell_booleans_as_the_training_scripts_do(capsys):
