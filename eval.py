@@ -57,9 +57,7 @@ class FeatureTrainer(NepaTrainer):
     """`predict()` returns (mean patch token, label) for every image, gathered across processes."""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self.prepare_batch(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            hidden = model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        hidden = self.forward_without_grad(model, inputs).last_hidden_state
         return None, mean_patch_tokens(hidden).float(), inputs["labels"]
 
 

@@ -11,7 +11,6 @@ newest complete checkpoint in `output_dir`.
 import logging
 from dataclasses import dataclass, field
 
-import torch
 from transformers import AutoImageProcessor, set_seed
 
 from models.vit_nepa import ViTNepaForPreTraining
@@ -72,9 +71,7 @@ class NepaPretrainer(NepaTrainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+        return self.forward_without_grad(model, inputs).loss.detach(), None, None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -183,6 +183,11 @@ class NepaTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         return super().compute_loss(model, self.prepare_batch(inputs), return_outputs, num_items_in_batch)
 
+    def forward_without_grad(self, model, inputs: dict):
+        """The model's outputs on a batch, without gradients: the `prediction_step` of models that take no labels."""
+        with torch.no_grad(), self.compute_loss_context_manager():
+            return model(pixel_values=self.prepare_batch(inputs)["pixel_values"])
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite_guard.observe(loss)

@@ -114,9 +114,9 @@ def log_history(output_dir) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def pretraining_run(tmp_path_factory, config_dir, dataset_dir) -> tuple[Path, dict]:
-    """40 steps of NEPA pretraining, logged every 5 steps; (output_dir, returned metrics)."""
+    """40 steps of NEPA pretraining, logged every 5 steps, then evaluated; (output_dir, returned metrics)."""
     output_dir = tmp_path_factory.mktemp("pretrained")
-    schedule = ["--max_steps", "40", "--warmup_steps", "5", "--logging_steps", "5", "--save_strategy", "no"]
+    schedule = ["--max_steps", "40", "--warmup_steps", "5", "--logging_steps", "5", "--save_strategy", "no", "--do_eval"]
     with one_torch_thread():
         metrics = train_pretrain.main(pretrain_argv(config_dir, dataset_dir, output_dir, *schedule))
     return output_dir, metrics
@@ -152,6 +152,8 @@ def test_pretraining_loss_falls_and_the_model_is_saved(pretraining_run):
     assert metrics["train_loss"] == pytest.approx(np.mean([entry["loss"] for entry in logs]), abs=1e-3)
     reloaded = ViTNepaForPreTraining.from_pretrained(output_dir)
     assert reloaded.config.image_size == IMAGE_SIZE and reloaded.config.is_causal
+    # Evaluation: the NEPA loss on the validation split, of the weights and of their EMA.
+    assert -1.0 <= metrics["eval_loss"] <= 1.0 and -1.0 <= metrics["eval_ema_loss"] <= 1.0
 
 
 def test_arguments_from_a_json_file(tmp_path, config_dir, dataset_dir):
