@@ -5,7 +5,8 @@
   (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint and restored on resume;
 - a non-finite loss (in any process) stops the run before the optimiser step (or, with `skip_nonfinite_loss`,
   drops that step's gradients in every process), so NaN never reaches the weights or a checkpoint; it is
-  counted on the device and read once per optimiser step, never per micro-step (`NonFiniteLossGuard`);
+  counted on the device and never read per micro-step; with a fused optimiser not even per optimiser step
+  (`NonFiniteLossGuard`);
 - checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
   newest marked one;
 - every process draws its own random stream (batch augmentation, drop path), seeded from the seed and its rank;
@@ -76,18 +77,48 @@ def resume_checkpoint(args) -> str | None:
     return checkpoint
 
 
-class NonFiniteLossGuard(TrainerCallback):
-    """Keeps a NaN/inf loss from reaching the weights, deciding once per optimiser step.
+def fused_optimizer(optimizer) -> torch.optim.Optimizer | None:
+    """The torch optimiser behind the Trainer's (accelerate wraps it) if it is a fused one, which honours a
+    `found_inf` tensor by skipping its update on the device, as it does for `torch.amp.GradScaler`."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if inner.defaults.get("fused") else None
 
-    Each micro-step only adds its count of non-finite losses to a tensor on the device (`observe`), so the CPU
-    never waits for the GPU there. Just before the optimiser step the count is summed across processes (on the
-    device) and read once: if any process saw one, the run stops with `NonFiniteLossError`, or, with
-    `skip_nonfinite_loss`, every process drops the step's gradients (DDP has already spread one process's NaN
-    gradients to all), and AdamW leaves parameters without gradients and their state untouched."""
+
+class HostCopy:
+    """A scalar on the device, copied to the host when the device's stream reaches this point. `item()` then waits for
+    that point only; the tensor's own `.item()` would wait for all the work queued after it too (the next step's)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.host, self.ready = tensor, None  # the CPU computes synchronously: nothing to wait for
+        if tensor.is_cuda:
+            self.host = torch.empty((), dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def item(self) -> float:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.item()
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Keeps a NaN/inf loss from reaching the weights without making the CPU wait for the GPU every micro-step.
+
+    Each micro-step adds its count of non-finite losses to a tensor on the device (`observe`). Before the optimiser
+    step the count is summed across processes on the device (DDP has already spread one process's NaN gradients to
+    all, so all must decide alike) into a flag, and then:
+    - a fused optimiser (`--optim adamw_torch_fused`, as the recipes train) gets the flag as `found_inf` and skips
+      the step's update on the device; the flag is read later (`settle`), once the GPU has long computed it: at the
+      next optimiser step, the next log line, before a checkpoint is marked complete, and at the end of training;
+    - any other optimiser needs the flag on the host at once (one read per optimiser step); a flagged step's
+      gradients are dropped, and AdamW leaves parameters without gradients and their state untouched.
+    A flagged step stops the run with `NonFiniteLossError`, or, with `skip_nonfinite_loss`, counts in
+    `skipped_steps` and training goes on."""
 
     def __init__(self, trainer: "NepaTrainer"):
         self.trainer = trainer
         self.count: torch.Tensor | None = None  # non-finite losses since the last optimiser step, on the device
+        self.pending: tuple[int, HostCopy] | None = None  # (step, flag) not read yet
         self.skipped_steps = 0
 
     def observe(self, loss: torch.Tensor) -> None:
@@ -95,25 +126,48 @@ class NonFiniteLossGuard(TrainerCallback):
         self.count = nonfinite if self.count is None else self.count + nonfinite
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.settle(args)
         count, self.count = self.count, None
         if count is None:
             return
         if args.world_size > 1:
             count = self.trainer.accelerator.reduce(count, reduction="sum")
-        nonfinite = int(count.item())  # the one host read of the optimiser step
-        if not nonfinite:
-            return
-        step = state.global_step + 1
+        flag = (count > 0).float()
+        self.pending = (state.global_step + 1, HostCopy(flag))
+        optimizer = fused_optimizer(self.trainer.optimizer)
+        if optimizer is not None:
+            optimizer.found_inf = flag
+        elif self.settle(args):
+            self.trainer.model.zero_grad(set_to_none=True)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        optimizer = fused_optimizer(self.trainer.optimizer)
+        if optimizer is not None and hasattr(optimizer, "found_inf"):
+            del optimizer.found_inf  # this step's flag only
+
+    def on_save(self, args, state, control, **kwargs):
+        self.settle(args)  # before `_StepHooks.on_save` marks the checkpoint complete
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.settle(args)
+
+    def settle(self, args) -> bool:
+        """Read the pending flag, if any: stop the run, or count the dropped step (True)."""
+        if self.pending is None:
+            return False
+        (step, flag), self.pending = self.pending, None
+        if not flag.item():
+            return False
         if not args.skip_nonfinite_loss:
             checkpoint = last_complete_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
             raise NonFiniteLossError(
-                f"non-finite loss at step {step} ({nonfinite} NaN/inf micro-batch loss(es) across processes): stopped "
-                f"before the optimiser step, so no NaN reached the weights. The last good checkpoint is {checkpoint}. "
+                f"non-finite loss at step {step} (in at least one process): stopped, and its optimiser step was not "
+                f"applied, so no NaN reached the weights. The last good checkpoint is {checkpoint}. "
                 f"Lower the learning rate or use bf16 instead of fp16; --skip_nonfinite_loss True drops such steps."
             )
-        logger.warning("non-finite loss at step %d: dropping this step's gradients.", step)
-        self.trainer.model.zero_grad(set_to_none=True)
+        logger.warning("non-finite loss at step %d: dropped this step's update.", step)
         self.skipped_steps += 1
+        return True
 
 
 class _StepHooks(TrainerCallback):
@@ -204,6 +258,7 @@ class NepaTrainer(Trainer):
             for name, values in self._recorded.items():
                 logs[name] = round(torch.stack(values).mean().item(), 6)
             self._recorded.clear()
+            self.nonfinite_guard.settle(self.args)
             if self.nonfinite_guard.skipped_steps:
                 logs["skipped_steps"] = self.nonfinite_guard.skipped_steps
             now, step = time.perf_counter(), self.state.global_step

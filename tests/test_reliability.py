@@ -306,14 +306,16 @@ def assert_step_skipped(output_dir: Path, step: int) -> None:
     assert_finite(output_dir / "model.safetensors")
 
 
-def test_nonfinite_loss_stops_or_skips_without_nan_weights(tmp_path, tiny_model, tiny_dataset, monkeypatch):
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_nonfinite_loss_stops_or_skips_without_nan_weights(optim, tmp_path, tiny_model, tiny_dataset, monkeypatch):
     """A NaN loss at step 5 stops the run naming the step and the last good checkpoint, writing nothing more;
-    with --skip_nonfinite_loss True the step is dropped whole, also under gradient accumulation."""
+    with --skip_nonfinite_loss True the step is dropped whole, also under gradient accumulation. A fused optimiser
+    skips the update on the device and the flag is read later; any other drops the gradients after reading it."""
     stopped = tmp_path / "stopped"
     poison_training_forward(monkeypatch, nan_at=5)
     expected = rf"non-finite loss at step 5 .* last good checkpoint is {stopped}/checkpoint-4\."
     with pytest.raises(NonFiniteLossError, match=expected):
-        train_pretrain.main(pretrain_args(tiny_model, tiny_dataset, stopped, max_steps=8, save_steps=2))
+        train_pretrain.main(pretrain_args(tiny_model, tiny_dataset, stopped, max_steps=8, save_steps=2, optim=optim))
     assert sorted(path.name for path in stopped.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert complete_checkpoints(stopped) == [2, 4]
     for checkpoint in (2, 4):
@@ -321,7 +323,7 @@ def test_nonfinite_loss_stops_or_skips_without_nan_weights(tmp_path, tiny_model,
 
     skipped = tmp_path / "skipped"
     poison_training_forward(monkeypatch, nan_at=3)
-    flags = dict(max_steps=5, save_steps=1, skip_nonfinite_loss=True)
+    flags = dict(max_steps=5, save_steps=1, skip_nonfinite_loss=True, optim=optim)
     train_pretrain.main(pretrain_args(tiny_model, tiny_dataset, skipped, **flags))
     assert global_step(skipped) == 5
     assert_step_skipped(skipped, step=3)

@@ -202,10 +202,20 @@ def test_trainers_override_no_private_trainer_method():
 
 
 def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
-    """A micro-step only counts non-finite losses on the device: the CPU must not wait for the GPU there. The count
-    is read once per optimiser step, by the guard before it (and the Trainer reads the loss when it logs)."""
+    """A micro-step only counts non-finite losses on the device: the CPU must not wait for the GPU there. With a
+    fused optimiser (the default) the guard reads each optimiser step's flag only after that step, never while
+    the step waits for it."""
     from nepa.data import collate_images
-    from nepa.trainer import NepaTrainer
+    from nepa.trainer import NepaTrainer, NonFiniteLossGuard
+
+    reads, settle = [], NonFiniteLossGuard.settle
+
+    def recording_settle(self, args):
+        if self.pending is not None:
+            reads.append((self.pending[0], self.trainer.state.global_step))  # (flag's step, steps completed)
+        return settle(self, args)
+
+    monkeypatch.setattr(NonFiniteLossGuard, "settle", recording_settle)
 
     def host_read(*_):
         raise AssertionError("training_step read a tensor on the host")
@@ -225,6 +235,8 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
         normalize=BatchNormalize([0.5] * 3, [0.5] * 3),
     )
     assert trainer.train().global_step == 2
+    assert args.optim == "adamw_torch_fused"
+    assert [step for step, _ in reads] == [1, 2] and all(completed >= step for step, completed in reads)
 
 
 def test_pretraining_parameter_groups(tmp_path):
