@@ -108,8 +108,8 @@ class NepaTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Off: NepaTrainer stops on (or, with --skip_nonfinite_loss, drops) a step with a NaN/inf loss, "
-            "checking once per optimiser step on the device; the Trainer's filter would make the CPU wait for the "
-            "GPU every micro-step to hide such losses from the log."
+            "checked on the device; the Trainer's filter would make the CPU wait for the GPU every micro-step to hide "
+            "such losses from the log."
         },
     )
 

@@ -3,10 +3,10 @@
 - optimiser parameter groups from `parameter_groups()` (subclasses choose the grouping);
 - an EMA of the weights (on unless `--use_ema False`): updated every step, evaluated beside the raw weights
   (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint and restored on resume;
-- a non-finite loss (in any process) stops the run before the optimiser step (or, with `skip_nonfinite_loss`,
-  drops that step's gradients in every process), so NaN never reaches the weights or a checkpoint; it is
-  counted on the device and never read per micro-step; with a fused optimiser not even per optimiser step
-  (`NonFiniteLossGuard`);
+- a non-finite loss (in any process) stops the run without applying that optimiser step (or, with
+  `skip_nonfinite_loss`, drops the step's update in every process), so NaN never reaches the weights or a
+  checkpoint; it is counted on the device, and the CPU never waits for it per micro-step, nor, with a fused
+  optimiser (Transformers' default AdamW), per optimiser step (`NonFiniteLossGuard`);
 - checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
   newest marked one;
 - every process draws its own random stream (batch augmentation, drop path), seeded from the seed and its rank;
@@ -107,7 +107,7 @@ class NonFiniteLossGuard(TrainerCallback):
     Each micro-step adds its count of non-finite losses to a tensor on the device (`observe`). Before the optimiser
     step the count is summed across processes on the device (DDP has already spread one process's NaN gradients to
     all, so all must decide alike) into a flag, and then:
-    - a fused optimiser (`--optim adamw_torch_fused`, as the recipes train) gets the flag as `found_inf` and skips
+    - a fused optimiser (`adamw_torch_fused`, the Trainer's default AdamW) gets the flag as `found_inf` and skips
       the step's update on the device; the flag is read later (`settle`), once the GPU has long computed it: at the
       next optimiser step, the next log line, before a checkpoint is marked complete, and at the end of training;
     - any other optimiser needs the flag on the host at once (one read per optimiser step); a flagged step's
