@@ -3,10 +3,11 @@
     python init_nepa_cls_from_pretrain.py --pretrained_model_id outputs/nepa-b \
         --config_model_id configs/finetune/nepa-base-patch14-224-sft --save_local --local_dir outputs/nepa-b-cls
 
-Without `--config_model_id` the classifier's config is the pretrained one made bidirectional with
-mean pooling and drop path 0.1. Every backbone tensor is copied. New: fc_norm (ones / zeros), a zero-initialised classifier, and
-QK-norm affine weights that the pretraining checkpoint lacks (ones). Anything else missing or left
-over is an error. `--disable_layerscale` folds each LayerScale lambda into the dense layer before it.
+Without `--config_model_id` the classifier's config is the pretrained one made bidirectional, with
+mean pooling and drop path 0.1. Every backbone tensor is copied. New: fc_norm (ones / zeros), a
+zero-initialised classifier, and QK-norm affine weights that the pretraining checkpoint lacks (ones).
+Anything else missing or left over is an error. Booleans take True / False (`--use_ema True`); a bare
+`--use_ema` means True. `--disable_layerscale` folds each LayerScale lambda into the dense layer before it.
 """
 
 import argparse
