@@ -20,6 +20,8 @@ import numpy as np
 import PIL.Image
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
+from nepa.args import add_bool_argument
+
 IMAGENET_HUB = "ILSVRC/imagenet-1k"
 IMAGENET_REVISION = "4603483700ee984ea9debe3ddbfdeae86f6489eb"
 IMAGENET_GB = 150
@@ -30,6 +32,10 @@ FASHION_MNIST_CLASSES = [
 ]
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 GB = 10**9
+
+
+class DatasetBuildError(Exception):
+    """A dataset that cannot be built as asked; the message says why and what to do instead."""
 
 
 def free_bytes(path: Path) -> int:
@@ -43,7 +49,7 @@ def free_bytes(path: Path) -> int:
 def require_free_space(path: Path, needed: int, what: str) -> None:
     free = free_bytes(path)
     if free < needed:
-        raise SystemExit(
+        raise DatasetBuildError(
             f"{what} needs about {needed / GB:.1f} GB free at {path}, but only {free / GB:.1f} GB is free there. "
             "Free some space or choose another disk with --output_dir."
         )
@@ -53,7 +59,7 @@ def load_from_hub(name: str, revision: str | None = None) -> DatasetDict:
     try:
         return load_dataset(name, revision=revision)
     except OSError as error:  # no network, offline mode, gated dataset, not logged in: all arrive as OSError
-        raise SystemExit(
+        raise DatasetBuildError(
             f"Could not load {name} from the Hugging Face Hub ({type(error).__name__}: {error}).\n"
             "Without network access or without access to this dataset, build one from local files instead:\n"
             "  python download_dataset.py --dataset fashion-mnist  (offline, Debian package dataset-fashion-mnist)\n"
@@ -110,7 +116,7 @@ def build_fashion_mnist(debian_dir: Path = FASHION_MNIST_DEBIAN_DIR, max_per_spl
         label_file = debian_dir / f"{prefix}-labels-idx1-ubyte.gz"
         for file in (image_file, label_file):
             if not file.is_file():
-                raise SystemExit(f"{file} is missing; reinstall the Debian package dataset-fashion-mnist")
+                raise DatasetBuildError(f"{file} is missing; reinstall the Debian package dataset-fashion-mnist")
         images, labels = read_idx(image_file)[:max_per_split], read_idx(label_file)[:max_per_split]
         if len(images) != len(labels):
             raise ValueError(f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} labels")
@@ -135,14 +141,14 @@ def list_images(split_dir: Path, class_names: list[str]) -> tuple[list[str], lis
     if ignored:
         print(f"{split_dir}: ignored {len(ignored)} files without an image extension, for example {ignored[0]}")
     if not paths:
-        raise SystemExit(f"{split_dir} holds no image files ({sorted(IMAGE_EXTENSIONS)}) in its class folders")
+        raise DatasetBuildError(f"{split_dir} holds no image files ({sorted(IMAGE_EXTENSIONS)}) in its class folders")
     return paths, labels
 
 
 def class_folders(split_dir: Path) -> list[str]:
     names = sorted(path.name for path in split_dir.iterdir() if path.is_dir() and not path.name.startswith("."))
     if not names:
-        raise SystemExit(
+        raise DatasetBuildError(
             f"{split_dir} has no class folders; expected {split_dir}/<class>/<image files>. "
             "(The raw ILSVRC2012 validation images come in one flat folder: sort them into class folders first.)"
         )
@@ -163,15 +169,15 @@ def build_imagefolder(source: Path, cache_dir: str) -> DatasetDict:
     """
     source = source.expanduser().absolute()
     if not source.is_dir():
-        raise SystemExit(
+        raise DatasetBuildError(
             f"--imagefolder {source} is not a directory; expected {source}/train/<class>/ and {source}/val/<class>/"
         )
     if not (source / "train").is_dir():
-        raise SystemExit(f"{source}/train not found; expected the training images in {source}/train/<class>/")
+        raise DatasetBuildError(f"{source}/train not found; expected the training images in {source}/train/<class>/")
     validation_dirs = [source / name for name in ("val", "validation") if (source / name).is_dir()]
     if len(validation_dirs) != 1:
         found = "both val/ and validation/" if validation_dirs else "neither val/ nor validation/"
-        raise SystemExit(f"{source} holds {found}; expected exactly one, with the validation images in class folders")
+        raise DatasetBuildError(f"{source} holds {found}; expected exactly one, with the validation images in class folders")
     split_dirs = {"train": source / "train", "validation": validation_dirs[0]}
 
     class_names = class_folders(split_dirs["train"])
@@ -179,7 +185,7 @@ def build_imagefolder(source: Path, cache_dir: str) -> DatasetDict:
     if validation_classes != class_names:
         missing = sorted(set(class_names) - set(validation_classes))
         extra = sorted(set(validation_classes) - set(class_names))
-        raise SystemExit(
+        raise DatasetBuildError(
             f"{split_dirs['validation']} must hold the same class folders as {split_dirs['train']}: "
             f"missing there {missing}, not in train {extra}"
         )
@@ -207,9 +213,9 @@ def check_destination(output_dir: Path, overwrite: bool) -> None:
     if not output_dir.exists():
         return
     if not output_dir.is_dir() or (any(output_dir.iterdir()) and not holds_dataset(output_dir)):
-        raise SystemExit(f"{output_dir} exists and is not a saved dataset; choose another --output_dir")
+        raise DatasetBuildError(f"{output_dir} exists and is not a saved dataset; choose another --output_dir")
     if holds_dataset(output_dir) and not overwrite:
-        raise SystemExit(
+        raise DatasetBuildError(
             f"{output_dir} already holds a dataset; pass --overwrite to replace it, or choose another --output_dir"
         )
 
@@ -233,7 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--dataset", choices=["imagenet-1k", "fashion-mnist"], default="imagenet-1k")
     source.add_argument("--imagefolder", type=Path, help="a local DIR/train/<class>/*, DIR/val/<class>/* tree")
     parser.add_argument("--output_dir", type=Path, help="default: data/<dataset>-hf")
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already saved at the destination")
+    add_bool_argument(parser, "--overwrite", "replace a dataset already saved at the destination")
     parser.add_argument("--max_per_split", type=int, help="fashion-mnist only: keep the first N images of each split")
     args = parser.parse_args(argv)
     if args.max_per_split is not None and (args.imagefolder is not None or args.dataset != "fashion-mnist"):
@@ -243,8 +249,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> Path:
     name = args.imagefolder.expanduser().resolve().name if args.imagefolder else args.dataset
     output_dir = (args.output_dir or Path("data") / f"{name}-hf").expanduser().absolute()
     check_destination(output_dir, args.overwrite)  # before any download or build, which can take hours
@@ -258,6 +263,14 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         save(build_imagenet(output_dir), output_dir, args.overwrite)
     return output_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Build and save the dataset the command line names; a problem exits with its message, not a traceback."""
+    try:
+        return run(parse_args(argv))
+    except DatasetBuildError as error:
+        raise SystemExit(f"error: {error}") from error
 
 
 if __name__ == "__main__":

@@ -15,34 +15,36 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
-import numpy as np
 import torch
 from transformers import AutoImageProcessor
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaModel
+from models.vit_nepa.modeling_vit_nepa import mean_patch_tokens
 from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
 from nepa.data import (
-    BatchNormalize,
     EvalTransform,
-    ImageDataset,
-    collate_images,
     get_split,
+    image_dataset,
     load_image_dataset,
+    num_classes,
     processor_image_size,
 )
 from nepa.ema import EMA_WEIGHTS_NAME
 from nepa.metrics import accuracy_metrics, knn_predict, linear_probe_predict, scores_to_metrics, top5_indices
-from nepa.trainer import NepaTrainer
+from nepa.trainer import NepaTrainer, image_inputs
 
 logger = logging.getLogger("eval")
+PROTOCOLS = ("finetuned", "knn", "linear")
 
 
 @dataclass
 class EvalArguments:
     model_name_or_path: str = field(metadata={"help": "A saved ViT-NEPA folder."})
     image_processor_name: str | None = field(default=None, metadata={"help": "Default: --model_name_or_path."})
-    protocol: str = field(default="finetuned", metadata={"help": "finetuned | knn | linear"})
+    protocol: str = field(
+        default="finetuned",
+        metadata={"help": "The classifier's predictions, or k-NN / a linear probe on frozen features.", "choices": PROTOCOLS},
+    )
     knn_k: int = field(default=20, metadata={"help": "Neighbours of the k-NN protocol."})
     knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(cosine / T) of the k-NN protocol."})
     linear_epochs: int = field(default=100, metadata={"help": "Epochs of the linear protocol's classifier."})
@@ -55,10 +57,8 @@ class FeatureTrainer(NepaTrainer):
     """`predict()` returns (mean patch token, label) for every image, gathered across processes."""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            hidden = model(pixel_values=inputs["pixel_values"]).last_hidden_state
-        return None, hidden[:, 1:].mean(dim=1).float(), inputs["labels"]
+        hidden = self.forward_without_grad(model, inputs).last_hidden_state
+        return None, mean_patch_tokens(hidden).float(), inputs["labels"]
 
 
 def evaluate_classifier(args, trainer_kwargs, training_args) -> tuple[NepaTrainer, dict]:
@@ -102,18 +102,9 @@ def evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset,
     return trainer, scores_to_metrics(scores, query_labels)
 
 
-def num_classes_of(split: datasets.Dataset, label_column: str) -> int:
-    feature = split.features.get(label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return feature.num_classes
-    return int(np.max(split[label_column])) + 1
-
-
 def main(argv: list[str] | None = None) -> dict:
     args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, NepaTrainingArguments), argv)
     configure_logging(training_args)
-    if args.protocol not in ("finetuned", "knn", "linear"):
-        raise ValueError(f"--protocol must be finetuned, knn or linear, not {args.protocol!r}.")
     if not Path(args.model_name_or_path).is_dir():
         raise FileNotFoundError(
             f"{args.model_name_or_path} is not a local folder. Released checkpoints: "
@@ -124,21 +115,16 @@ def main(argv: list[str] | None = None) -> dict:
     size = processor_image_size(processor, ViTNepaConfig.from_pretrained(args.model_name_or_path).patch_size)
     transform = EvalTransform(size, args.resize_size, args.crop_pct)
     dataset = load_image_dataset(data_args)
-    columns = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name, strict=data_args.strict_images)
     eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
-    trainer_kwargs = dict(
-        eval_dataset=ImageDataset(eval_split, transform, **columns),
-        data_collator=collate_images,
-        normalize=BatchNormalize(processor.image_mean, processor.image_std),
-    )
+    trainer_kwargs = image_inputs(processor, eval_dataset=image_dataset(eval_split, transform, data_args))
 
     if args.protocol == "finetuned":
         trainer, metrics = evaluate_classifier(args, trainer_kwargs, training_args)
     else:
         train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
-        train_dataset = ImageDataset(train_split, transform, **columns)
-        num_classes = num_classes_of(train_split, data_args.label_column_name)
-        trainer, metrics = evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset, num_classes)
+        train_dataset = image_dataset(train_split, transform, data_args)
+        classes = num_classes(train_split, data_args.label_column_name)
+        trainer, metrics = evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset, classes)
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics, combined=False)
     return metrics

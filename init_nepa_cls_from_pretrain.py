@@ -3,9 +3,11 @@
     python init_nepa_cls_from_pretrain.py --pretrained_model_id outputs/nepa-b \
         --config_model_id configs/finetune/nepa-base-patch14-224-sft --save_local --local_dir outputs/nepa-b-cls
 
-Every backbone tensor is copied. New: fc_norm (ones / zeros), a zero-initialised classifier, and
-QK-norm affine weights that the pretraining checkpoint lacks (ones). Anything else missing or left
-over is an error. `--disable_layerscale` folds each LayerScale lambda into the dense layer before it.
+Without `--config_model_id` the classifier's config is the pretrained one made bidirectional, with
+mean pooling and drop path 0.1. Every backbone tensor is copied. New: fc_norm (ones / zeros), a
+zero-initialised classifier, and QK-norm affine weights that the pretraining checkpoint lacks (ones).
+Anything else missing or left over is an error. Booleans take True / False (`--use_ema True`); a bare
+`--use_ema` means True. `--disable_layerscale` folds each LayerScale lambda into the dense layer before it.
 """
 
 import argparse
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification
+from nepa.args import add_bool_argument
 from nepa.ema import EMA_WEIGHTS_NAME
 
 # Fields that fix the shape of the backbone's tensors: they must agree between the two configs.
@@ -43,7 +46,7 @@ def resolve_folder(model_id: str, revision: str | None) -> Path:
 
         return Path(snapshot_download(model_id, revision=revision))
     except Exception as error:
-        raise SystemExit(
+        raise FileNotFoundError(
             f"{model_id} is not a local folder and could not be fetched from the Hugging Face Hub "
             f"({type(error).__name__}). Where there is network, run `hf download {model_id} --local-dir DIR` "
             f"and pass --pretrained_model_id DIR."
@@ -56,11 +59,11 @@ def dataset_label_names(dataset_name: str, label_column: str) -> list[str]:
     from nepa.data import label_names
 
     if not Path(dataset_name).is_dir():
-        raise SystemExit(f"--dataset_name {dataset_name} is not a folder written by download_dataset.py.")
+        raise FileNotFoundError(f"--dataset_name {dataset_name} is not a folder written by download_dataset.py.")
     split = datasets.load_from_disk(dataset_name)["train"]
     names = label_names(split, label_column)
     if names is None:
-        raise SystemExit(f"the {label_column!r} column of {dataset_name} is not a ClassLabel: pass --num_labels.")
+        raise ValueError(f"the {label_column!r} column of {dataset_name} is not a ClassLabel: pass --num_labels.")
     return names
 
 
@@ -68,14 +71,16 @@ def target_config(args, pretrained_config: ViTNepaConfig) -> ViTNepaConfig:
     if args.config_model_id:
         config = ViTNepaConfig.from_pretrained(resolve_folder(args.config_model_id, None))
     else:
-        config = ViTNepaConfig.from_dict({**pretrained_config.to_dict(), "is_causal": False, "add_pooling_layer": True})
+        # The fine-tuning architecture of the released configs: bidirectional, mean-pooled, drop path 0.1 (ViT-B's).
+        changes = {"is_causal": False, "add_pooling_layer": True, "drop_path_prob": 0.1}
+        config = ViTNepaConfig.from_dict({**pretrained_config.to_dict(), **changes})
     mismatched = [
         f"{name}: pretrained {getattr(pretrained_config, name)} vs target {getattr(config, name)}"
         for name in ARCHITECTURE_FIELDS
         if getattr(pretrained_config, name) != getattr(config, name)
     ]
     if mismatched:
-        raise SystemExit("the fine-tuning config does not fit the pretrained backbone: " + "; ".join(mismatched))
+        raise ValueError("the fine-tuning config does not fit the pretrained backbone: " + "; ".join(mismatched))
     config.nepa_mask_ratio = 0.0  # the mask token is a pretraining device
     if args.disable_layerscale:
         config.layerscale_value = None
@@ -104,7 +109,7 @@ def convert(args) -> ViTNepaForImageClassification:
     weights_file = folder / (EMA_WEIGHTS_NAME if args.use_ema else "model.safetensors")
     if not weights_file.is_file():
         hint = " (it was pretrained with --use_ema False)" if args.use_ema else ""
-        raise SystemExit(f"{weights_file} does not exist{hint}.")
+        raise FileNotFoundError(f"{weights_file} does not exist{hint}.")
     state = {
         (key if key.startswith(PREFIX) else PREFIX + key): tensor for key, tensor in load_file(weights_file).items()
     }
@@ -127,14 +132,14 @@ def convert(args) -> ViTNepaForImageClassification:
     missing = sorted(set(expected) - set(state) - set(new))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise SystemExit(
+        raise ValueError(
             f"the pretrained weights do not fit the classifier: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
             f"LayerScale lambdas left over need --disable_layerscale; other keys mean the configs differ."
         )
     shapes = [f"{key}: {tuple(state[key].shape)} vs {tuple(expected[key].shape)}" for key in state if state[key].shape != expected[key].shape]
     if shapes:
-        raise SystemExit("tensor shapes differ: " + "; ".join(shapes))
+        raise ValueError("tensor shapes differ: " + "; ".join(shapes))
     model.load_state_dict({**state, **new}, strict=True)
 
     print(f"copied {len(state)} tensors from {weights_file}")
@@ -144,7 +149,7 @@ def convert(args) -> ViTNepaForImageClassification:
     return model
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_id", required=True, help="a pretraining output folder, or a Hub id")
     parser.add_argument("--pretrained_revision", default=None, help="Hub revision of --pretrained_model_id")
@@ -152,18 +157,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_labels", type=int, default=None, help="number of classes (generic label names)")
     parser.add_argument("--dataset_name", default=None, help="a download_dataset.py folder: take its class names")
     parser.add_argument("--label_column_name", default="label")
-    parser.add_argument("--use_ema", action="store_true", help=f"start from {EMA_WEIGHTS_NAME} instead of the raw weights")
-    parser.add_argument("--disable_layerscale", action="store_true", help="fold LayerScale into the dense layers")
-    parser.add_argument("--save_local", action="store_true", help="save to --local_dir")
+    add_bool_argument(parser, "--use_ema", f"start from {EMA_WEIGHTS_NAME} instead of the raw weights")
+    add_bool_argument(parser, "--disable_layerscale", "fold LayerScale into the dense layers")
+    add_bool_argument(parser, "--save_local", "save to --local_dir")
     parser.add_argument("--local_dir", default=None, help="default: ./<pretrained folder name>-cls")
-    parser.add_argument("--push_to_hub", action="store_true", help="push to --new_model_id")
+    add_bool_argument(parser, "--push_to_hub", "push to --new_model_id")
     parser.add_argument("--new_model_id", default=None)
     args = parser.parse_args(argv)
     if not (args.save_local or args.push_to_hub):
         parser.error("nothing would be written: pass --save_local (and --local_dir) or --push_to_hub --new_model_id.")
     if args.push_to_hub and not args.new_model_id:
         parser.error("--push_to_hub needs --new_model_id.")
+    return args
 
+
+def run(args: argparse.Namespace) -> None:
     model = convert(args)
     processor_source = resolve_folder(args.config_model_id, None) if args.config_model_id else None
     if processor_source is None or not (processor_source / "preprocessor_config.json").is_file():
@@ -180,10 +188,18 @@ def main(argv: list[str] | None = None) -> None:
             model.push_to_hub(args.new_model_id)
             processor.push_to_hub(args.new_model_id)
         except Exception as error:
-            raise SystemExit(
+            raise ConnectionError(
                 f"could not push to {args.new_model_id} ({type(error).__name__}: {error}); "
                 f"run `hf auth login` where there is network, or use --save_local."
             ) from error
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Convert and write as the command line says; a problem exits with its message, not a traceback."""
+    try:
+        run(parse_args(argv))
+    except (OSError, ValueError) as error:  # FileNotFoundError and ConnectionError are OSErrors
+        raise SystemExit(f"error: {error}") from error
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
 
 The recipe: timm RandAugment + bicubic RandomResizedCrop + random erasing, mixup / cutmix with label
 smoothing, layer-wise lr decay with a separate head lr and per-group warm-up, an EMA of the weights
-evaluated beside the raw ones. `--freeze_vit True` is a linear probe. Every `TrainingArguments` flag
-works; a run started again with the same command resumes from its newest complete checkpoint.
+evaluated beside the raw ones. `--freeze_vit True` is a linear probe. The architecture is the classifier
+folder's config; `--config_overrides` changes it (`--drop_path`, `--is_causal` spell two of its fields).
+Every `TrainingArguments` flag works; a run started again with the same command resumes from its newest
+complete checkpoint.
 """
 
 import logging
@@ -16,22 +18,20 @@ from pathlib import Path
 from transformers import AutoImageProcessor, set_seed
 
 from models.vit_nepa import ViTNepaForImageClassification
-from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
+from nepa.args import DataArguments, NepaTrainingArguments, config_overrides_field, configure_logging, load_config, parse_arguments
 from nepa.data import (
     BatchAugment,
-    BatchNormalize,
     EvalTransform,
     FinetuneTransform,
-    ImageDataset,
-    collate_images,
+    check_labels_fit,
     get_split,
-    label_names,
+    image_dataset,
     load_image_dataset,
     processor_image_size,
 )
 from nepa.metrics import accuracy_metrics, top5_indices
 from nepa.optim import layer_decay_cosine_schedule, layer_decay_param_groups
-from nepa.trainer import NepaTrainer, resume_checkpoint, train_and_evaluate
+from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint, train_and_evaluate
 
 logger = logging.getLogger("train_finetune")
 
@@ -47,8 +47,13 @@ class FinetuneArguments:
     freeze_embed: bool = field(default=True, metadata={"help": "Freeze the patch projection."})
     freeze_vit: bool = field(default=False, metadata={"help": "Linear probe: train only fc_norm and the classifier."})
     freeze_vit_layers: int = field(default=0, metadata={"help": "Freeze the embeddings and the first N layers."})
-    drop_path: float = field(default=0.1, metadata={"help": "Stochastic depth of the last layer."})
-    is_causal: bool = field(default=False, metadata={"help": "Keep causal attention while fine-tuning."})
+    config_overrides: str | None = config_overrides_field()
+    drop_path: float | None = field(
+        default=None, metadata={"help": "Stochastic depth of the last layer: --config_overrides drop_path_prob=X."}
+    )
+    is_causal: bool | None = field(
+        default=None, metadata={"help": "Causal attention while fine-tuning: --config_overrides is_causal=X."}
+    )
     llrd: float = field(default=0.65, metadata={"help": "Layer-wise lr decay (1 = none)."})
     head_lr: float | None = field(default=1e-3, metadata={"help": "Learning rate of the classifier and the final norm (fc_norm gets --learning_rate)."})
     crop_pct: float = field(default=0.875, metadata={"help": "Eval: resize the shorter side to size / crop_pct, centre-crop."})
@@ -75,9 +80,8 @@ def load_classifier(args: FinetuneArguments) -> ViTNepaForImageClassification:
             args.model_revision,
             args.model_name_or_path,
         )
-    model, info = ViTNepaForImageClassification.from_pretrained(
-        args.model_name_or_path, drop_path_prob=args.drop_path, is_causal=args.is_causal, output_loading_info=True
-    )
+    config = load_config(args.model_name_or_path, args.config_overrides, drop_path_prob=args.drop_path, is_causal=args.is_causal)
+    model, info = ViTNepaForImageClassification.from_pretrained(args.model_name_or_path, config=config, output_loading_info=True)
     missing = info["missing_keys"]
     if missing:
         raise ValueError(
@@ -150,37 +154,20 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = resume_checkpoint(training_args)
     dataset = load_image_dataset(data_args)
     train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
-    names = label_names(train_split, data_args.label_column_name)
-    if names is not None and len(names) > model.config.num_labels:
-        raise ValueError(
-            f"the dataset has {len(names)} classes but the classifier has num_labels={model.config.num_labels}: "
-            f"convert again with --dataset_name {data_args.dataset_name} (or --num_labels {len(names)})."
-        )
-
-    if names is None and data_args.label_column_name in train_split.column_names:  # plain integers: check the largest
-        largest = max(train_split[data_args.label_column_name])
-        if largest >= model.config.num_labels:
-            raise ValueError(
-                f"the dataset has label {largest} but the classifier has num_labels={model.config.num_labels} "
-                f"(labels 0..{model.config.num_labels - 1}): convert again with --num_labels {largest + 1}."
-            )
-
-    columns = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name, strict=data_args.strict_images)
-    train_dataset = ImageDataset(train_split, FinetuneTransform(size, args.aa, processor.image_mean), **columns) if training_args.do_train else None
+    check_labels_fit(train_split, data_args.label_column_name, model.config.num_labels, data_args.dataset_name)
+    transform = FinetuneTransform(size, args.aa, processor.image_mean)
+    train_dataset = image_dataset(train_split, transform, data_args) if training_args.do_train else None
     eval_dataset = None
     if training_args.do_eval:
         eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
-        eval_dataset = ImageDataset(eval_split, EvalTransform(size, args.resize_size, args.crop_pct), **columns)
+        eval_dataset = image_dataset(eval_split, EvalTransform(size, args.resize_size, args.crop_pct), data_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("fine-tuning %.2fM of %.2fM parameters", trainable / 1e6, model.num_parameters() / 1e6)
 
     trainer = FinetuneTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collate_images,
-        normalize=BatchNormalize(processor.image_mean, processor.image_std),
+        **image_inputs(processor, train_dataset, eval_dataset),
         batch_augment=batch_augment(args, model.config.num_labels, training_args.device),
         compute_metrics=accuracy_metrics,
         preprocess_logits_for_metrics=top5_indices,

@@ -8,28 +8,24 @@ Every `TrainingArguments` flag works. A run started again with the same command 
 newest complete checkpoint in `output_dir`.
 """
 
-import json
 import logging
 from dataclasses import dataclass, field
 
-import torch
 from transformers import AutoImageProcessor, set_seed
 
-from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
-from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
+from models.vit_nepa import ViTNepaForPreTraining
+from nepa.args import DataArguments, NepaTrainingArguments, config_overrides_field, configure_logging, load_config, parse_arguments
 from nepa.data import (
-    BatchNormalize,
     EvalTransform,
-    ImageDataset,
     PretrainTransform,
-    collate_images,
     get_split,
+    image_dataset,
     load_image_dataset,
     processor_image_size,
 )
 from nepa.metrics import mean_pairwise_cosine
 from nepa.optim import pretraining_param_groups
-from nepa.trainer import NepaTrainer, resume_checkpoint, train_and_evaluate
+from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint, train_and_evaluate
 
 logger = logging.getLogger("train_pretrain")
 
@@ -43,36 +39,15 @@ class ModelArguments:
     image_processor_name: str | None = field(
         default=None, metadata={"help": "Folder of preprocessor_config.json; default: the config or model folder."}
     )
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "Comma-separated key=value config changes (JSON values), e.g. 'nepa_shift=false,qk_norm=false'."},
-    )
+    config_overrides: str | None = config_overrides_field()
     embed_lr: float | None = field(default=None, metadata={"help": "A separate learning rate for the embeddings."})
-
-
-def parse_config_overrides(text: str | None) -> dict:
-    overrides = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config_overrides item {item!r} is not key=value.")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
 
 
 def build_model(model_args: ModelArguments) -> ViTNepaForPreTraining:
     if not (model_args.config_name or model_args.model_name_or_path):
         raise ValueError("pass --config_name (train from scratch) or --model_name_or_path (continue from weights).")
     source = model_args.model_name_or_path or model_args.config_name
-    config = ViTNepaConfig.from_pretrained(source)
-    for key, value in parse_config_overrides(model_args.config_overrides).items():
-        if not hasattr(config, key):
-            raise ValueError(f"--config_overrides: ViTNepaConfig has no field {key!r}.")
-        setattr(config, key, value)
-    config.check_geometry()
+    config = load_config(source, model_args.config_overrides)
     if model_args.model_name_or_path:
         return ViTNepaForPreTraining.from_pretrained(model_args.model_name_or_path, config=config)
     return ViTNepaForPreTraining(config)
@@ -89,16 +64,14 @@ class NepaPretrainer(NepaTrainer):
         return pretraining_param_groups(model, self.args.weight_decay, self.embed_lr)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self.prepare_batch(inputs)
         outputs = model(pixel_values=inputs["pixel_values"])
         if model.training:
             self.record("target_cosine", mean_pairwise_cosine(outputs.input_embeddings[:, 1:]))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+        return self.forward_without_grad(model, inputs).loss.detach(), None, None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,24 +88,18 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = resume_checkpoint(training_args)
 
     dataset = load_image_dataset(data_args)
-    columns = dict(image_column=data_args.image_column_name, label_column=None, strict=data_args.strict_images)
-    train_dataset = ImageDataset(
-        get_split(dataset, "train", data_args.max_train_samples, training_args.seed), PretrainTransform(size), **columns
-    )
+    train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
+    train_dataset = image_dataset(train_split, PretrainTransform(size), data_args, labels=False)
     eval_dataset = None
     if training_args.do_eval:
-        eval_dataset = ImageDataset(
-            get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed), EvalTransform(size), **columns
-        )
+        eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
+        eval_dataset = image_dataset(eval_split, EvalTransform(size), data_args, labels=False)
     logger.info("NEPA pretraining of %.1fM parameters on %d images", model.num_parameters() / 1e6, len(train_dataset))
 
     trainer = NepaPretrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collate_images,
-        normalize=BatchNormalize(processor.image_mean, processor.image_std),
+        **image_inputs(processor, train_dataset, eval_dataset),
         embed_lr=model_args.embed_lr,
     )
     return train_and_evaluate(trainer, processor, checkpoint)

@@ -27,11 +27,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
+from PIL import Image  # noqa: E402
 from transformers import AutoImageProcessor, ViTImageProcessor  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from models.vit_nepa import ViTNepaModel  # noqa: E402
+from nepa.data import BadImageError, open_rgb_pil  # noqa: E402
 
 CURVE_METRICS = ("loss", "learning_rate", "target_cosine", "grad_norm", "eval_loss", "eval_accuracy", "eval_ema_accuracy")
 
@@ -74,17 +75,11 @@ def load_image_processor(folder: str | Path, config) -> ViTImageProcessor:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Any image file as RGB; 16-bit and float images are stretched to 0..255 (Pillow would clip them)."""
+    """Any image file as RGB, decoded as training decodes it (`nepa.data.open_rgb_pil`: 16-bit keeps its top 8 bits)."""
     try:
-        image = ImageOps.exif_transpose(Image.open(path))
-    except (OSError, UnidentifiedImageError) as error:
+        return open_rgb_pil({"path": str(path), "bytes": None})
+    except BadImageError as error:
         raise ValueError(f"cannot open image {str(path)!r}: {error}") from error
-    if image.mode.startswith("I") or image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        span = values.max() - values.min()
-        values = (values - values.min()) / span * 255 if span > 0 else np.zeros_like(values)
-        image = Image.fromarray(values.astype(np.uint8))
-    return image.convert("RGB")
 
 
 def attention_map(

@@ -3,6 +3,7 @@
 Every `TrainingArguments` flag works beside these, and a single `.json` argument replaces the
 whole command line (`python train_pretrain.py configs/my_run.json`)."""
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 
 @dataclass
@@ -28,6 +30,49 @@ class DataArguments:
     strict_images: bool = field(
         default=False, metadata={"help": "Stop at the first undecodable image instead of skipping and logging it."}
     )
+
+
+def config_overrides_field():
+    """The `--config_overrides` field of an entry point's model arguments."""
+    return field(
+        default=None,
+        metadata={"help": "Comma-separated key=value config changes (JSON values), e.g. 'nepa_shift=false,qk_norm=false'."},
+    )
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`'a=1,b=false,c=null'` -> `{"a": 1, "b": False, "c": None}`; a value that is not JSON stays a string."""
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config_overrides item {item!r} is not key=value.")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def load_config(source: str, config_overrides: str | None, **spelled):
+    """The `ViTNepaConfig` of folder `source` with `--config_overrides` applied, and then the fields that an entry
+    point's own flags spell out (`drop_path_prob=args.drop_path`; `None` = not given, the config's value stays)."""
+    from models.vit_nepa import ViTNepaConfig
+
+    config = ViTNepaConfig.from_pretrained(source)
+    overrides = parse_config_overrides(config_overrides)
+    for key, value in spelled.items():
+        if value is None:
+            continue
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"--config_overrides sets {key}={overrides[key]} and a flag sets it to {value}: pass one.")
+        overrides[key] = value
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"--config_overrides: ViTNepaConfig has no field {key!r}.")
+        setattr(config, key, value)
+    config.check_geometry()
+    return config
 
 
 def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
@@ -59,6 +104,14 @@ class NepaTrainingArguments(TrainingArguments):
     skip_nonfinite_loss: bool = field(
         default=False, metadata={"help": "Drop a step whose loss is NaN/inf instead of stopping the run."}
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Off: NepaTrainer stops on (or, with --skip_nonfinite_loss, drops) a step with a NaN/inf loss, "
+            "checked on the device; the Trainer's filter would make the CPU wait for the GPU every micro-step to hide "
+            "such losses from the log."
+        },
+    )
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
@@ -82,6 +135,12 @@ class NepaTrainingArguments(TrainingArguments):
                 "--fsdp with --use_ema True (the default) is not supported: the EMA would stop tracking the sharded "
                 "weights. Pass --use_ema False to train with FSDP, or use DDP (no --fsdp) to keep the EMA."
             )
+
+
+def add_bool_argument(parser, name: str, help: str) -> None:
+    """An argparse boolean spelt as the `HfArgumentParser` entry points spell theirs: `--name True` / `--name False`
+    (default False); a bare `--name` still means True."""
+    parser.add_argument(name, type=string_to_bool, nargs="?", const=True, default=False, metavar="{True,False}", help=help)
 
 
 def configure_logging(training_args: TrainingArguments) -> None:

@@ -337,3 +337,33 @@ def get_split(dataset: datasets.DatasetDict, name: str, max_samples: int | None 
 def label_names(split: datasets.Dataset, label_column: str = "label") -> list[str] | None:
     feature = split.features.get(label_column)
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def num_classes(split: datasets.Dataset, label_column: str = "label") -> int:
+    """The class count of a `ClassLabel` column, else the largest integer label + 1."""
+    names = label_names(split, label_column)
+    return len(names) if names is not None else int(np.max(split[label_column])) + 1
+
+
+def check_labels_fit(split: datasets.Dataset, label_column: str, num_labels: int, dataset_name: str | None) -> None:
+    """Raise `ValueError` when the split's classes do not fit a classifier of `num_labels` outputs."""
+    if label_column not in split.column_names:
+        return
+    names = label_names(split, label_column)
+    if names is not None and len(names) > num_labels:
+        raise ValueError(
+            f"the dataset has {len(names)} classes but the classifier has num_labels={num_labels}: "
+            f"convert again with --dataset_name {dataset_name} (or --num_labels {len(names)})."
+        )
+    largest = num_classes(split, label_column) - 1
+    if names is None and largest >= num_labels:
+        raise ValueError(
+            f"the dataset has label {largest} but the classifier has num_labels={num_labels} "
+            f"(labels 0..{num_labels - 1}): convert again with --num_labels {largest + 1}."
+        )
+
+
+def image_dataset(split: datasets.Dataset, transform, data_args, labels: bool = True) -> ImageDataset:
+    """`ImageDataset` of a split with the columns and strictness that `DataArguments` name."""
+    label_column = data_args.label_column_name if labels else None
+    return ImageDataset(split, transform, data_args.image_column_name, label_column, data_args.strict_images)

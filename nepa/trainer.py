@@ -3,15 +3,19 @@
 - optimiser parameter groups from `parameter_groups()` (subclasses choose the grouping);
 - an EMA of the weights (on unless `--use_ema False`): updated every step, evaluated beside the raw weights
   (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint and restored on resume;
-- a non-finite loss (in any process) stops the run before the optimiser step (or, with `skip_nonfinite_loss`,
-  drops that step's gradients in every process), so NaN never reaches the weights or a checkpoint;
+- a non-finite loss (in any process) stops the run without applying that optimiser step (or, with
+  `skip_nonfinite_loss`, drops the step's update in every process), so NaN never reaches the weights or a
+  checkpoint; it is counted on the device, and the CPU never waits for it per micro-step, nor, with a fused
+  optimiser (Transformers' default AdamW), per optimiser step (`NonFiniteLossGuard`);
 - checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
   newest marked one;
 - every process draws its own random stream (batch augmentation, drop path), seeded from the seed and its rank;
 - the training dataset learns the epoch (`set_epoch`), which seeds each image's augmentation;
-- uint8 batches are normalised (and, in training, augmented) on the device;
+- uint8 batches are normalised (and, in training, augmented) on the device, in `compute_loss`;
 - per-step scalars recorded with `record()` are averaged into each logging line, beside the training
   throughput since the previous line (`images_per_second`, all processes together).
+
+It overrides only public `Trainer` methods and callback hooks; no private one is needed.
 """
 
 import logging
@@ -24,7 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .data import BatchAugment, BatchNormalize
+from .data import BatchAugment, BatchNormalize, collate_images
 from .ema import EMA_WEIGHTS_NAME, ModelEMA
 from .optim import pretraining_param_groups
 
@@ -73,15 +77,102 @@ def resume_checkpoint(args) -> str | None:
     return checkpoint
 
 
+def fused_optimizer(optimizer) -> torch.optim.Optimizer | None:
+    """The torch optimiser behind the Trainer's (accelerate wraps it) if it is a fused one, which honours a
+    `found_inf` tensor by skipping its update on the device, as it does for `torch.amp.GradScaler`."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if inner.defaults.get("fused") else None
+
+
+class HostCopy:
+    """A scalar on the device, copied to the host when the device's stream reaches this point. `item()` then waits for
+    that point only; the tensor's own `.item()` would wait for all the work queued after it too (the next step's)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.host, self.ready = tensor, None  # the CPU computes synchronously: nothing to wait for
+        if tensor.is_cuda:
+            self.host = torch.empty((), dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def item(self) -> float:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.item()
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Keeps a NaN/inf loss from reaching the weights without making the CPU wait for the GPU every micro-step.
+
+    Each micro-step adds its count of non-finite losses to a tensor on the device (`observe`). Before the optimiser
+    step the count is summed across processes on the device (DDP has already spread one process's NaN gradients to
+    all, so all must decide alike) into a flag, and then:
+    - a fused optimiser (`adamw_torch_fused`, the Trainer's default AdamW) gets the flag as `found_inf` and skips
+      the step's update on the device; the flag is read later (`settle`), once the GPU has long computed it: at the
+      next optimiser step, the next log line, before a checkpoint is marked complete, and at the end of training;
+    - any other optimiser needs the flag on the host at once (one read per optimiser step); a flagged step's
+      gradients are dropped, and AdamW leaves parameters without gradients and their state untouched.
+    A flagged step stops the run with `NonFiniteLossError`, or, with `skip_nonfinite_loss`, counts in
+    `skipped_steps` and training goes on."""
+
+    def __init__(self, trainer: "NepaTrainer"):
+        self.trainer = trainer
+        self.count: torch.Tensor | None = None  # non-finite losses since the last optimiser step, on the device
+        self.pending: tuple[int, HostCopy] | None = None  # (step, flag) not read yet
+        self.skipped_steps = 0
+
+    def observe(self, loss: torch.Tensor) -> None:
+        nonfinite = (~torch.isfinite(loss.detach())).sum()
+        self.count = nonfinite if self.count is None else self.count + nonfinite
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.settle(args)
+        count, self.count = self.count, None
+        if count is None:
+            return
+        if args.world_size > 1:
+            count = self.trainer.accelerator.reduce(count, reduction="sum")
+        flag = (count > 0).float()
+        self.pending = (state.global_step + 1, HostCopy(flag))
+        optimizer = fused_optimizer(self.trainer.optimizer)
+        if optimizer is not None:
+            optimizer.found_inf = flag
+        elif self.settle(args):
+            self.trainer.model.zero_grad(set_to_none=True)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        optimizer = fused_optimizer(self.trainer.optimizer)
+        if optimizer is not None and hasattr(optimizer, "found_inf"):
+            del optimizer.found_inf  # this step's flag only
+
+    def on_save(self, args, state, control, **kwargs):
+        self.settle(args)  # before `_StepHooks.on_save` marks the checkpoint complete
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.settle(args)
+
+    def settle(self, args) -> bool:
+        """Read the pending flag, if any: stop the run, or count the dropped step (True)."""
+        if self.pending is None:
+            return False
+        (step, flag), self.pending = self.pending, None
+        if not flag.item():
+            return False
+        if not args.skip_nonfinite_loss:
+            checkpoint = last_complete_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (in at least one process): stopped, and its optimiser step was not "
+                f"applied, so no NaN reached the weights. The last good checkpoint is {checkpoint}. "
+                f"Lower the learning rate or use bf16 instead of fp16; --skip_nonfinite_loss True drops such steps."
+            )
+        logger.warning("non-finite loss at step %d: dropped this step's update.", step)
+        self.skipped_steps += 1
+        return True
+
+
 class _StepHooks(TrainerCallback):
     def __init__(self, trainer: "NepaTrainer"):
         self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer.discard_gradients:
-            self.trainer.model.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
-            self.trainer.discard_gradients = False
-            self.trainer.skipped_steps += 1
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.last_log = (time.perf_counter(), state.global_step)
@@ -95,6 +186,13 @@ class _StepHooks(TrainerCallback):
         # nor in the epoch a run resumes in), so set it here; `state.epoch` is the resumed one's, e.g. 2.5 -> 2.
         if hasattr(self.trainer.train_dataset, "set_epoch"):
             self.trainer.train_dataset.set_epoch(int(state.epoch))
+
+    def on_save(self, args, state, control, **kwargs):
+        # The Trainer has written checkpoint-N (and, through `save_model`, the EMA) and called this in every process.
+        self.trainer.accelerator.wait_for_everyone()  # every process has written its RNG state
+        if args.should_save:
+            folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            (folder / CHECKPOINT_COMPLETE).write_text(f"global_step {state.global_step}\n")
 
 
 class NepaTrainer(Trainer):
@@ -110,10 +208,10 @@ class NepaTrainer(Trainer):
         self.normalize = normalize
         self.batch_augment = batch_augment
         self.ema = ModelEMA(self.model, self.args.ema_decay) if self.args.use_ema else None
-        self.discard_gradients = False
-        self.skipped_steps = 0
+        self.nonfinite_guard = NonFiniteLossGuard(self)
         self.last_log: tuple[float, int] | None = None  # (time, global step) of the last training log line
         self._recorded: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.add_callback(self.nonfinite_guard)
         self.add_callback(_StepHooks(self))
 
     # --- optimisation ---------------------------------------------------------------------------
@@ -128,29 +226,25 @@ class NepaTrainer(Trainer):
             self.optimizer = optimizer_cls(self.parameter_groups(model), **optimizer_kwargs)
         return self.optimizer
 
-    def _prepare_inputs(self, inputs):
-        inputs = super()._prepare_inputs(inputs)
-        inputs["pixel_values"] = self.normalize(inputs["pixel_values"])
+    def prepare_batch(self, inputs: dict) -> dict:
+        """The model's inputs from a collated batch (already on the device): pixels normalised and, in training,
+        augmented with `batch_augment` (which may change the labels and drop an image)."""
+        inputs = {**inputs, "pixel_values": self.normalize(inputs["pixel_values"])}
         if self.batch_augment is not None and self.model.training:  # training_step calls model.train() first
             inputs["pixel_values"], inputs["labels"] = self.batch_augment(inputs["pixel_values"], inputs["labels"])
         return inputs
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, self.prepare_batch(inputs), return_outputs, num_items_in_batch)
+
+    def forward_without_grad(self, model, inputs: dict):
+        """The model's outputs on a batch, without gradients: the `prediction_step` of models that take no labels."""
+        with torch.no_grad(), self.compute_loss_context_manager():
+            return model(pixel_values=self.prepare_batch(inputs)["pixel_values"])
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        nonfinite = (~torch.isfinite(loss)).float()
-        if self.args.world_size > 1:  # decide alike everywhere: DDP has already spread one's NaN gradients to all
-            nonfinite = self.accelerator.reduce(nonfinite, reduction="sum")
-        if nonfinite > 0:
-            step = self.state.global_step + 1
-            if not self.args.skip_nonfinite_loss:
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} (loss {loss.item()} in process {self.args.process_index}): "
-                    f"stopped before the optimiser step, so no NaN reached the weights. The last good checkpoint is "
-                    f"{last_complete_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None}. "
-                    f"Lower the learning rate or use bf16 instead of fp16; --skip_nonfinite_loss True drops such steps."
-                )
-            logger.warning("non-finite loss at step %d: dropping this step's gradients.", step)
-            self.discard_gradients = True
+        self.nonfinite_guard.observe(loss)
         return loss
 
     # --- logging --------------------------------------------------------------------------------
@@ -164,8 +258,9 @@ class NepaTrainer(Trainer):
             for name, values in self._recorded.items():
                 logs[name] = round(torch.stack(values).mean().item(), 6)
             self._recorded.clear()
-            if self.skipped_steps:
-                logs["skipped_steps"] = self.skipped_steps
+            self.nonfinite_guard.settle(self.args)
+            if self.nonfinite_guard.skipped_steps:
+                logs["skipped_steps"] = self.nonfinite_guard.skipped_steps
             now, step = time.perf_counter(), self.state.global_step
             if self.last_log is not None and step > self.last_log[1]:
                 images = (step - self.last_log[1]) * self.args.train_batch_size
@@ -191,16 +286,13 @@ class NepaTrainer(Trainer):
         if self.ema is not None and self.args.should_save:
             self.ema.save(os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()  # every process has written its RNG state
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            (folder / CHECKPOINT_COMPLETE).write_text(f"global_step {self.state.global_step}\n")
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.ema is not None:
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """`Trainer.train`, which also restores the EMA when resuming (the Trainer restores the rest)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete checkpoint.")
+        if self.ema is not None and resume_from_checkpoint:
             path = os.path.join(resume_from_checkpoint, EMA_WEIGHTS_NAME)
             if not os.path.isfile(path):
                 raise FileNotFoundError(
@@ -208,6 +300,13 @@ class NepaTrainer(Trainer):
                     f"Resume with --use_ema False, or start a new output_dir."
                 )
             self.ema.load(path)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def image_inputs(processor, train_dataset=None, eval_dataset=None) -> dict:
+    """The `NepaTrainer` arguments every entry point passes: its datasets, uint8 collation, the processor's normalisation."""
+    normalize = BatchNormalize(processor.image_mean, processor.image_std)
+    return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collate_images, normalize=normalize)
 
 
 def train_and_evaluate(trainer: Trainer, processor, checkpoint: str | None) -> dict:

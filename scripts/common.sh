@@ -9,6 +9,8 @@
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+# The saved dataset every recipe reads (DATA_DIR overrides it).
+DATA_FLAGS=(--dataset_name "${DATA_DIR:-data/imagenet-1k-hf}" --load_from_disk True)
 
 count_gpus() {
   if [ -n "${NPROC_PER_NODE:-}" ]; then echo "$NPROC_PER_NODE"

@@ -176,7 +176,7 @@ def test_fashion_mnist_from_debian_files(tmp_path):
 
 def test_hub_failure_names_the_other_options(tmp_path):
     # conftest sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, so the Hub fallback fails at once
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(download_dataset.DatasetBuildError) as error:
         download_dataset.build_fashion_mnist(debian_dir=tmp_path / "absent", max_per_split=10)
     message = str(error.value)
     expected = ["zalando-datasets/fashion_mnist", "--dataset fashion-mnist", "dataset-fashion-mnist"]

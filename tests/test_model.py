@@ -6,12 +6,13 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from helpers import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
@@ -119,6 +120,16 @@ def test_config_defaults_are_the_spec():
         use_rope=True, nepa_shift=True, nepa_stop_grad=True, nepa_mask_ratio=0.0,
     )  # fmt: skip
     assert {name: getattr(config, name) for name in spec} == spec
+
+
+@pytest.mark.parametrize("name", ["base", "large"])
+def test_named_constructors_are_the_released_configs(name):
+    released = json.loads((Path(__file__).resolve().parents[1] / "configs" / "pretrain" / f"nepa-{name}-patch14-224" / "config.json").read_text())
+    built = getattr(ViTNepaConfig, f"nepa_{name}")().to_dict()
+    assert {key: built.get(key) for key in released if key != "architectures"} == {
+        key: value for key, value in released.items() if key != "architectures"
+    }
+    assert ViTNepaConfig.nepa_base(patch_size=16).patch_size == 16
 
 
 def spec_parameter_shapes(config: ViTNepaConfig, head: str) -> dict[str, tuple[int, ...]]:

@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
+from helpers import write_config_folder
 from image_folder import add_bad_images, make_image_folder
 from safetensors.torch import load_file
 from transformers import ViTImageProcessor
@@ -37,11 +39,7 @@ TOLERANCE = 1e-5
 
 def write_tiny_model(folder: Path, **config_changes) -> Path:
     """config.json and preprocessor_config.json of a 16 px, 4 px-patch, 2-layer ViT-NEPA."""
-    ViTNepaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=4
-    ).save_pretrained(folder)
-    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor.save_pretrained(folder)
+    write_config_folder(folder, qk_norm=False)
     if config_changes:  # written into the JSON: ViTNepaConfig itself refuses to build a broken geometry
         config_file = folder / "config.json"
         config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **config_changes}))
@@ -164,23 +162,35 @@ def test_killed_run_resumes_exactly_from_newest_complete_checkpoint(tmp_path, ti
     assert not (output_dir / "trainer_state.json").exists(), "the run finished before it was killed"
 
     newest_complete = complete_checkpoints(output_dir)[-1]
+    newest = output_dir / f"checkpoint-{newest_complete}"
+    history_at_newest = json.loads((newest / "trainer_state.json").read_text())["log_history"]
     half_written = output_dir / "checkpoint-11"  # newer than any other; save_steps 2 never writes this one
-    shutil.copytree(output_dir / f"checkpoint-{newest_complete}", half_written)
+    shutil.copytree(newest, half_written)
     (half_written / CHECKPOINT_COMPLETE).unlink()
     weights = half_written / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])
+    # The next checkpoint, killed while it was written (the killed run may have begun it): resuming writes it again.
+    rewritten = output_dir / f"checkpoint-{newest_complete + 2}"
+    shutil.rmtree(rewritten, ignore_errors=True)
+    shutil.copytree(newest, rewritten)
+    (rewritten / CHECKPOINT_COMPLETE).unlink()
 
     with pytest.raises(ValueError, match=f"{half_written} has no {CHECKPOINT_COMPLETE} marker"):
         train_pretrain.main([*args, "--resume_from_checkpoint", str(half_written)])
     with caplog.at_level(logging.WARNING, logger="nepa.trainer"):
         train_pretrain.main(args)
     messages = [record.getMessage() for record in caplog.records if record.name == "nepa.trainer"]
-    assert any(message.startswith(f"Skipping {half_written}: it has no {CHECKPOINT_COMPLETE}") for message in messages)
-    resumed_from = output_dir / f"checkpoint-{newest_complete}"
-    assert any(message.startswith(f"Resuming from {resumed_from} ") for message in messages)
+    for skipped in (half_written, rewritten):
+        assert any(message.startswith(f"Skipping {skipped}: it has no {CHECKPOINT_COMPLETE}") for message in messages)
+    assert any(message.startswith(f"Resuming from {newest} ") for message in messages)
     assert not (half_written / CHECKPOINT_COMPLETE).exists() and weights.stat().st_size == 64  # never touched
+    assert complete_checkpoints(output_dir) == [2, 4, 6, 8, 10, 12]  # the rewritten one whole this time
 
     assert global_step(output_dir) == 12
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, 13))
+    # The steps up to the checkpoint are its log lines as they were, not a re-run's.
+    assert [entry for entry in history if entry["step"] <= newest_complete] == history_at_newest
     assert_same_curve(logged_losses(output_dir), logged_losses(reference), range(1, 13))
     assert_same_tensors(output_dir / "model.safetensors", reference / "model.safetensors", atol=TOLERANCE)
     assert_same_tensors(output_dir / "model_ema.safetensors", reference / "model_ema.safetensors", atol=TOLERANCE)
@@ -296,14 +306,16 @@ def assert_step_skipped(output_dir: Path, step: int) -> None:
     assert_finite(output_dir / "model.safetensors")
 
 
-def test_nonfinite_loss_stops_or_skips_without_nan_weights(tmp_path, tiny_model, tiny_dataset, monkeypatch):
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_nonfinite_loss_stops_or_skips_without_nan_weights(optim, tmp_path, tiny_model, tiny_dataset, monkeypatch):
     """A NaN loss at step 5 stops the run naming the step and the last good checkpoint, writing nothing more;
-    with --skip_nonfinite_loss True the step is dropped whole, also under gradient accumulation."""
+    with --skip_nonfinite_loss True the step is dropped whole, also under gradient accumulation. A fused optimiser
+    skips the update on the device and the flag is read later; any other drops the gradients after reading it."""
     stopped = tmp_path / "stopped"
     poison_training_forward(monkeypatch, nan_at=5)
     expected = rf"non-finite loss at step 5 .* last good checkpoint is {stopped}/checkpoint-4\."
     with pytest.raises(NonFiniteLossError, match=expected):
-        train_pretrain.main(pretrain_args(tiny_model, tiny_dataset, stopped, max_steps=8, save_steps=2))
+        train_pretrain.main(pretrain_args(tiny_model, tiny_dataset, stopped, max_steps=8, save_steps=2, optim=optim))
     assert sorted(path.name for path in stopped.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert complete_checkpoints(stopped) == [2, 4]
     for checkpoint in (2, 4):
@@ -311,7 +323,7 @@ def test_nonfinite_loss_stops_or_skips_without_nan_weights(tmp_path, tiny_model,
 
     skipped = tmp_path / "skipped"
     poison_training_forward(monkeypatch, nan_at=3)
-    flags = dict(max_steps=5, save_steps=1, skip_nonfinite_loss=True)
+    flags = dict(max_steps=5, save_steps=1, skip_nonfinite_loss=True, optim=optim)
     train_pretrain.main(pretrain_args(tiny_model, tiny_dataset, skipped, **flags))
     assert global_step(skipped) == 5
     assert_step_skipped(skipped, step=3)
@@ -398,7 +410,7 @@ def case(arguments, error: type[Exception], message: str) -> pytest.param:
         case(processor_size_not_multiple_of_patch, ValueError, "size 18 is not a multiple of patch_size 4"),
         case(heads_not_dividing_hidden, ValueError, HEADS_MESSAGE),
         case(heads_override_not_dividing_hidden, ValueError, HEADS_MESSAGE),
-        case(finetuning_without_classifier, ValueError, r"lacks \d+ classifier tensors .* init_nepa_cls_from_pretrain"),
+        case(finetuning_without_classifier, ValueError, r"lacks \d+ classifier tensors .* pretraining checkpoint.*init_nepa_cls_from_pretrain\.py"),
         case(more_classes_than_labels, ValueError, "the dataset has 4 classes but the classifier has num_labels=3"),
         case(integer_labels_beyond_num_labels, ValueError, "label 3 but the classifier has num_labels=3"),
         case(missing_dataset_folder, FileNotFoundError, "no_such_dataset does not exist"),
@@ -442,12 +454,36 @@ train_pretrain.main()
 
 
 def torchrun(script: str | Path, argv: list[str], processes: int) -> None:
-    """`script` under `torchrun --nproc_per_node processes` on CPU (gloo); one process runs plain python."""
+    """`script` under `torchrun --nproc_per_node processes` on CPU (gloo), as the recipes run it (DDP without the
+    per-step search for unused parameters); one process runs plain python."""
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    result = subprocess.run([*launcher, str(REPO / script), *argv], env=SUBPROCESS_ENV, capture_output=True, text=True)
+    command = [*launcher, str(REPO / script), *argv, "--ddp_find_unused_parameters", "False"]
+    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+
+
+def test_two_processes_pretrain_and_finetune_with_a_random_stream_each(tmp_path, tiny_model, tiny_dataset, pretrained_folder):
+    """Two processes split the data (each reads half the 16 images: 2 batches of 4 an epoch, so 3 steps are 1.5
+    epochs); fine-tuning under DDP copes with drop path and frozen layers, and the processes draw different random
+    numbers (mixup, erasing, drop path) from streams seeded by seed and rank."""
+    pretrained = tmp_path / "pretrained"
+    torchrun("train_pretrain.py", pretrain_args(tiny_model, tiny_dataset, pretrained, max_steps=3), 2)
+    state = json.loads((pretrained / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert state["epoch"] == pytest.approx(1.5)
+    assert (pretrained / "model.safetensors").is_file()
+
+    classifier = convert_to_classifier(pretrained_folder, tmp_path / "classifier", "--dataset_name", str(tiny_dataset))
+    finetuned = tmp_path / "finetuned"
+    flags = ["--drop_path", "0.2", "--freeze_vit_layers", "1", "--model_name_or_path", str(classifier), "--do_train"]
+    torchrun("train_finetune.py", [*flags, *saved_dataset(tiny_dataset), *common_args(finetuned, max_steps=2, save_steps=2)], 2)
+    states = [torch.load(finetuned / "checkpoint-2" / f"rng_state_{rank}.pth", weights_only=False) for rank in (0, 1)]
+    assert not torch.equal(states[0]["cpu"], states[1]["cpu"])
+    assert states[0]["python"] != states[1]["python"]
+    assert not np.array_equal(states[0]["numpy"][1], states[1]["numpy"][1])
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ from transformers import PretrainedConfig
 
 class ViTNepaConfig(PretrainedConfig):
     r"""
-    Configuration of a [`ViTNepaModel`]. The defaults are the released NEPA-B pretraining
-    architecture except `patch_size` (16 here, 14 in the released folders).
+    Configuration of a [`ViTNepaModel`]. The defaults are a plain ViT-B/16 (no QK-norm, classifier on the
+    last token), the model card's table; the released architectures are the named constructors
+    [`ViTNepaConfig.nepa_base`] and [`ViTNepaConfig.nepa_large`] (patch 14, QK-norm, mean pooling).
 
     Args:
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size:
@@ -128,3 +129,20 @@ class ViTNepaConfig(PretrainedConfig):
             raise ValueError(f"drop_path_prob must lie in [0, 1), got {self.drop_path_prob}.")
         if not 0.0 <= self.nepa_mask_ratio < 1.0:
             raise ValueError(f"nepa_mask_ratio must lie in [0, 1), got {self.nepa_mask_ratio}.")
+
+    @classmethod
+    def nepa_base(cls, **kwargs) -> "ViTNepaConfig":
+        """The released NEPA-B/14 pretraining architecture (`configs/pretrain/nepa-base-patch14-224`); `kwargs` change it."""
+        return cls(**{**NEPA_BASE, **kwargs})
+
+    @classmethod
+    def nepa_large(cls, **kwargs) -> "ViTNepaConfig":
+        """The released NEPA-L/14 pretraining architecture (`configs/pretrain/nepa-large-patch14-224`); `kwargs` change it."""
+        return cls(**{**NEPA_LARGE, **kwargs})
+
+
+# What the released configs change from the defaults.
+NEPA_BASE = dict(patch_size=14, qk_norm=True, add_pooling_layer=True)
+NEPA_LARGE = dict(
+    NEPA_BASE, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, qk_norm_affine=True
+)

@@ -526,6 +526,11 @@ class ViTNepaForPreTraining(ViTNepaPreTrainedModel):
         )
 
 
+def mean_patch_tokens(last_hidden_state: torch.Tensor) -> torch.Tensor:
+    """The mean of the patch tokens (every token after the cls token): an image's pooled feature."""
+    return last_hidden_state[:, 1:].mean(dim=1)
+
+
 class ViTNepaForImageClassification(ViTNepaPreTrainedModel):
     """Mean of the patch tokens -> fc_norm -> linear (with `add_pooling_layer`), else last token -> linear."""
 
@@ -540,10 +545,10 @@ class ViTNepaForImageClassification(ViTNepaPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.vit_nepa.get_input_embeddings()
 
-    def pool(self, last_hidden_state: torch.Tensor, num_patches: int) -> torch.Tensor:
+    def pool(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
         if self.fc_norm is None:
             return last_hidden_state[:, -1]
-        return self.fc_norm(last_hidden_state[:, -num_patches:].mean(dim=1))
+        return self.fc_norm(mean_patch_tokens(last_hidden_state))
 
     @can_return_tuple
     def forward(
@@ -560,8 +565,7 @@ class ViTNepaForImageClassification(ViTNepaPreTrainedModel):
         outputs = self.vit_nepa(
             pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states
         )
-        num_patches = outputs.last_hidden_state.shape[1] - 1
-        logits = self.classifier(self.pool(outputs.last_hidden_state, num_patches))
+        logits = self.classifier(self.pool(outputs.last_hidden_state))
         loss = classification_loss(logits, labels) if labels is not None else None
         return ViTNepaImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions

@@ -19,7 +19,7 @@ if [ ! -d "$MODEL" ]; then
 fi
 launch eval.py \
   --model_name_or_path "$MODEL" \
-  --dataset_name "${DATA_DIR:-data/imagenet-1k-hf}" --load_from_disk True \
+  "${DATA_FLAGS[@]}" \
   --output_dir "${OUTPUT_DIR:-outputs/eval-$(basename "$MODEL")}" \
   --crop_pct "$CROP_PCT" \
   --per_device_eval_batch_size "${PER_DEVICE_BATCH:-256}" \

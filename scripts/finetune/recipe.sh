@@ -23,7 +23,7 @@ TOTAL_BATCH=${TOTAL_BATCH:-1024}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-128}
 launch train_finetune.py \
   --model_name_or_path "$MODEL" \
-  --dataset_name "${DATA_DIR:-data/imagenet-1k-hf}" --load_from_disk True \
+  "${DATA_FLAGS[@]}" \
   --output_dir "${OUTPUT_DIR:-outputs/$(basename "$MODEL")-sft}" \
   --do_train --do_eval \
   --num_train_epochs "${EPOCHS:-100}" \

@@ -10,12 +10,12 @@
 set -euo pipefail
 source "$(dirname "$0")/../common.sh"
 
-: "${CONFIG:?set CONFIG to a configs/pretrain folder, or run nepa_b.sh / nepa_l.sh}"
 TOTAL_BATCH=${TOTAL_BATCH:-4096}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-256}
+: "${CONFIG:?set CONFIG to a configs/pretrain folder, or run nepa_b.sh / nepa_l.sh}"
 launch train_pretrain.py \
   --config_name "$CONFIG" \
-  --dataset_name "${DATA_DIR:-data/imagenet-1k-hf}" --load_from_disk True \
+  "${DATA_FLAGS[@]}" \
   --output_dir "${OUTPUT_DIR:-outputs/$(basename "$CONFIG")}" \
   --do_train \
   --num_train_epochs "${EPOCHS:-1600}" \

@@ -1,4 +1,4 @@
-"""Tiny model folders and datasets for the training-script tests, built from local files only."""
+"""What the tests share: tiny model configs and folders, and datasets built from local files only."""
 
 import contextlib
 import io
@@ -16,15 +16,22 @@ from image_folder import make_image_folder
 from models.vit_nepa import ViTNepaConfig
 
 IMAGE_SIZE = 16
-TINY_ARCHITECTURE = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    image_size=IMAGE_SIZE,
-    patch_size=4,
-    qk_norm=True,
-)
+
+
+def tiny_config(**overrides) -> ViTNepaConfig:
+    """A ViT-NEPA small enough for a unit test: 4x4 patches of 8 px, 2 layers, head_dim 8."""
+    values = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        qk_norm=True,
+        qk_norm_affine=True,
+    )
+    values.update(overrides)
+    return ViTNepaConfig(**values)
 
 
 def save_processor(folder: Path, size: int = IMAGE_SIZE) -> None:
@@ -34,7 +41,7 @@ def save_processor(folder: Path, size: int = IMAGE_SIZE) -> None:
 
 def write_config_folder(folder: Path, **overrides) -> Path:
     """config.json + preprocessor_config.json of a 16 px, 4 px-patch, 2-layer ViT-NEPA (the --config_name input)."""
-    ViTNepaConfig(**{**TINY_ARCHITECTURE, **overrides}).save_pretrained(folder)
+    tiny_config(**{"image_size": IMAGE_SIZE, "patch_size": 4, "qk_norm_affine": False, **overrides}).save_pretrained(folder)
     save_processor(folder)
     return Path(folder)
 
