@@ -223,18 +223,20 @@ class ImageDataset(torch.utils.data.Dataset):
             image_seed = int(np.random.SeedSequence([self.seed, int(self.epoch), index, attempt]).generate_state(1)[0])
             try:
                 with seeded_random(image_seed):
-                    pixels = self.transform(row[self.image_column])
+                    return self.example(row)
             except BadImageError as error:
                 if self.strict:
                     raise
                 self.skipped += 1
                 logger.warning("skipped %s (%d skipped so far in process %d)", error, self.skipped, os.getpid())
-                continue
-            example = {"pixel_values": pixels}
-            if self.label_column:
-                example["labels"] = row[self.label_column]
-            return example
         raise BadImageError(f"all {len(self)} images of the split", "none decodes")
+
+    def example(self, row: dict) -> dict:
+        """One training example from one row, drawn under the image's seed."""
+        example = {"pixel_values": self.transform(row[self.image_column])}
+        if self.label_column:
+            example["labels"] = row[self.label_column]
+        return example
 
 
 def collate_images(examples: list[dict]) -> dict:

@@ -40,12 +40,18 @@ def layer_index(name: str, num_layers: int) -> int:
 
 
 def layer_decay_param_groups(
-    model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float, head_lr: float | None
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    layer_decay: float,
+    head_lr: float | None,
+    num_layers: int | None = None,
 ) -> list[dict]:
     """Layer-wise lr decay: encoder layer i gets lr * decay**(L-1-i), the embeddings lr * decay**L, and the
     final norm, fc_norm and classifier `head_lr` (lr when None). Each group records its `lr_factor`
-    (head: 1), which the schedule uses to stretch the warm-up of the lower layers."""
-    num_layers = model.config.num_hidden_layers
+    (head: 1), which the schedule uses to stretch the warm-up of the lower layers. `num_layers` (L) defaults
+    to `model.config.num_hidden_layers`; a model whose encoder is a sub-model (a segmentation backbone) names it."""
+    num_layers = model.config.num_hidden_layers if num_layers is None else num_layers
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

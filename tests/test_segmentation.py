@@ -8,6 +8,7 @@ from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmenta
 
 from models.vit_nepa import ViTNepaBackbone, ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining
 from models.vit_nepa.configuration_vit_nepa import default_out_indices
+from nepa.segmentation import confusion_matrix, reduce_across_processes, segmentation_metrics
 
 
 def released_style_config(**overrides) -> ViTNepaConfig:
@@ -158,3 +159,76 @@ def test_upernet_save_load_round_trip(tmp_path):
     images = pixels(1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(images).logits, model(images).logits, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics from a confusion matrix
+# --------------------------------------------------------------------------------------------
+
+
+def test_confusion_matrix_and_metrics_worked_by_hand():
+    labels = torch.tensor([[0, 0, 1], [1, 2, 255]])
+    predictions = torch.tensor([[0, 1, 1], [1, 2, 0]])  # the last pixel is ignored whatever it predicts
+    confusion = confusion_matrix(predictions, labels, num_labels=3)
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [0, 0, 1]]  # rows: true class, columns: predicted
+    metrics = segmentation_metrics(confusion, {0: "sky", 1: "road", 2: "car"})
+    # IoU = diagonal / (row + column - diagonal): sky 1/(2+1-1), road 2/(2+3-2), car 1/(1+1-1)
+    assert metrics["iou_sky"] == pytest.approx(1 / 2)
+    assert metrics["iou_road"] == pytest.approx(2 / 3)
+    assert metrics["iou_car"] == pytest.approx(1.0)
+    assert metrics["mean_iou"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert metrics["pixel_accuracy"] == pytest.approx(4 / 5)
+    assert metrics["mean_accuracy"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+
+
+def test_classes_absent_from_labels_and_predictions_are_left_out():
+    labels = torch.zeros(1, 2, dtype=torch.long)
+    predictions = torch.tensor([[0, 3]])
+    metrics = segmentation_metrics(confusion_matrix(predictions, labels, num_labels=4))
+    # class 0: 1 / (2 + 1 - 1); class 3 predicted but never true: IoU 0, counted; classes 1 and 2: nowhere
+    assert metrics["mean_iou"] == pytest.approx((1 / 2 + 0) / 2)
+    assert set(metrics) == {"mean_iou", "mean_accuracy", "pixel_accuracy", "iou_0", "iou_3"}
+    assert metrics["mean_accuracy"] == pytest.approx(1 / 2)  # class 3 has no true pixel: no accuracy
+
+
+def test_confusion_matrix_accumulates_over_batches():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (6, 8, 8), generator=generator)
+    labels[labels == 4] = 255
+    predictions = torch.randint(0, 4, (6, 8, 8), generator=generator)
+    whole = confusion_matrix(predictions, labels, 4)
+    parts = sum(confusion_matrix(p, l, 4) for p, l in zip(predictions.split(2), labels.split(2)))
+    assert torch.equal(whole, parts)
+    assert int(whole.sum()) == int((labels != 255).sum())
+
+
+def test_labels_outside_the_classes_are_refused():
+    with pytest.raises(ValueError, match="label 7 is outside 0..3.*--reduce_labels"):
+        confusion_matrix(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[1, 7]]), num_labels=4)
+
+
+def _reduce_in_process(rank, world_size, port, results):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        results.put((rank, reduce_across_processes(torch.full((2, 2), rank + 1, dtype=torch.int64)).tolist()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_confusion_matrices_are_summed_across_processes():
+    import multiprocessing
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("fork")  # the children inherit the imports: no second start-up
+    results = context.Queue()
+    processes = [context.Process(target=_reduce_in_process, args=(rank, 2, port, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    gathered = dict(results.get(timeout=60) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert gathered == {0: [[3, 3], [3, 3]], 1: [[3, 3], [3, 3]]}
