@@ -44,13 +44,6 @@ def decode_mask(record: dict) -> torch.Tensor:
         raise BadImageError(path, f"{type(error).__name__}: {error}") from error
 
 
-def reduce_zero_label(mask: torch.Tensor) -> torch.Tensor:
-    """ADE20K's convention: label 0 ("other objects") becomes ignored and classes 1..150 become 0..149."""
-    mask = mask.long() - 1
-    mask[mask < 0] = IGNORE_INDEX
-    return mask.to(torch.uint8)
-
-
 def keep_ratio_size(height: int, width: int, scale: tuple[int, int], ratio: float = 1.0) -> list[int]:
     """mmseg's keep-ratio rescale: the largest size with the long side <= max(scale) * ratio and the short
     side <= min(scale) * ratio."""
@@ -92,17 +85,14 @@ class SegmentationTrainTransform:
     from `ratio_range`, random crop of `crop_size` (`cat_max_ratio`), horizontal flip, photometric distortion,
     then padding to `crop_size` (image 0, mask `IGNORE_INDEX`)."""
 
-    def __init__(self, scale, ratio_range, crop_size: int, cat_max_ratio=0.75, photometric=True, reduce_labels=False):
+    def __init__(self, scale, ratio_range, crop_size: int, cat_max_ratio=0.75, photometric=True):
         self.scale = tuple(scale)
         self.ratio_range = tuple(ratio_range)
         self.crop_size = crop_size
         self.cat_max_ratio = cat_max_ratio
         self.photometric = photometric_distortion() if photometric else None
-        self.reduce_labels = reduce_labels
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.reduce_labels:
-            mask = reduce_zero_label(mask)
         ratio = float(torch.empty(()).uniform_(*self.ratio_range))
         size = keep_ratio_size(*image.shape[-2:], self.scale, ratio)
         image = TF.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
@@ -125,13 +115,10 @@ class SegmentationEvalTransform:
     """Keep-ratio resize of the image to `scale`; the mask stays at its full resolution (predictions are
     resized to it, as mmseg does)."""
 
-    def __init__(self, scale, reduce_labels=False):
+    def __init__(self, scale):
         self.scale = tuple(scale)
-        self.reduce_labels = reduce_labels
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.reduce_labels:
-            mask = reduce_zero_label(mask)
         size = keep_ratio_size(*image.shape[-2:], self.scale)
         if size != list(image.shape[-2:]):
             image = TF.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
@@ -208,7 +195,7 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_labels
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
         raise ValueError(
             f"label {int(labels.max() if labels.max() >= num_labels else labels.min())} is outside 0..{num_labels - 1} "
-            f"(and is not the ignore index {IGNORE_INDEX}): set the number of labels, or --reduce_labels for ADE20K."
+            f"(and is not the ignore index {IGNORE_INDEX}): the model's num_labels does not match the dataset's classes."
         )
     counts = torch.bincount(labels * num_labels + predictions, minlength=num_labels * num_labels)
     return counts.reshape(num_labels, num_labels)

@@ -1,14 +1,34 @@
 """Semantic segmentation: the ViT-NEPA backbone under UperNet, the confusion-matrix metrics, the
 Fashion-MNIST canvases, and the training / evaluation entry points. Tiny models, CPU, fp32."""
 
+import gzip
+import io
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import datasets
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
+from PIL import Image as PILImage
 from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
 
 from models.vit_nepa import ViTNepaBackbone, ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining
 from models.vit_nepa.configuration_vit_nepa import default_out_indices
-from nepa.segmentation import confusion_matrix, reduce_across_processes, segmentation_metrics
+import download_dataset
+from nepa.segmentation import (
+    SegmentationDataset,
+    SegmentationEvalTransform,
+    SegmentationTrainTransform,
+    confusion_matrix,
+    read_id2label,
+    reduce_across_processes,
+    segmentation_metrics,
+    slide_inference,
+)
 
 
 def released_style_config(**overrides) -> ViTNepaConfig:
@@ -203,7 +223,7 @@ def test_confusion_matrix_accumulates_over_batches():
 
 
 def test_labels_outside_the_classes_are_refused():
-    with pytest.raises(ValueError, match="label 7 is outside 0..3.*--reduce_labels"):
+    with pytest.raises(ValueError, match="label 7 is outside 0..3.*num_labels"):
         confusion_matrix(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[1, 7]]), num_labels=4)
 
 
@@ -232,3 +252,149 @@ def test_confusion_matrices_are_summed_across_processes():
         process.join(timeout=60)
         assert process.exitcode == 0
     assert gathered == {0: [[3, 3], [3, 3]], 1: [[3, 3], [3, 3]]}
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets: Fashion-MNIST canvases, ADE20K from its archive, the joint transforms
+# --------------------------------------------------------------------------------------------
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_fashion_mnist(tmp_path):
+    """Fashion-MNIST's file layout with 28x28 squares: training items are grey 100, test items grey 200."""
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for prefix, grey, count in [("train", 100, 12), ("t10k", 200, 6)]:
+        images = np.zeros((count, 28, 28), dtype=np.uint8)
+        images[:, 4:24, 6:22] = grey
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    return folder
+
+
+def test_canvases_are_seeded_by_their_index(fake_fashion_mnist):
+    small, id2label = download_dataset.build_fashion_mnist_seg(fake_fashion_mnist, canvas_size=56, max_per_split=3)
+    large, _ = download_dataset.build_fashion_mnist_seg(fake_fashion_mnist, canvas_size=56, max_per_split=5)
+    for split in ("train", "validation"):
+        for index in range(3):
+            assert small[split][index]["image"].tobytes() == large[split][index]["image"].tobytes()
+            assert small[split][index]["label"].tobytes() == large[split][index]["label"].tobytes()
+    assert small["train"][0]["label"].tobytes() != small["train"][1]["label"].tobytes()
+    assert id2label[0] == "background" and id2label[1] == "T-shirt/top" and len(id2label) == 11
+
+
+def test_canvas_masks_are_item_class_plus_one_on_foreground(fake_fashion_mnist):
+    dataset, _ = download_dataset.build_fashion_mnist_seg(fake_fashion_mnist, canvas_size=64, max_per_split=4)
+    for split, grey in [("train", 100), ("validation", 200)]:  # training canvases from training items only
+        for row in dataset[split]:
+            image, mask = np.array(row["image"]), np.array(row["label"])
+            assert image.shape == mask.shape == (64, 64)
+            assert set(np.unique(image)) <= {0, grey}
+            assert np.array_equal(mask > 0, image > 0)
+            assert mask.max() <= 10
+            items = len(np.unique(mask)) - 1
+            assert 1 <= items <= 4
+
+
+def make_ade20k_archive(path: Path) -> Path:
+    def png(array):
+        buffer = io.BytesIO()
+        PILImage.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def jpg(array):
+        buffer = io.BytesIO()
+        PILImage.fromarray(array.astype(np.uint8)).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+    info = "Idx\tRatio\tTrain\tVal\tName\n1\t0.1\t1\t1\twall\n2\t0.1\t1\t1\tbuilding;edifice\n3\t0.1\t1\t1\tsky\n"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("ADEChallengeData2016/objectInfo150.txt", info)
+        for split, count in [("training", 2), ("validation", 1)]:
+            for index in range(count):
+                name = f"ADE_{split[:5]}_{index:08d}"
+                mask = np.array([[0, 1, 2, 3]] * 4)
+                archive.writestr(f"ADEChallengeData2016/images/{split}/{name}.jpg", jpg(np.full((4, 4, 3), 90)))
+                archive.writestr(f"ADEChallengeData2016/annotations/{split}/{name}.png", png(mask))
+    return path
+
+
+def test_ade20k_is_built_from_the_archive_with_label_zero_ignored(tmp_path):
+    archive = make_ade20k_archive(tmp_path / "ADEChallengeData2016.zip")
+    output = download_dataset.main(["--dataset", "ade20k", "--archive", str(archive), "--output_dir", str(tmp_path / "ade")])
+    dataset = datasets.load_from_disk(str(output))
+    assert {split: len(dataset[split]) for split in dataset} == {"train": 2, "validation": 1}
+    assert np.array(dataset["validation"][0]["label"]).tolist() == [[255, 0, 1, 2]] * 4
+    assert read_id2label(str(output)) == {0: "wall", 1: "building", 2: "sky"}
+
+
+def test_ade20k_offline_says_what_to_download(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    with pytest.raises(SystemExit, match="(?s)Could not download ADE20K.*ADEChallengeData2016.zip.*--archive"):
+        download_dataset.main(["--dataset", "ade20k", "--output_dir", str(tmp_path / "ade")])
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def mask_coded_dataset(size=20) -> datasets.Dataset:
+    """One image whose red channel is 20 x its mask, so any misalignment of the two shows."""
+    mask = (np.arange(size)[None, :] // 4 + np.arange(size)[:, None] // 5).astype(np.uint8) % 5
+    image = np.stack([mask * 20, mask * 0, mask * 0], axis=-1).astype(np.uint8)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    return datasets.Dataset.from_dict({"image": [PILImage.fromarray(image)], "label": [PILImage.fromarray(mask)]}, features=features)
+
+
+def test_train_transform_keeps_image_and_mask_aligned_and_pads_with_ignore():
+    transform = SegmentationTrainTransform(scale=(20, 20), ratio_range=(1.0, 1.0), crop_size=24, photometric=False)
+    dataset = SegmentationDataset(mask_coded_dataset(), transform, seed=0)
+    flips = set()
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        example = dataset[0]
+        image, mask = example["pixel_values"], example["labels"]
+        assert image.shape == (3, 24, 24) and mask.shape == (24, 24) and mask.dtype == torch.uint8
+        assert (mask[20:] == 255).all() and (mask[:, 20:] == 255).all() and (image[:, 20:] == 0).all()
+        labelled = mask != 255
+        assert torch.equal(image[0][labelled], mask[labelled] * 20)
+        flips.add(int(mask[0, 0]))
+    assert len(flips) == 2  # both orientations occurred
+    again = SegmentationDataset(mask_coded_dataset(), transform, seed=0)
+    again.set_epoch(5)
+    assert torch.equal(again[0]["labels"], mask)  # the draw depends on (seed, epoch, index) only
+
+
+def test_train_transform_random_resize_and_crop():
+    transform = SegmentationTrainTransform(scale=(64, 16), ratio_range=(0.5, 2.0), crop_size=12)
+    sizes = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        image, mask = transform(torch.zeros(3, 30, 40, dtype=torch.uint8), torch.ones(30, 40, dtype=torch.uint8))
+        assert image.shape == (3, 12, 12) and mask.shape == (12, 12)
+        sizes.add(int((mask == 1).sum()))
+    assert len(sizes) > 1  # some crops fell off a small resized image and were padded with ignore
+
+
+def test_eval_transform_resizes_the_image_keeping_the_full_resolution_mask():
+    image, mask = SegmentationEvalTransform(scale=(2048, 512))(torch.zeros(3, 300, 400, dtype=torch.uint8), torch.zeros(300, 400, dtype=torch.uint8))
+    assert image.shape == (3, 512, 683) and mask.shape == (300, 400)
+
+
+def test_sliding_window_covers_the_image_and_averages_overlaps():
+    class Echo(torch.nn.Module):
+        """Logits = the window's own pixels: sliding windows must put them back in place."""
+
+        def forward(self, pixel_values):
+            return type("Output", (), {"logits": pixel_values[:, :2] * 1.0})()
+
+    images = torch.randn(2, 3, 30, 47)
+    torch.testing.assert_close(slide_inference(Echo(), images, crop_size=16, stride=10), images[:, :2])
+    small = torch.randn(1, 3, 10, 12)  # smaller than a window: padded for the forward, cut back after
+    torch.testing.assert_close(slide_inference(Echo(), small, crop_size=16, stride=10), small[:, :2])
