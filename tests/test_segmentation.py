@@ -3,6 +3,8 @@ Fashion-MNIST canvases, and the training / evaluation entry points. Tiny models,
 
 import gzip
 import io
+import json
+import shutil
 import urllib.error
 import urllib.request
 import zipfile
@@ -14,11 +16,14 @@ import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image as PILImage
-from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
+from safetensors.torch import load_file
+from datasets_for_tests import one_torch_thread
+from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation, ViTImageProcessor
 
 from models.vit_nepa import ViTNepaBackbone, ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining
 from models.vit_nepa.configuration_vit_nepa import default_out_indices
 import download_dataset
+import train_segmentation
 from nepa.segmentation import (
     SegmentationDataset,
     SegmentationEvalTransform,
@@ -398,3 +403,92 @@ def test_sliding_window_covers_the_image_and_averages_overlaps():
     torch.testing.assert_close(slide_inference(Echo(), images, crop_size=16, stride=10), images[:, :2])
     small = torch.randn(1, 3, 10, 12)  # smaller than a window: padded for the forward, cut back after
     torch.testing.assert_close(slide_inference(Echo(), small, crop_size=16, stride=10), small[:, :2])
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point: train, save, resume, evaluate
+# --------------------------------------------------------------------------------------------
+
+SEG_FLAGS = [
+    "--crop_size", "56", "--train_scale", "56", "56", "--ratio_range", "1", "1", "--photometric", "False",
+    "--eval_scale", "56", "56", "--eval_stride", "56", "--decoder_hidden_size", "32", "--auxiliary_channels", "32",
+    "--use_cpu", "True", "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def eight_canvases(tmp_path_factory) -> Path:
+    """8 real Fashion-MNIST canvases, as both the training and the validation split (to overfit them)."""
+    root = tmp_path_factory.mktemp("canvases")
+    built = download_dataset.main(
+        ["--dataset", "fashion-mnist-seg", "--canvas_size", "56", "--max_per_split", "8", "--output_dir", str(root / "built")]
+    )
+    train = datasets.load_from_disk(str(built))["train"]
+    datasets.DatasetDict(train=train, validation=train).save_to_disk(str(root / "overfit"))
+    (root / "overfit" / "id2label.json").write_text((built / "id2label.json").read_text())
+    return root / "overfit"
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("encoder")
+    torch.manual_seed(0)
+    config = ViTNepaConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=28,
+        patch_size=4, qk_norm=True, layerscale_value=0.1, out_indices=[0, 1, 2, 3],
+    )  # fmt: skip
+    ViTNepaForPreTraining(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    return folder
+
+
+def test_tiny_model_overfits_eight_canvases(eight_canvases, tiny_encoder, tmp_path):
+    with one_torch_thread():
+        metrics = train_segmentation.main([
+            "--model_name_or_path", str(tiny_encoder), "--dataset_name", str(eight_canvases), "--load_from_disk", "True",
+            "--output_dir", str(tmp_path / "seg"), "--do_train", "--do_eval", "--max_steps", "150",
+            "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--llrd", "1.0", "--warmup_steps", "10",
+            "--lr_scheduler_type", "constant_with_warmup",
+            "--weight_decay", "0.0", "--drop_path", "0.0", "--logging_steps", "50", "--seed", "0", *SEG_FLAGS,
+        ])  # fmt: skip
+    assert metrics["eval_mean_iou"] > 0.9, metrics
+
+
+def segmentation_args(encoder: Path, dataset: Path, output_dir: Path, *flags: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(encoder), "--dataset_name", str(dataset), "--load_from_disk", "True",
+        "--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+        "--learning_rate", "1e-3", "--logging_steps", "1", "--seed", "0", *SEG_FLAGS, *flags,
+    ]  # fmt: skip
+
+
+def test_resumed_run_ends_where_the_uninterrupted_one_does(eight_canvases, tiny_encoder, tmp_path):
+    flags = ("--do_train", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--warmup_steps", "1")
+    with one_torch_thread():
+        train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "whole", *flags))
+        shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+        train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "resumed", *flags))
+    history = json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]  # steps 1-2 from the checkpoint
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_saved_model_is_evaluated_with_do_eval_alone(eight_canvases, tiny_encoder, tmp_path):
+    with one_torch_thread():
+        trained = train_segmentation.main(
+            segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--do_eval", "--max_steps", "2")
+        )
+        evaluated = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval", "--do_eval"))
+    assert evaluated["eval_mean_iou"] == trained["eval_mean_iou"]
+    assert evaluated["eval_pixel_accuracy"] == trained["eval_pixel_accuracy"]
+    assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["eval_mean_iou"] == trained["eval_mean_iou"]
+
+
+def test_entry_point_refuses_bad_sizes_and_encoders_to_evaluate(eight_canvases, tiny_encoder, tmp_path):
+    with pytest.raises(ValueError, match="--crop_size 50 is not a multiple of patch_size 4: use 48 or 52"):
+        train_segmentation.main([*segmentation_args(tiny_encoder, eight_canvases, tmp_path / "a", "--do_train"), "--crop_size", "50"])
+    with pytest.raises(ValueError, match="is an encoder, not a segmentation model"):
+        train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "b", "--do_eval"))
