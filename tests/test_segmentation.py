@@ -4,7 +4,10 @@ Fashion-MNIST canvases, and the training / evaluation entry points. Tiny models,
 import gzip
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -14,7 +17,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from PIL import Image as PILImage
 from safetensors.torch import load_file
 from datasets_for_tests import one_torch_thread
@@ -24,6 +27,7 @@ from models.vit_nepa import ViTNepaBackbone, ViTNepaConfig, ViTNepaForImageClass
 from models.vit_nepa.configuration_vit_nepa import default_out_indices
 import download_dataset
 import train_segmentation
+from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
 from nepa.segmentation import (
     SegmentationDataset,
     SegmentationEvalTransform,
@@ -492,3 +496,40 @@ def test_entry_point_refuses_bad_sizes_and_encoders_to_evaluate(eight_canvases, 
         train_segmentation.main([*segmentation_args(tiny_encoder, eight_canvases, tmp_path / "a", "--do_train"), "--crop_size", "50"])
     with pytest.raises(ValueError, match="is an encoder, not a segmentation model"):
         train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "b", "--do_eval"))
+
+
+@pytest.mark.parametrize("script, drop_path, decoder", [("nepa_b_ade20k.sh", 0.1, 768), ("nepa_l_ade20k.sh", 0.2, 1024)])
+def test_ade20k_scripts_launch_the_recipe(tmp_path, script, drop_path, decoder):
+    """The command a script launches on one GPU, recorded by a stand-in for Python, parses and carries the recipe."""
+    stand_in, record = tmp_path / "python", tmp_path / "argv"
+    stand_in.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\nprintf "%s\\n" "$@" > {record}\n')
+    stand_in.chmod(0o755)
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "ade20k").mkdir()
+    env = {
+        **os.environ, "PYTHON": str(stand_in), "NPROC_PER_NODE": "1", "REPORT_TO": "none",
+        "MODEL": str(tmp_path / "encoder"), "DATA_DIR": str(tmp_path / "ade20k"),
+    }  # fmt: skip
+    result = subprocess.run(["bash", str(REPO / "scripts/segmentation" / script), "--use_cpu", "True"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    argv = record.read_text().splitlines()
+    assert argv[0] == "train_segmentation.py"
+    args, data_args, training_args = parse_arguments(
+        (train_segmentation.SegmentationArguments, DataArguments, NepaTrainingArguments), argv[1:]
+    )
+    assert training_args.max_steps == 160_000 and training_args.warmup_steps == 1500
+    assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 16
+    assert training_args.learning_rate == 1e-4 and training_args.weight_decay == 0.05 and training_args.bf16
+    assert training_args.lr_scheduler_type == "linear"
+    assert (args.llrd, args.drop_path, args.decoder_hidden_size, args.auxiliary_loss_weight) == (0.65, drop_path, decoder, 0.4)
+    assert args.crop_size == 504 and args.crop_size % 14 == 0 and args.eval_stride == 336 and not args.is_causal
+    assert args.train_scale == [2048, 512] and args.ratio_range == [0.5, 2.0] and args.photometric
+    assert data_args.dataset_name == str(tmp_path / "ade20k") and training_args.per_device_eval_batch_size == 1
+
+
+def test_ade20k_script_without_data_says_how_to_build_it(tmp_path):
+    (tmp_path / "encoder").mkdir()
+    env = {**os.environ, "REPORT_TO": "none", "MODEL": str(tmp_path / "encoder"), "DATA_DIR": str(tmp_path / "missing")}
+    result = subprocess.run(["bash", str(REPO / "scripts/segmentation/nepa_b_ade20k.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "download_dataset.py --dataset ade20k --archive" in result.stderr
