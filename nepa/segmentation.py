@@ -240,6 +240,9 @@ class SegmentationTrainer(NepaTrainer):
         self.crop_size = crop_size
         self.eval_stride = eval_stride
         super().__init__(*args, **kwargs)
+        # UperNet's loss is a mean over the batch's pixels, but its forward takes **kwargs, which makes the Trainer
+        # believe it normalises by `num_items_in_batch` itself and skip the division by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
 
     def parameter_groups(self, model):
         num_layers = model.config.backbone_config.num_hidden_layers

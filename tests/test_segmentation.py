@@ -472,12 +472,26 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(eight_canvases, tiny_
         train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "whole", *flags))
         shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
         train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "resumed", *flags))
+    whole_history = json.loads((tmp_path / "whole" / "trainer_state.json").read_text())["log_history"]
     history = json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]  # steps 1-2 from the checkpoint
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses == pytest.approx([entry["loss"] for entry in whole_history if "loss" in entry], abs=1e-5)
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert whole.keys() == resumed.keys()
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_gradient_accumulation_averages_the_loss(eight_canvases, tiny_encoder, tmp_path):
+    """Two accumulated half batches log the mean of their losses (not the sum, which UperNet's **kwargs invites)."""
+    with one_torch_thread():
+        train_segmentation.main(segmentation_args(
+            tiny_encoder, eight_canvases, tmp_path / "accumulated", "--do_train", "--max_steps", "1",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--learning_rate", "0",
+        ))  # fmt: skip
+    history = json.loads((tmp_path / "accumulated" / "trainer_state.json").read_text())["log_history"]
+    assert history[0]["loss"] < 3.5  # one half batch's loss is about ln(11) + 0.4 ln(11) = 3.36 at the start
 
 
 def test_saved_model_is_evaluated_with_do_eval_alone(eight_canvases, tiny_encoder, tmp_path):
