@@ -494,6 +494,14 @@ def test_gradient_accumulation_averages_the_loss(eight_canvases, tiny_encoder, t
     assert history[0]["loss"] < 3.5  # one half batch's loss is about ln(11) + 0.4 ln(11) = 3.36 at the start
 
 
+def test_bf16_training_and_evaluation_run(eight_canvases, tiny_encoder, tmp_path):
+    with one_torch_thread():
+        metrics = train_segmentation.main(segmentation_args(
+            tiny_encoder, eight_canvases, tmp_path / "bf16", "--do_train", "--do_eval", "--max_steps", "1", "--bf16", "True",
+        ))  # fmt: skip
+    assert 0.0 <= metrics["eval_mean_iou"] <= 1.0 and np.isfinite(metrics["train_loss"])
+
+
 def test_saved_model_is_evaluated_with_do_eval_alone(eight_canvases, tiny_encoder, tmp_path):
     with one_torch_thread():
         trained = train_segmentation.main(
