@@ -7,13 +7,22 @@
 Whatever the source, the result is a `DatasetDict` with `train` and `validation` splits, an `image` column
 (`datasets.Image`, the encoded file bytes embedded) and a `label` column (`datasets.ClassLabel`), so every
 script reads every dataset the same way: `datasets.load_from_disk(path)`.
+
+Segmentation datasets have a `label` column of masks instead (`datasets.Image`, single-channel PNGs of class
+indices, 255 = ignored) and an `id2label.json` beside the splits:
+
+    python download_dataset.py --dataset fashion-mnist-seg           # Fashion-MNIST items on canvases, offline
+    python download_dataset.py --dataset ade20k --archive ADEChallengeData2016.zip   # SceneParse-150
 """
 
 import argparse
 import gzip
 import io
+import json
 import shutil
 import tempfile
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +39,10 @@ FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
 ]
+CANVAS_ITEMS = (2, 4)  # items per canvas, inclusive
+CANVAS_FOREGROUND = 32  # an item's pixels brighter than this are its mask; darker ones stay background
+ADE20K_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
+ADE20K_SIZES = {"train": 20210, "validation": 2000}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 GB = 10**9
 
@@ -123,6 +136,124 @@ def build_fashion_mnist(debian_dir: Path = FASHION_MNIST_DEBIAN_DIR, max_per_spl
         columns = {"image": [png_bytes(image) for image in images], "label": labels.tolist()}
         splits[split] = Dataset.from_dict(columns, features=features)
     return DatasetDict(splits)
+
+
+def render_canvas(images: np.ndarray, labels: np.ndarray, index: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Canvas `index` of a split: 2-4 items drawn by a generator seeded with (seed, index) alone, so a canvas
+    does not depend on how many are built. Later items cover earlier ones where they overlap. Returns the
+    grey canvas and its mask: 0 = background, class + 1 where an item's pixel is brighter than
+    CANVAS_FOREGROUND."""
+    rng = np.random.default_rng([seed, index])
+    canvas = np.zeros((size, size), dtype=np.uint8)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    item_size = images.shape[1]
+    for _ in range(rng.integers(CANVAS_ITEMS[0], CANVAS_ITEMS[1] + 1)):
+        item = int(rng.integers(len(images)))
+        top, left = (int(value) for value in rng.integers(size - item_size + 1, size=2))
+        foreground = images[item] > CANVAS_FOREGROUND
+        canvas[top : top + item_size, left : left + item_size][foreground] = images[item][foreground]
+        mask[top : top + item_size, left : left + item_size][foreground] = labels[item] + 1
+    return canvas, mask
+
+
+def build_fashion_mnist_seg(
+    debian_dir: Path = FASHION_MNIST_DEBIAN_DIR, canvas_size: int = 64, max_per_split: int | None = None
+) -> tuple[DatasetDict, dict[int, str]]:
+    """Segmentation canvases of real Fashion-MNIST items: training canvases from the training images,
+    validation canvases from the test images; as many canvases as source images unless `max_per_split`."""
+    if canvas_size < 28:
+        raise DatasetBuildError(f"--canvas_size {canvas_size} is smaller than a 28-pixel Fashion-MNIST item; use 56 or 64.")
+    if not debian_dir.is_dir():
+        raise DatasetBuildError(
+            f"{debian_dir} not found: fashion-mnist-seg is built from the Debian package dataset-fashion-mnist "
+            "(apt-get install dataset-fashion-mnist)."
+        )
+    features = Features({"image": Image(), "label": Image()})
+    splits = {}
+    for split, prefix, seed in [("train", "train", 0), ("validation", "t10k", 1)]:
+        images = read_idx(debian_dir / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(debian_dir / f"{prefix}-labels-idx1-ubyte.gz")
+        count = len(images) if max_per_split is None else max_per_split
+        canvases = [render_canvas(images, labels, index, canvas_size, seed) for index in range(count)]
+        columns = {"image": [png_bytes(c) for c, _ in canvases], "label": [png_bytes(m) for _, m in canvases]}
+        splits[split] = Dataset.from_dict(columns, features=features)
+    print(f"Built {canvas_size}x{canvas_size} canvases of {CANVAS_ITEMS[0]}-{CANVAS_ITEMS[1]} items from {debian_dir}")
+    return DatasetDict(splits), {0: "background", **{i + 1: name for i, name in enumerate(FASHION_MNIST_CLASSES)}}
+
+
+def reduce_zero_label(mask_png: bytes) -> bytes:
+    """ADE20K's masks: 0 ("other objects") becomes 255 (ignored) and classes 1..150 become 0..149."""
+    with PIL.Image.open(io.BytesIO(mask_png)) as image:
+        mask = np.array(image, dtype=np.int16)
+    return png_bytes(np.where(mask == 0, 255, mask - 1).astype(np.uint8))
+
+
+def ade20k_archive(archive: Path | None, download_dir: Path) -> Path:
+    """The given archive, or the official one downloaded into `download_dir`; offline, a message saying what to get."""
+    if archive is not None:
+        if not archive.is_file():
+            raise DatasetBuildError(f"--archive {archive} is not a file; pass the path of ADEChallengeData2016.zip.")
+        return archive
+    target = download_dir / "ADEChallengeData2016.zip"
+    if target.is_file():
+        return target
+    print(f"Downloading {ADE20K_URL} (about 1 GB) to {target}")
+    partial = target.with_suffix(".zip.partial")
+    try:
+        urllib.request.urlretrieve(ADE20K_URL, partial)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise DatasetBuildError(
+            f"Could not download ADE20K ({type(error).__name__}: {error}).\n"
+            f"Download the SceneParse-150 archive ADEChallengeData2016.zip (about 1 GB) from {ADE20K_URL} "
+            "(linked from http://sceneparsing.csail.mit.edu) on a machine with network access, copy it here, and run\n"
+            "  python download_dataset.py --dataset ade20k --archive /path/to/ADEChallengeData2016.zip"
+        ) from None
+    partial.rename(target)
+    return target
+
+
+def ade20k_class_names(archive: zipfile.ZipFile) -> dict[int, str]:
+    """The 150 names of objectInfo150.txt (Idx, Ratio, Train, Val, Name; tab-separated), as the reduced ids 0..149."""
+    info = next((name for name in archive.namelist() if name.endswith("objectInfo150.txt")), None)
+    if info is None:
+        raise DatasetBuildError("the archive has no objectInfo150.txt: it is not the official ADEChallengeData2016.zip.")
+    rows = archive.read(info).decode().strip().splitlines()[1:]
+    return {int(row.split("\t")[0]) - 1: row.split("\t")[-1].split(";")[0].strip() for row in rows}
+
+
+def read_ade20k_pairs(archive_path: str, split_dir: str):
+    with zipfile.ZipFile(archive_path) as archive:
+        names = archive.namelist()
+        images = sorted(name for name in names if f"/images/{split_dir}/" in name and name.endswith(".jpg"))
+        annotations = {Path(name).stem: name for name in names if f"/annotations/{split_dir}/" in name and name.endswith(".png")}
+        for image in images:
+            if Path(image).stem not in annotations:
+                raise DatasetBuildError(f"{image} has no annotation {split_dir}/{Path(image).stem}.png in the archive.")
+            yield {
+                "image": {"bytes": archive.read(image), "path": Path(image).name},
+                "label": {"bytes": reduce_zero_label(archive.read(annotations[Path(image).stem])), "path": f"{Path(image).stem}.png"},
+            }
+
+
+def build_ade20k(archive: Path, cache_dir: str) -> tuple[DatasetDict, dict[int, str]]:
+    """SceneParse-150 from ADEChallengeData2016.zip: images/{training,validation}/*.jpg with the masks of
+    annotations/, reduced to 150 classes (0..149) and 255 for ADE20K's "other objects"."""
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            id2label = ade20k_class_names(zipped)
+    except zipfile.BadZipFile as error:
+        raise DatasetBuildError(f"{archive} is not a readable zip archive ({error}); download it again.") from None
+    features = Features({"image": Image(), "label": Image()})
+    splits = {}
+    for split, split_dir in [("train", "training"), ("validation", "validation")]:
+        splits[split] = Dataset.from_generator(
+            read_ade20k_pairs, features, gen_kwargs={"archive_path": str(archive), "split_dir": split_dir},
+            cache_dir=cache_dir, split=split,
+        )
+        if len(splits[split]) != ADE20K_SIZES[split]:
+            print(f"Note: {split} holds {len(splits[split])} pairs; the official archive has {ADE20K_SIZES[split]}.")
+    return DatasetDict(splits), id2label
 
 
 def list_images(split_dir: Path, class_names: list[str]) -> tuple[list[str], list[int]]:
@@ -220,30 +351,42 @@ def check_destination(output_dir: Path, overwrite: bool) -> None:
         )
 
 
-def save(dataset: DatasetDict, output_dir: Path, overwrite: bool) -> None:
-    """Save beside the destination, then move into place, so a build killed halfway never looks like a dataset."""
+def save(dataset: DatasetDict, output_dir: Path, overwrite: bool, id2label: dict[int, str] | None = None) -> None:
+    """Save beside the destination, then move into place, so a build killed halfway never looks like a dataset.
+    A segmentation dataset's class names go to `id2label.json` inside it."""
     check_destination(output_dir, overwrite)
     partial = output_dir.with_name(f".{output_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     dataset.save_to_disk(str(partial))
+    if id2label is not None:
+        (partial / "id2label.json").write_text(json.dumps({str(i): name for i, name in id2label.items()}, indent=1))
     if output_dir.exists():
         shutil.rmtree(output_dir)
     partial.rename(output_dir)
     sizes = ", ".join(f"{split} {len(split_data)}" for split, split_data in dataset.items())
-    print(f"Saved {output_dir} ({sizes} images, {dataset['train'].features['label'].num_classes} classes)")
+    num_classes = len(id2label) if id2label is not None else dataset["train"].features["label"].num_classes
+    print(f"Saved {output_dir} ({sizes} images, {num_classes} classes)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--dataset", choices=["imagenet-1k", "fashion-mnist"], default="imagenet-1k")
+    source.add_argument(
+        "--dataset", choices=["imagenet-1k", "fashion-mnist", "fashion-mnist-seg", "ade20k"], default="imagenet-1k"
+    )
     source.add_argument("--imagefolder", type=Path, help="a local DIR/train/<class>/*, DIR/val/<class>/* tree")
     parser.add_argument("--output_dir", type=Path, help="default: data/<dataset>-hf")
     add_bool_argument(parser, "--overwrite", "replace a dataset already saved at the destination")
-    parser.add_argument("--max_per_split", type=int, help="fashion-mnist only: keep the first N images of each split")
+    parser.add_argument(
+        "--max_per_split", type=int, help="fashion-mnist(-seg) only: keep the first N images (canvases) of each split"
+    )
+    parser.add_argument("--canvas_size", type=int, default=64, help="fashion-mnist-seg: canvas side in pixels")
+    parser.add_argument("--archive", type=Path, help="ade20k: the path of ADEChallengeData2016.zip (else downloaded)")
     args = parser.parse_args(argv)
-    if args.max_per_split is not None and (args.imagefolder is not None or args.dataset != "fashion-mnist"):
-        parser.error("--max_per_split applies to --dataset fashion-mnist only")
+    if args.max_per_split is not None and (args.imagefolder is not None or not args.dataset.startswith("fashion-mnist")):
+        parser.error("--max_per_split applies to --dataset fashion-mnist and fashion-mnist-seg only")
+    if args.archive is not None and (args.imagefolder is not None or args.dataset != "ade20k"):
+        parser.error("--archive applies to --dataset ade20k only")
     if args.max_per_split is not None and args.max_per_split < 1:
         parser.error(f"--max_per_split must be at least 1, got {args.max_per_split}")
     return args
@@ -260,6 +403,14 @@ def run(args: argparse.Namespace) -> Path:
             save(build_imagefolder(args.imagefolder, cache_dir), output_dir, args.overwrite)
     elif args.dataset == "fashion-mnist":
         save(build_fashion_mnist(max_per_split=args.max_per_split), output_dir, args.overwrite)
+    elif args.dataset == "fashion-mnist-seg":
+        dataset, id2label = build_fashion_mnist_seg(canvas_size=args.canvas_size, max_per_split=args.max_per_split)
+        save(dataset, output_dir, args.overwrite, id2label)
+    elif args.dataset == "ade20k":
+        archive = ade20k_archive(args.archive, output_dir.parent)
+        with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.build-", dir=output_dir.parent) as cache_dir:
+            dataset, id2label = build_ade20k(archive, cache_dir)
+            save(dataset, output_dir, args.overwrite, id2label)
     else:
         save(build_imagenet(output_dir), output_dir, args.overwrite)
     return output_dir

@@ -39,7 +39,8 @@ class BadImageError(ValueError):
         self.path = path
 
 
-def _read_bytes(record: dict) -> tuple[bytes, str]:
+def read_image_bytes(record: dict) -> tuple[bytes, str]:
+    """The raw bytes of an image record `{"bytes", "path"}`, and the path that names it in errors."""
     path = record.get("path") or "<embedded bytes>"
     if path.startswith("file://"):  # download_dataset.py names files by URI; the log shows them as plain paths
         path = url2pathname(urlparse(path).path)
@@ -61,7 +62,7 @@ def decode_rgb_tensor(record: dict) -> torch.Tensor:
 
     torchvision's decoders (libjpeg-turbo, libpng, ...) do the common formats; PIL covers the rest
     (TIFF, BMP, palette and exotic modes)."""
-    data, path = _read_bytes(record)
+    data, path = read_image_bytes(record)
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
@@ -73,7 +74,7 @@ def decode_rgb_tensor(record: dict) -> torch.Tensor:
 
 def open_rgb_pil(record: dict) -> Image.Image:
     """Decode `{"bytes", "path"}` to an RGB PIL image; raise `BadImageError` if it won't decode."""
-    data, path = _read_bytes(record)
+    data, path = read_image_bytes(record)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -223,18 +224,20 @@ class ImageDataset(torch.utils.data.Dataset):
             image_seed = int(np.random.SeedSequence([self.seed, int(self.epoch), index, attempt]).generate_state(1)[0])
             try:
                 with seeded_random(image_seed):
-                    pixels = self.transform(row[self.image_column])
+                    return self.example(row)
             except BadImageError as error:
                 if self.strict:
                     raise
                 self.skipped += 1
                 logger.warning("skipped %s (%d skipped so far in process %d)", error, self.skipped, os.getpid())
-                continue
-            example = {"pixel_values": pixels}
-            if self.label_column:
-                example["labels"] = row[self.label_column]
-            return example
         raise BadImageError(f"all {len(self)} images of the split", "none decodes")
+
+    def example(self, row: dict) -> dict:
+        """One training example from one row, drawn under the image's seed."""
+        example = {"pixel_values": self.transform(row[self.image_column])}
+        if self.label_column:
+            example["labels"] = row[self.label_column]
+        return example
 
 
 def collate_images(examples: list[dict]) -> dict:

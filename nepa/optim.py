@@ -45,13 +45,19 @@ def is_head(name: str) -> bool:
 
 
 def layer_decay_param_groups(
-    model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float, head_lr: float | None
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    layer_decay: float,
+    head_lr: float | None,
+    num_layers: int | None = None,
 ) -> list[dict]:
     """Layer-wise lr decay: encoder layer i gets lr * decay**(L-1-i), the embeddings lr * decay**L, the other
-    parameters above the layers (fc_norm) lr, and the classifier and final norm `head_lr` (lr when None).
-    Each group records its `lr_factor` (1 above the layers), which the schedule uses to stretch the warm-up
-    of the lower layers."""
-    num_layers = model.config.num_hidden_layers
+    parameters above the layers (fc_norm, a segmentation decoder) lr, and the classifier and final norm `head_lr`
+    (lr when None). Each group records its `lr_factor` (1 above the layers), which the schedule uses to stretch the
+    warm-up of the lower layers. `num_layers` (L) defaults to `model.config.num_hidden_layers`; a model whose encoder
+    is a sub-model (a segmentation backbone) names it."""
+    num_layers = model.config.num_hidden_layers if num_layers is None else num_layers
     groups: dict[tuple[int, bool, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

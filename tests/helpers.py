@@ -15,6 +15,7 @@ import download_dataset
 from image_folder import make_image_folder
 from models.vit_nepa import ViTNepaConfig
 
+REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 16
 
 

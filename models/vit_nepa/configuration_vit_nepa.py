@@ -1,9 +1,22 @@
 """Configuration of ViT-NEPA: a causal ViT with 2-D RoPE, QK-norm and LayerScale."""
 
 from transformers import PretrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 
-class ViTNepaConfig(PretrainedConfig):
+def default_out_indices(num_hidden_layers: int) -> list[int]:
+    """The blocks a segmentation backbone reads, 1-based: about a third, half, two thirds and all of the
+    depth (4/6/8/12 for ViT-B, 8/12/16/24 for ViT-L, as MAE and BEiT did); the last block alone when there
+    are fewer than four."""
+    if num_hidden_layers < 4:
+        return [num_hidden_layers]
+    blocks = [num_hidden_layers]
+    for fraction in (2 / 3, 1 / 2, 1 / 3):
+        blocks.insert(0, min(blocks[0] - 1, max(round(num_hidden_layers * fraction), 4 - len(blocks))))
+    return blocks
+
+
+class ViTNepaConfig(BackboneConfigMixin, PretrainedConfig):
     r"""
     Configuration of a [`ViTNepaModel`]. The defaults are a plain ViT-B/16 (no QK-norm, classifier on the
     last token), the model card's table; the released architectures are the named constructors
@@ -37,6 +50,9 @@ class ViTNepaConfig(PretrainedConfig):
         nepa_stop_grad (`bool`): detach the targets of the NEPA loss.
         nepa_mask_ratio (`float`): fraction of patch inputs replaced by a learned mask token during
             pretraining; targets stay clean.
+        out_features, out_indices (`list`): what [`ViTNepaBackbone`] returns. Stage `stem` (index 0) is
+            the embeddings and `stageN` (index N) the output of block N, counted from 1. Default:
+            `default_out_indices(num_hidden_layers)`.
     """
 
     model_type = "vit_nepa"
@@ -72,9 +88,12 @@ class ViTNepaConfig(PretrainedConfig):
         nepa_shift=True,
         nepa_stop_grad=True,
         nepa_mask_ratio=0.0,
+        out_features=None,
+        out_indices=None,
         **kwargs,
     ):
         kwargs.pop("num_prompt_token", None)  # carried by released files, always 0
+        kwargs.pop("stage_names", None)  # derived from the depth below
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -105,6 +124,10 @@ class ViTNepaConfig(PretrainedConfig):
         self.nepa_shift = nepa_shift
         self.nepa_stop_grad = nepa_stop_grad
         self.nepa_mask_ratio = nepa_mask_ratio
+        self.stage_names = ["stem"] + [f"stage{block}" for block in range(1, num_hidden_layers + 1)]
+        if out_features is None and out_indices is None:
+            out_indices = default_out_indices(num_hidden_layers)
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
         self.check_geometry()
 
     def check_geometry(self):

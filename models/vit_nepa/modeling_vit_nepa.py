@@ -15,6 +15,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_outputs import BackboneOutput
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
@@ -401,7 +403,7 @@ class ViTNepaPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -418,6 +420,8 @@ class ViTNepaPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
         elif isinstance(module, ViTNepaLayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
+        elif isinstance(module, nn.BatchNorm2d):
+            super()._init_weights(module)  # weight 1, bias 0, running statistics reset
 
 
 class ViTNepaModel(ViTNepaPreTrainedModel):
@@ -585,7 +589,91 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     )
 
 
+class ViTNepaNeck(nn.Module):
+    """Four single-scale feature maps -> a pyramid at 4x, 2x, 1x and 1/2x the patch grid, the neck BEiT and
+    MAE put under UperNet for a plain ViT: two stride-2 transposed convolutions (with BatchNorm and GELU
+    between them), one, none, and a 2x2 max-pool."""
+
+    def __init__(self, config: ViTNepaConfig):
+        super().__init__()
+        width = config.hidden_size
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
+            nn.BatchNorm2d(width),
+            nn.GELU(),
+            nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
+        )
+        self.up2 = nn.ConvTranspose2d(width, width, kernel_size=2, stride=2)
+        self.down2 = nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def forward(self, feature_maps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return self.up4(feature_maps[0]), self.up2(feature_maps[1]), feature_maps[2], self.down2(feature_maps[3])
+
+
+class ViTNepaBackbone(BackboneMixin, ViTNepaPreTrainedModel):
+    """The encoder as a dense-prediction backbone (`AutoBackbone`, UperNet's `backbone_config`).
+
+    The encoder sits under `vit_nepa.` as in the pretraining and classification models, so `from_pretrained`
+    on either checkpoint loads every encoder tensor. The four stages named by `out_indices` (block N is stage N;
+    stage 0 is the embeddings) give feature maps (batch, hidden, rows, cols): CLS dropped, each passed through the
+    encoder's final LayerNorm (as DINOv2's backbone does: every depth comes out on one scale, and every
+    pretrained tensor is used), then made a pyramid by `ViTNepaNeck`. Any image whose sides are multiples of
+    `patch_size` runs; RoPE is computed for its grid. Attention follows `config.is_causal`: pass
+    `is_causal=False` for bidirectional attention when loading a pretraining checkpoint, which is causal.
+    """
+
+    def __init__(self, config: ViTNepaConfig):
+        super().__init__(config)
+        if len(config.out_indices) != 4:
+            raise ValueError(
+                f"ViTNepaBackbone builds a 4-level pyramid from 4 blocks, but out_indices is {config.out_indices}: "
+                f"pass 4 distinct stages between 0 (the embeddings) and num_hidden_layers={config.num_hidden_layers}."
+            )
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.vit_nepa = ViTNepaModel(config)
+        self.neck = ViTNepaNeck(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vit_nepa.get_input_embeddings()
+
+    def block_feature_maps(
+        self, pixel_values: torch.Tensor, output_attentions: bool | None = None
+    ) -> tuple[tuple[torch.Tensor, ...], ViTNepaModelOutput]:
+        """The chosen blocks' normalised patch tokens as (batch, hidden, rows, cols), before the neck."""
+        outputs = self.vit_nepa(pixel_values, output_attentions=output_attentions, output_hidden_states=True)
+        rows, cols = (side // self.config.patch_size for side in pixel_values.shape[-2:])
+        maps = []
+        for index in self.out_indices:
+            tokens = self.vit_nepa.layernorm(outputs.hidden_states[index][:, 1:])
+            maps.append(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, rows, cols))
+        return tuple(maps), outputs
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BackboneOutput:
+        r"""
+        pixel_values: (batch, num_channels, height, width), height and width multiples of `patch_size`.
+        Returns `feature_maps` at 4x, 2x, 1x and 1/2x the patch grid, each with `hidden_size` channels.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        maps, outputs = self.block_feature_maps(pixel_values, output_attentions)
+        return BackboneOutput(
+            feature_maps=self.neck(maps),
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
+        )
+
+
 __all__ = [
+    "ViTNepaBackbone",
     "ViTNepaModel",
     "ViTNepaForPreTraining",
     "ViTNepaForImageClassification",

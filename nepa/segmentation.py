@@ -1,0 +1,272 @@
+"""Semantic segmentation: label masks, the joint image/mask transforms, sliding-window inference, the
+confusion-matrix metrics and the Trainer that evaluates with them.
+
+A segmentation dataset is what `download_dataset.py` writes for `ade20k` and `fashion-mnist-seg`: `train`
+and `validation` splits with an `image` column and a `label` column holding the mask as a single-channel
+PNG (one class index per pixel), and an `id2label.json` beside the splits. Pixels labelled `IGNORE_INDEX`
+count in neither the loss nor the metrics.
+"""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from transformers.trainer_utils import EvalLoopOutput
+
+from .data import BadImageError, ImageDataset, read_image_bytes, decode_rgb_tensor
+from .optim import layer_decay_param_groups
+from .trainer import NepaTrainer
+
+IGNORE_INDEX = 255
+ID2LABEL_FILE = "id2label.json"
+
+
+# --- masks and transforms: (uint8 image (3, H, W), uint8 mask (H, W)) -> the same, transformed ---------
+
+
+def decode_mask(record: dict) -> torch.Tensor:
+    """A label PNG -> uint8 (H, W) of class indices (palette PNGs give their palette indices)."""
+    data, path = read_image_bytes(record)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.mode not in ("L", "P"):
+                raise BadImageError(path, f"a label mask must be a single-channel 8-bit image (mode L or P), not {image.mode}")
+            return torch.from_numpy(np.array(image, dtype=np.uint8))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+
+
+def keep_ratio_size(height: int, width: int, scale: tuple[int, int], ratio: float = 1.0) -> list[int]:
+    """mmseg's keep-ratio rescale: the largest size with the long side <= max(scale) * ratio and the short
+    side <= min(scale) * ratio."""
+    factor = min(max(scale) * ratio / max(height, width), min(scale) * ratio / min(height, width))
+    return [max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))]
+
+
+def random_crop_box(mask: torch.Tensor, crop_size: int, cat_max_ratio: float) -> tuple[int, int, int, int]:
+    """A random crop (top, left, height, width); with `cat_max_ratio` < 1, up to 10 draws to find one where
+    no single class covers that fraction of the labelled pixels (mmseg's RandomCrop)."""
+    height, width = mask.shape
+    crop_h, crop_w = min(crop_size, height), min(crop_size, width)
+    for _ in range(10):
+        top = int(torch.randint(height - crop_h + 1, ()))
+        left = int(torch.randint(width - crop_w + 1, ()))
+        if cat_max_ratio >= 1.0:
+            break
+        window = mask[top : top + crop_h, left : left + crop_w]
+        _, counts = window[window != IGNORE_INDEX].unique(return_counts=True)
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return top, left, crop_h, crop_w
+
+
+def photometric_distortion() -> v2.Transform:
+    """mmseg's PhotoMetricDistortion from torchvision's ops: brightness, contrast, saturation (0.5-1.5) and hue
+    (+-18 degrees), each applied with probability 0.5."""
+    jitters = [
+        v2.ColorJitter(brightness=(1 - 32 / 255, 1 + 32 / 255)),
+        v2.ColorJitter(contrast=(0.5, 1.5)),
+        v2.ColorJitter(saturation=(0.5, 1.5)),
+        v2.ColorJitter(hue=18 / 360),
+    ]
+    return v2.Compose([v2.RandomApply([jitter], p=0.5) for jitter in jitters])
+
+
+class SegmentationTrainTransform:
+    """The MAE/BEiT ADE20K training pipeline: keep-ratio resize of the image to `scale` times a ratio drawn
+    from `ratio_range`, random crop of `crop_size` (`cat_max_ratio`), horizontal flip, photometric distortion,
+    then padding to `crop_size` (image 0, mask `IGNORE_INDEX`)."""
+
+    def __init__(self, scale, ratio_range, crop_size: int, cat_max_ratio=0.75, photometric=True):
+        self.scale = tuple(scale)
+        self.ratio_range = tuple(ratio_range)
+        self.crop_size = crop_size
+        self.cat_max_ratio = cat_max_ratio
+        self.photometric = photometric_distortion() if photometric else None
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ratio = float(torch.empty(()).uniform_(*self.ratio_range))
+        size = keep_ratio_size(*image.shape[-2:], self.scale, ratio)
+        image = TF.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        mask = TF.resize(mask[None], size, interpolation=v2.InterpolationMode.NEAREST)[0]
+        top, left, height, width = random_crop_box(mask, self.crop_size, self.cat_max_ratio)
+        image = image[:, top : top + height, left : left + width]
+        mask = mask[top : top + height, left : left + width]
+        if torch.rand(()) < 0.5:
+            image, mask = image.flip(-1), mask.flip(-1)
+        if self.photometric is not None:
+            image = self.photometric(image)
+        pad_h, pad_w = self.crop_size - height, self.crop_size - width
+        if pad_h or pad_w:
+            image = F.pad(image, (0, pad_w, 0, pad_h), value=0)
+            mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        return image.contiguous(), mask.contiguous()
+
+
+class SegmentationEvalTransform:
+    """Keep-ratio resize of the image to `scale`; the mask stays at its full resolution (predictions are
+    resized to it, as mmseg does)."""
+
+    def __init__(self, scale):
+        self.scale = tuple(scale)
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = keep_ratio_size(*image.shape[-2:], self.scale)
+        if size != list(image.shape[-2:]):
+            image = TF.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        return image, mask
+
+
+class SegmentationDataset(ImageDataset):
+    """Image + mask pairs through a joint transform, with `ImageDataset`'s per-image seeds and bad-file skips."""
+
+    def __init__(self, split: datasets.Dataset, transform, image_column="image", label_column="label", strict=False, seed=None):
+        super().__init__(split, transform, image_column, label_column, strict, seed)
+        self.split = self.split.cast_column(label_column, datasets.Image(decode=False))
+
+    def example(self, row: dict) -> dict:
+        image, mask = decode_rgb_tensor(row[self.image_column]), decode_mask(row[self.label_column])
+        if image.shape[-2:] != mask.shape:
+            path = row[self.label_column].get("path") or "<embedded bytes>"
+            raise BadImageError(path, f"mask {tuple(mask.shape)} and image {tuple(image.shape[-2:])} differ in size")
+        image, mask = self.transform(image, mask)
+        return {"pixel_values": image, "labels": mask}
+
+
+def collate_segmentation(examples: list[dict]) -> dict:
+    """uint8 images and masks stacked; masks become int64 for the loss."""
+    sizes = {tuple(example["pixel_values"].shape[-2:]) for example in examples}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"the images of one batch differ in size ({sorted(sizes)}): evaluate images of different sizes "
+            f"with --per_device_eval_batch_size 1, or train on fixed-size crops."
+        )
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.stack([example["labels"] for example in examples]).long(),
+    }
+
+
+def read_id2label(dataset_dir: str) -> dict[int, str] | None:
+    path = Path(dataset_dir) / ID2LABEL_FILE
+    if not path.is_file():
+        return None
+    return {int(index): name for index, name in json.loads(path.read_text()).items()}
+
+
+# --- inference and metrics -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def slide_inference(model, pixel_values: torch.Tensor, crop_size: int, stride: int) -> torch.Tensor:
+    """Logits (batch, classes, H, W) averaged over `crop_size` windows `stride` apart (mmseg's "slide" mode);
+    an image smaller than a window is padded at the bottom / right for the forward and cut back after."""
+    _, _, height, width = pixel_values.shape
+    pad_h, pad_w = max(crop_size - height, 0), max(crop_size - width, 0)
+    if pad_h or pad_w:
+        pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+    padded_h, padded_w = pixel_values.shape[-2:]
+    logits, counts = None, torch.zeros(padded_h, padded_w, device=pixel_values.device)
+    for row in range(math.ceil(max(padded_h - crop_size, 0) / stride) + 1):
+        for col in range(math.ceil(max(padded_w - crop_size, 0) / stride) + 1):
+            bottom, right = min(row * stride + crop_size, padded_h), min(col * stride + crop_size, padded_w)
+            top, left = bottom - crop_size, right - crop_size
+            window = model(pixel_values[:, :, top:bottom, left:right]).logits.float()
+            if logits is None:
+                logits = window.new_zeros(window.shape[0], window.shape[1], padded_h, padded_w)
+            logits[:, :, top:bottom, left:right] += window
+            counts[top:bottom, left:right] += 1
+    return (logits / counts)[:, :, :height, :width]
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """(num_labels, num_labels) int64 counts, rows the true class and columns the predicted one, over the
+    pixels not labelled `IGNORE_INDEX`."""
+    valid = labels != IGNORE_INDEX
+    labels, predictions = labels[valid].long(), predictions[valid].long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
+        raise ValueError(
+            f"label {int(labels.max() if labels.max() >= num_labels else labels.min())} is outside 0..{num_labels - 1} "
+            f"(and is not the ignore index {IGNORE_INDEX}): the model's num_labels does not match the dataset's classes."
+        )
+    counts = torch.bincount(labels * num_labels + predictions, minlength=num_labels * num_labels)
+    return counts.reshape(num_labels, num_labels)
+
+
+def reduce_across_processes(confusion: torch.Tensor) -> torch.Tensor:
+    """The sum of every process's matrix (each evaluated its own shard of the split)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        confusion = confusion.clone()
+        torch.distributed.all_reduce(confusion)
+    return confusion
+
+
+def segmentation_metrics(confusion: torch.Tensor, id2label: dict[int, str] | None = None) -> dict[str, float]:
+    """`mean_iou` and `mean_accuracy` over the classes that occur (in the labels or the predictions; an absent
+    class has no IoU and is left out, as in mmseg), `pixel_accuracy` over all labelled pixels, and
+    `iou_<class>` for each class that occurs."""
+    confusion = confusion.double()
+    intersection = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    iou = intersection / union  # NaN where the class occurs nowhere
+    labelled = confusion.sum(1)
+    accuracy = intersection / labelled
+    metrics = {
+        "mean_iou": float(iou.nanmean()),
+        "mean_accuracy": float(accuracy.nanmean()),
+        "pixel_accuracy": float(intersection.sum() / confusion.sum()),
+    }
+    for index, value in enumerate(iou.tolist()):
+        if not math.isnan(value):
+            metrics[f"iou_{id2label[index] if id2label else index}"] = value
+    return metrics
+
+
+class SegmentationTrainer(NepaTrainer):
+    """Layer-wise lr decay over the backbone's blocks (decoder, neck and final norm at the full lr), and an
+    evaluation that slides `crop_size` windows over each validation image and accumulates one confusion
+    matrix over the split, summed across processes: no logits are kept beyond the batch at hand."""
+
+    def __init__(self, *args, layer_decay: float, crop_size: int, eval_stride: int, **kwargs):
+        self.layer_decay = layer_decay
+        self.crop_size = crop_size
+        self.eval_stride = eval_stride
+        super().__init__(*args, **kwargs)
+        # UperNet's loss is a mean over the batch's pixels, but its forward takes **kwargs, which makes the Trainer
+        # believe it normalises by `num_items_in_batch` itself and skip the division by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+
+    def parameter_groups(self, model):
+        num_layers = model.config.backbone_config.num_hidden_layers
+        return layer_decay_param_groups(
+            model, self.args.learning_rate, self.args.weight_decay, self.layer_decay, None, num_layers=num_layers
+        )
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        model = self.model
+        model.eval()
+        num_labels = model.config.num_labels
+        confusion = torch.zeros(num_labels, num_labels, dtype=torch.int64, device=self.args.device)
+        samples = 0
+        for inputs in dataloader:
+            inputs = self.prepare_batch(inputs)  # the prepared dataloader has put the batch on the device
+            with torch.no_grad(), self.autocast_smart_context_manager():
+                logits = slide_inference(model, inputs["pixel_values"], self.crop_size, self.eval_stride)
+            labels = inputs["labels"]
+            if logits.shape[-2:] != labels.shape[-2:]:
+                logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            confusion += confusion_matrix(logits.argmax(1), labels, num_labels)
+            samples += len(labels)
+        confusion = reduce_across_processes(confusion)
+        samples = int(reduce_across_processes(torch.tensor(samples, device=self.args.device)))
+        metrics = segmentation_metrics(confusion.cpu(), model.config.id2label)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=samples)

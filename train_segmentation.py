@@ -1,0 +1,156 @@
+"""Semantic segmentation with a ViT-NEPA backbone under UperNet (transformers' `UperNetForSemanticSegmentation`).
+
+    python train_segmentation.py --model_name_or_path outputs/nepa-b \
+        --dataset_name data/ade20k-hf --load_from_disk True --output_dir outputs/nepa-b-ade20k \
+        --do_train --do_eval --max_steps 160000 ...
+    python train_segmentation.py --model_name_or_path outputs/nepa-b-ade20k \
+        --dataset_name data/ade20k-hf --load_from_disk True --output_dir outputs/eval-ade20k --do_eval
+
+`--model_name_or_path` is a NEPA pretraining or classification folder (its encoder initialises the backbone;
+the neck and the heads start at random), or a segmentation folder this script saved (to evaluate it with
+`--do_eval` alone, or to train on). The dataset is one `download_dataset.py` builds for segmentation (masks
+in `label`, 255 ignored, `id2label.json`). Training: the MAE/BEiT pipeline of `nepa.segmentation` on
+`crop_size` crops, layer-wise lr decay. Evaluation: single-scale sliding windows, mIoU / pixel accuracy /
+per-class IoU from one confusion matrix over the split. Every `TrainingArguments` flag works (bf16,
+torchrun, ...); a run started again with the same command resumes from its newest complete checkpoint.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, AutoImageProcessor, UperNetConfig, UperNetForSemanticSegmentation, set_seed
+
+from models.vit_nepa import ViTNepaBackbone
+from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
+from nepa.data import BatchNormalize, get_split, load_image_dataset
+from nepa.segmentation import (
+    IGNORE_INDEX,
+    SegmentationDataset,
+    SegmentationEvalTransform,
+    SegmentationTrainer,
+    SegmentationTrainTransform,
+    collate_segmentation,
+    read_id2label,
+)
+from nepa.trainer import resume_checkpoint, train_and_evaluate
+
+logger = logging.getLogger("train_segmentation")
+
+
+@dataclass
+class SegmentationArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "A NEPA pretraining / classification folder, or a segmentation folder this script saved."}
+    )
+    image_processor_name: str | None = field(default=None, metadata={"help": "Default: --model_name_or_path."})
+    out_indices: list[int] | None = field(
+        default=None, metadata={"help": "Blocks (1-based) feeding the pyramid; default 4 6 8 12 (B), 8 12 16 24 (L)."}
+    )
+    is_causal: bool = field(default=False, metadata={"help": "Keep causal attention (bidirectional by default)."})
+    drop_path: float = field(default=0.1, metadata={"help": "Stochastic depth of the last block."})
+    llrd: float = field(default=0.65, metadata={"help": "Layer-wise lr decay over the encoder blocks (1 = none)."})
+    decoder_hidden_size: int = field(default=512, metadata={"help": "UperNet channels."})
+    auxiliary_channels: int = field(default=256, metadata={"help": "Channels of the auxiliary FCN head."})
+    auxiliary_loss_weight: float = field(default=0.4, metadata={"help": "Weight of the auxiliary head's loss."})
+    crop_size: int = field(default=504, metadata={"help": "Training crop and evaluation window (a multiple of the patch size)."})
+    train_scale: list[int] = field(default_factory=lambda: [2048, 512], metadata={"help": "Base scale of the random resize."})
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata={"help": "Random resize ratios."})
+    cat_max_ratio: float = field(default=0.75, metadata={"help": "Redraw crops where one class covers this much."})
+    photometric: bool = field(default=True, metadata={"help": "Photometric distortion in training."})
+    eval_scale: list[int] = field(default_factory=lambda: [2048, 512], metadata={"help": "Keep-ratio resize for evaluation."})
+    eval_stride: int = field(default=336, metadata={"help": "Stride of the evaluation's sliding windows."})
+
+
+def build_model(args: SegmentationArguments, id2label: dict[int, str] | None) -> UperNetForSemanticSegmentation:
+    model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
+    if model_type == "upernet":
+        model = UperNetForSemanticSegmentation.from_pretrained(args.model_name_or_path)
+        if id2label is not None and len(id2label) != model.config.num_labels:
+            raise ValueError(
+                f"{args.model_name_or_path} predicts {model.config.num_labels} classes but the dataset has {len(id2label)}."
+            )
+        return model
+    if model_type != "vit_nepa":
+        raise ValueError(f"{args.model_name_or_path} holds a {model_type!r} model; expected a NEPA or UperNet folder.")
+    if id2label is None:
+        raise ValueError(
+            "the dataset folder has no id2label.json, so the number of classes is unknown: build the dataset with "
+            "download_dataset.py (--dataset ade20k or fashion-mnist-seg)."
+        )
+    overrides = dict(is_causal=args.is_causal, drop_path_prob=args.drop_path)
+    if args.out_indices is not None:
+        overrides["out_indices"] = args.out_indices
+    backbone, info = ViTNepaBackbone.from_pretrained(args.model_name_or_path, output_loading_info=True, **overrides)
+    missing = [key for key in info["missing_keys"] if not key.startswith("neck.")]
+    if missing:
+        raise ValueError(
+            f"{args.model_name_or_path} lacks {len(missing)} encoder tensors ({', '.join(sorted(missing)[:4])}): "
+            f"it is not a NEPA encoder checkpoint."
+        )
+    config = UperNetConfig(
+        backbone_config=backbone.config,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={name: index for index, name in id2label.items()},
+        hidden_size=args.decoder_hidden_size,
+        auxiliary_channels=args.auxiliary_channels,
+        auxiliary_loss_weight=args.auxiliary_loss_weight,
+        loss_ignore_index=IGNORE_INDEX,
+    )
+    model = UperNetForSemanticSegmentation(config)
+    model.backbone = backbone  # the pretrained encoder (and a fresh neck) in place of the random one
+    return model
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, data_args, training_args = parse_arguments((SegmentationArguments, DataArguments, NepaTrainingArguments), argv)
+    configure_logging(training_args)
+    set_seed(training_args.seed)
+
+    # Everything that can be wrong with the arguments fails here, before the images are read.
+    if not training_args.do_train and AutoConfig.from_pretrained(args.model_name_or_path).model_type != "upernet":
+        raise ValueError(f"{args.model_name_or_path} is an encoder, not a segmentation model: evaluate it after --do_train.")
+    id2label = read_id2label(data_args.dataset_name) if data_args.load_from_disk else None
+    model = build_model(args, id2label)
+    patch_size = model.config.backbone_config.patch_size
+    if args.crop_size % patch_size:
+        below, above = args.crop_size // patch_size * patch_size, (args.crop_size // patch_size + 1) * patch_size
+        raise ValueError(
+            f"--crop_size {args.crop_size} is not a multiple of patch_size {patch_size}: use {below} or {above}."
+        )
+    if args.eval_stride < 1 or args.eval_stride > args.crop_size:
+        raise ValueError(f"--eval_stride {args.eval_stride} must lie in 1..crop_size ({args.crop_size}).")
+    if training_args.world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs, as MAE/BEiT did
+    processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
+    checkpoint = resume_checkpoint(training_args)
+
+    dataset = load_image_dataset(data_args)
+    columns = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name, strict=data_args.strict_images)
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        transform = SegmentationTrainTransform(args.train_scale, args.ratio_range, args.crop_size, args.cat_max_ratio, args.photometric)
+        train_dataset = SegmentationDataset(get_split(dataset, "train", data_args.max_train_samples, training_args.seed), transform, **columns)
+    if training_args.do_eval:
+        eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
+        eval_dataset = SegmentationDataset(eval_split, SegmentationEvalTransform(args.eval_scale), **columns)
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    logger.info("UperNet with a %.1fM-parameter ViT-NEPA backbone, %.1fM parameters in all", backbone / 1e6, model.num_parameters() / 1e6)
+
+    trainer = SegmentationTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_segmentation,
+        normalize=BatchNormalize(processor.image_mean, processor.image_std),
+        layer_decay=args.llrd,
+        crop_size=args.crop_size,
+        eval_stride=args.eval_stride,
+    )
+    return train_and_evaluate(trainer, processor, checkpoint)
+
+
+if __name__ == "__main__":
+    main()
