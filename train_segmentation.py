@@ -39,6 +39,13 @@ logger = logging.getLogger("train_segmentation")
 
 
 @dataclass
+class SegmentationTrainingArguments(NepaTrainingArguments):
+    use_ema: bool = field(
+        default=False, metadata={"help": "Keep an EMA of the weights (off: the MAE/BEiT ADE20K recipe keeps none)."}
+    )
+
+
+@dataclass
 class SegmentationArguments:
     model_name_or_path: str = field(
         metadata={"help": "A NEPA pretraining / classification folder, or a segmentation folder this script saved."}
@@ -104,7 +111,7 @@ def build_model(args: SegmentationArguments, id2label: dict[int, str] | None) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, data_args, training_args = parse_arguments((SegmentationArguments, DataArguments, NepaTrainingArguments), argv)
+    args, data_args, training_args = parse_arguments((SegmentationArguments, DataArguments, SegmentationTrainingArguments), argv)
     configure_logging(training_args)
     set_seed(training_args.seed)
 

@@ -26,7 +26,7 @@ from models.vit_nepa import ViTNepaBackbone, ViTNepaConfig, ViTNepaForImageClass
 from models.vit_nepa.configuration_vit_nepa import default_out_indices
 import download_dataset
 import train_segmentation
-from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
+from nepa.args import DataArguments, parse_arguments
 from nepa.segmentation import (
     SegmentationDataset,
     SegmentationEvalTransform,
@@ -536,9 +536,10 @@ def test_ade20k_scripts_launch_the_recipe(tmp_path, script, drop_path, decoder):
     argv = record.read_text().splitlines()
     assert argv[0] == "train_segmentation.py"
     args, data_args, training_args = parse_arguments(
-        (train_segmentation.SegmentationArguments, DataArguments, NepaTrainingArguments), argv[1:]
+        (train_segmentation.SegmentationArguments, DataArguments, train_segmentation.SegmentationTrainingArguments), argv[1:]
     )
     assert training_args.max_steps == 160_000 and training_args.warmup_steps == 1500
+    assert not training_args.use_ema  # the MAE/BEiT recipe keeps no EMA
     assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 16
     assert training_args.learning_rate == 1e-4 and training_args.weight_decay == 0.05 and training_args.bf16
     assert training_args.lr_scheduler_type == "linear"

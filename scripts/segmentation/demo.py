@@ -106,7 +106,8 @@ def main() -> None:
             "--output_dir", str(pretrained), "--do_train", "--max_steps", str(args.pretrain_steps),
             "--per_device_train_batch_size", str(args.pretrain_batch_size), "--learning_rate", "1.5e-3",
             "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05", "--weight_decay", "0.05", "--adam_beta2", "0.95",
-            "--logging_steps", "50", "--save_strategy", "no", "--dataloader_num_workers", "0", "--seed", "0", *COMMON,
+            "--logging_steps", "50", "--save_strategy", "no", "--dataloader_num_workers", "0", "--seed", "0",
+            "--use_ema", "False", *COMMON,
         ])  # fmt: skip
 
     results: dict[str, list[dict]] = {"NEPA-pretrained": [], "random init": []}
