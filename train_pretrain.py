@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the arguments fails here, before any data is read.
+    if data_args.labels_per_class is not None:
+        raise ValueError("--labels_per_class picks labelled images for fine-tuning; pretraining uses no labels.")
     model = build_model(model_args)
     processor = AutoImageProcessor.from_pretrained(
         model_args.image_processor_name or model_args.model_name_or_path or model_args.config_name
@@ -116,9 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = load_image_dataset(data_args)
     columns = dict(image_column=data_args.image_column_name, label_column=None, strict=data_args.strict_images)
-    train_dataset = ImageDataset(
-        get_split(dataset, "train", data_args.max_train_samples, training_args.seed), PretrainTransform(size), **columns
-    )
+    transform = PretrainTransform(size, data_args.crop_scale, data_args.crop_ratio)
+    train_dataset = ImageDataset(get_split(dataset, "train", data_args.max_train_samples, training_args.seed), transform, **columns)
     eval_dataset = None
     if training_args.do_eval:
         eval_dataset = ImageDataset(
