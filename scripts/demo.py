@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                 stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [
                     "--model_name_or_path", str(encoder), "--protocol", protocol, *data,
                     *miniature.labels_flags(PROBE_LABELS_PERCENT), *miniature.flags(miniature.EVAL),
-                    "--output_dir", str(folder), "--seed", str(seed), *COMMON,
+                    "--output_dir", str(folder), "--seed", str(seed), "--use_ema", "False", *COMMON,
                 ])  # fmt: skip
                 scores[row][column].append(accuracy(folder))
             for percent, column in zip(args.label_percents, columns[2:]):
