@@ -43,7 +43,9 @@ class Stages:
         print(f"==> {kind}: {' '.join(argv)}", flush=True)
         start = time.time()
         function(argv)
-        self.seconds[kind] = self.seconds.get(kind, 0.0) + time.time() - start
+        elapsed = time.time() - start
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + elapsed
+        print(f"<== {kind}: {elapsed / 60:.1f} min", flush=True)
 
 
 def save_random_encoder(folder: Path) -> None:
