@@ -67,8 +67,8 @@ def accuracy(folder: Path) -> float:
 
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
-        return f"{values[0]:.1%}"
-    return f"{statistics.mean(values):.1%} ± {statistics.stdev(values):.1%}"
+        return f"{100 * values[0]:.1f} %"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f} %"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
