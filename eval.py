@@ -28,6 +28,7 @@ from nepa.data import (
     load_image_dataset,
     num_classes,
     processor_image_size,
+    training_split,
 )
 from nepa.ema import EMA_WEIGHTS_NAME
 from nepa.metrics import accuracy_metrics, knn_predict, linear_probe_predict, scores_to_metrics, top5_indices
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.protocol == "finetuned":
         trainer, metrics = evaluate_classifier(args, trainer_kwargs, training_args)
     else:
-        train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
+        train_split = training_split(dataset, data_args, training_args.seed)
         train_dataset = image_dataset(train_split, transform, data_args)
         classes = num_classes(train_split, data_args.label_column_name)
         trainer, metrics = evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset, classes)

@@ -5,7 +5,9 @@
 
 The recipe: timm RandAugment + bicubic RandomResizedCrop + random erasing, mixup / cutmix with label
 smoothing, layer-wise lr decay with a separate head lr and per-group warm-up, an EMA of the weights
-evaluated beside the raw ones. `--freeze_vit True` is a linear probe. The architecture is the classifier
+evaluated beside the raw ones. `--freeze_vit True` is a linear probe. `--labels_per_class N` (or a fraction)
+trains on a seeded class-balanced labelled subset, the semi-supervised protocol; evaluation stays on the whole
+validation split. `--crop_scale` / `--crop_ratio` set the training crop. The architecture is the classifier
 folder's config; `--config_overrides` changes it (`--drop_path`, `--is_causal` spell two of its fields).
 Every `TrainingArguments` flag works; a run started again with the same command resumes from its newest
 complete checkpoint.
@@ -28,6 +30,7 @@ from nepa.data import (
     image_dataset,
     load_image_dataset,
     processor_image_size,
+    training_split,
 )
 from nepa.metrics import accuracy_metrics, top5_indices
 from nepa.optim import layer_decay_cosine_schedule, layer_decay_param_groups
@@ -153,9 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
     size = processor_image_size(processor, model.config.patch_size)
     checkpoint = resume_checkpoint(training_args)
     dataset = load_image_dataset(data_args)
-    train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
+    train_split = training_split(dataset, data_args, training_args.seed)
     check_labels_fit(train_split, data_args.label_column_name, model.config.num_labels, data_args.dataset_name)
-    transform = FinetuneTransform(size, args.aa, processor.image_mean)
+    transform = FinetuneTransform(size, args.aa, processor.image_mean, data_args.crop_scale, data_args.crop_ratio)
     train_dataset = image_dataset(train_split, transform, data_args) if training_args.do_train else None
     eval_dataset = None
     if training_args.do_eval:

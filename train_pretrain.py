@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the arguments fails here, before any data is read.
+    if data_args.labels_per_class is not None:
+        raise ValueError("--labels_per_class picks labelled images for fine-tuning; pretraining uses no labels.")
     model = build_model(model_args)
     processor = AutoImageProcessor.from_pretrained(
         model_args.image_processor_name or model_args.model_name_or_path or model_args.config_name
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = load_image_dataset(data_args)
     train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
-    train_dataset = image_dataset(train_split, PretrainTransform(size), data_args, labels=False)
+    transform = PretrainTransform(size, data_args.crop_scale, data_args.crop_ratio)
+    train_dataset = image_dataset(train_split, transform, data_args, labels=False)
     eval_dataset = None
     if training_args.do_eval:
         eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)

@@ -27,9 +27,43 @@ class DataArguments:
     label_column_name: str = field(default="label", metadata={"help": "The column holding the class labels."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a random subset of this size."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a random subset of this size."})
+    labels_per_class: float | None = field(
+        default=None,
+        metadata={
+            "help": "Train on a class-balanced labelled subset: N images of each class, or (below 1) that fraction of "
+            "each class, drawn with --seed (the same images for every model given the same seed)."
+        },
+    )
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.08, 1.0],
+        metadata={"help": "Training RandomResizedCrop: MIN MAX fraction of the image's area."},
+    )
+    crop_ratio: list[float] = field(
+        default_factory=lambda: [3 / 4, 4 / 3],
+        metadata={"help": "Training RandomResizedCrop: MIN MAX aspect ratio."},
+    )
     strict_images: bool = field(
         default=False, metadata={"help": "Stop at the first undecodable image instead of skipping and logging it."}
     )
+
+    def __post_init__(self):
+        for name in ("crop_scale", "crop_ratio"):
+            if len(getattr(self, name)) != 2:
+                raise ValueError(f"--{name} takes two numbers, MIN MAX; got {getattr(self, name)}.")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"--crop_scale {low} {high}: need 0 < MIN <= MAX <= 1 (fractions of the image's area).")
+        low, high = self.crop_ratio
+        if not 0 < low <= high:
+            raise ValueError(f"--crop_ratio {low} {high}: need 0 < MIN <= MAX (width / height).")
+        if self.labels_per_class is not None:
+            if self.labels_per_class <= 0 or (self.labels_per_class > 1 and not float(self.labels_per_class).is_integer()):
+                raise ValueError(
+                    f"--labels_per_class {self.labels_per_class}: give a whole number of images per class, "
+                    f"or a fraction of each class between 0 and 1."
+                )
+            if self.max_train_samples is not None:
+                raise ValueError("--labels_per_class and --max_train_samples both pick training images: pass one.")
 
 
 def config_overrides_field():

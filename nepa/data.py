@@ -90,11 +90,19 @@ def open_rgb_pil(record: dict) -> Image.Image:
 # --- transforms: record -> uint8 tensor (3, size, size) -------------------------------------------
 
 
+# The paper's RandomResizedCrop (torchvision's defaults); on small images a larger minimum scale keeps the
+# crop recognisable (an 8 % crop of a 28 px image is 8 x 8 pixels).
+DEFAULT_CROP_SCALE = (0.08, 1.0)
+DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
+
+
 class PretrainTransform:
     """RandomResizedCrop + horizontal flip on uint8 tensors (normalisation happens per batch)."""
 
-    def __init__(self, size: int):
-        self.augment = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+    def __init__(self, size: int, scale=DEFAULT_CROP_SCALE, ratio=DEFAULT_CROP_RATIO):
+        self.augment = v2.Compose(
+            [v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True), v2.RandomHorizontalFlip()]
+        )
 
     def __call__(self, record: dict) -> torch.Tensor:
         return self.augment(decode_rgb_tensor(record))
@@ -132,10 +140,12 @@ class FinetuneTransform:
     pretraining), then timm's RandAugment on a PIL image of the crop. Normalisation and random erasing
     are the batch's (see `BatchAugment`). `mean` is the fill colour of RandAugment's geometric ops."""
 
-    def __init__(self, size: int, auto_augment: str | None, mean):
+    def __init__(self, size: int, auto_augment: str | None, mean, scale=DEFAULT_CROP_SCALE, ratio=DEFAULT_CROP_RATIO):
         self.crop = v2.Compose(
             [
-                ChannelsLastResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                ChannelsLastResizedCrop(
+                    size, scale=tuple(scale), ratio=tuple(ratio), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+                ),
                 v2.RandomHorizontalFlip(),
             ]
         )
@@ -335,6 +345,35 @@ def get_split(dataset: datasets.DatasetDict, name: str, max_samples: int | None 
     if max_samples is not None and max_samples < len(split):
         split = split.shuffle(seed=seed).select(range(max_samples))
     return split
+
+
+def training_split(dataset: datasets.DatasetDict, data_args, seed: int) -> datasets.Dataset:
+    """The train split that `DataArguments` ask for: all of it, a random `max_train_samples`, or a labelled subset."""
+    split = get_split(dataset, "train", data_args.max_train_samples, seed)
+    if data_args.labels_per_class is not None:
+        split = labelled_subset(split, data_args.labels_per_class, seed, data_args.label_column_name)
+    return split
+
+
+def labelled_subset(split: datasets.Dataset, labels_per_class: float, seed: int, label_column: str = "label") -> datasets.Dataset:
+    """The semi-supervised protocol's training set: `labels_per_class` images of every class (or, below 1, that
+    fraction of each class), drawn with `seed` from the labels alone, so every model trained with the same seed
+    sees the same images."""
+    if label_column not in split.column_names:
+        raise ValueError(f"--labels_per_class needs labels, and the split has no column {label_column!r}.")
+    labels = np.asarray(split[label_column])
+    generator = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = round(labels_per_class * len(members)) if labels_per_class < 1 else int(labels_per_class)
+        if not 1 <= count <= len(members):
+            raise ValueError(
+                f"--labels_per_class {labels_per_class} asks for {count} images of class {label}, which has "
+                f"{len(members)}: ask for between 1 and {len(members)} (or a larger fraction)."
+            )
+        chosen.append(generator.choice(members, size=count, replace=False))
+    return split.select(np.sort(np.concatenate(chosen)))
 
 
 def label_names(split: datasets.Dataset, label_column: str = "label") -> list[str] | None:

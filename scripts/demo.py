@@ -1,15 +1,21 @@
-"""The paper's pipeline in miniature, on Fashion-MNIST and the CPU (run through scripts/demo.sh).
+"""NEPA's label efficiency in miniature: Fashion-MNIST, a tiny ViT, the CPU (run through scripts/demo.sh).
 
-NEPA-pretrain a small causal ViT, then compare it with the same ViT at random initialisation:
-k-NN and linear probes of the frozen encoders, and the same fine-tuning budget from each. Every stage
-runs the project's own entry points; the results table goes to outputs/demo/results.md.
-A second run reuses every stage whose outputs exist (--rerun to start over).
+Pretrain one small causal ViT with NEPA, then compare it with the same ViT at random initialisation
+under the semi-supervised protocol: k-NN and linear probes of the frozen encoders fitted on 10 % of the
+labels, and fine-tuning on 1 % and 10 % of the labels (a seeded, class-balanced subset, the same images
+for both encoders), every score on the 10,000 test images. `--seeds N` repeats the probes and
+fine-tunes with N label subsets and prints mean ± std. The settings are those of scripts/miniature.py
+(chosen by the sweep in docs/miniature.md).
+
+Every stage calls an entry point's `main(argv)` in this one process, so imports and the dataset are
+paid for once. The table goes to outputs/demo/results.md (per-seed figures to results.json); a
+second run reuses every stage whose results exist (--rerun starts over).
 """
 
 import argparse
 import json
 import shutil
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,23 +23,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PRETRAIN_CONFIG = REPO / "configs/pretrain/nepa-tiny-patch4-28"
-FINETUNE_CONFIG = REPO / "configs/finetune/nepa-tiny-patch4-28-sft"
-COMMON = ["--use_cpu", "True", "--report_to", "none", "--seed", "0"]
-# A 0.9999 average over a few hundred steps is mostly the initial weights: the demo trains without one.
-NO_EMA = ["--use_ema", "False"]
+from scripts import miniature  # noqa: E402
+
+PROBE_LABELS_PERCENT = 10  # the probes' labelled subset
+COMMON = ["--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "1"]
 
 
-def run_stage(name: str, done_marker: Path, command: list[str], timings: dict, rerun: bool) -> None:
-    """Run one entry point unless its output already exists; record its wall time."""
-    if done_marker.exists() and not rerun:
-        print(f"==> {name}: reusing {done_marker.parent}")
-        timings.setdefault(name, None)
-        return
-    print(f"==> {name}: {' '.join(command)}", flush=True)
-    start = time.time()
-    subprocess.run([sys.executable, *command], cwd=REPO, check=True)
-    timings[name] = time.time() - start
+class Stages:
+    """Runs stages unless their result file exists, and adds up the wall time of each kind of stage."""
+
+    def __init__(self, rerun: bool):
+        self.rerun = rerun
+        self.seconds: dict[str, float] = {}
+
+    def run(self, kind: str, result: Path, function, argv: list[str]) -> None:
+        if result.exists() and not self.rerun:
+            print(f"==> {kind}: reusing {result.parent}", flush=True)
+            return
+        print(f"==> {kind}: {' '.join(argv)}", flush=True)
+        start = time.time()
+        function(argv)
+        elapsed = time.time() - start
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + elapsed
+        print(f"<== {kind}: {elapsed / 60:.1f} min", flush=True)
 
 
 def save_random_encoder(folder: Path) -> None:
@@ -44,103 +56,128 @@ def save_random_encoder(folder: Path) -> None:
     from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
 
     torch.manual_seed(0)
-    ViTNepaForPreTraining(ViTNepaConfig.from_pretrained(PRETRAIN_CONFIG)).save_pretrained(folder)
-    AutoImageProcessor.from_pretrained(PRETRAIN_CONFIG).save_pretrained(folder)
+    config = REPO / miniature.PRETRAIN_CONFIG
+    ViTNepaForPreTraining(ViTNepaConfig.from_pretrained(config)).save_pretrained(folder)
+    AutoImageProcessor.from_pretrained(config).save_pretrained(folder)
 
 
 def accuracy(folder: Path) -> float:
     return json.loads((folder / "eval_results.json").read_text())["eval_accuracy"]
 
 
-def minutes(seconds: float | None) -> str:
-    return "reused" if seconds is None else f"{seconds / 60:.1f} min"
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f} %"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f} %"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="data/fashion-mnist-hf")
+    parser.add_argument("--dataset", default=miniature.DATASET)
     parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--pretrain_steps", type=int, default=1000)
-    parser.add_argument("--finetune_steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--probe_train_samples", type=int, default=10000)
-    parser.add_argument("--eval_samples", type=int, default=2000)
-    parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument("--pretrain_steps", type=int, default=miniature.PRETRAIN_STEPS)
+    parser.add_argument("--seeds", type=int, default=1, help="label subsets (and fine-tuning seeds) to average over")
+    parser.add_argument(
+        "--label_percents", type=float, nargs="+", default=[1, 10],
+        help="fine-tune on these percentages of each class's labels (100: all of them)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--finetune_steps", type=int, default=None,
+        help=f"steps of every fine-tune (default: per labelled fraction, {miniature.FINETUNE_STEPS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads (default: torch's choice, all cores); on a CPU shared with other work, 1 can be faster",
+    )  # fmt: skip
     parser.add_argument("--rerun", action="store_true", help="run every stage again")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.label_percents if args.finetune_steps is None and p not in miniature.FINETUNE_STEPS]
+    if unknown:
+        parser.error(f"no step budget for {unknown} % of the labels: pass --finetune_steps, or use {list(miniature.FINETUNE_STEPS)}.")
+    return args
 
-    out = REPO / args.output_dir
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    start = time.time()
+    import torch
+
+    import download_dataset
+    import eval as eval_script
+    import init_nepa_cls_from_pretrain
+    import train_finetune
+    import train_pretrain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = (REPO / args.output_dir).resolve()
     if args.rerun and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    dataset = ["--dataset_name", args.dataset, "--load_from_disk", "True"]
-    loader = ["--dataloader_num_workers", str(args.num_workers)]
-    timings: dict[str, float | None] = {}
-    start = time.time()
-
-    if not (REPO / args.dataset / "dataset_dict.json").exists():
-        run_stage("dataset", REPO / args.dataset / "dataset_dict.json",
-                  ["download_dataset.py", "--dataset", "fashion-mnist", "--output_dir", args.dataset], timings, True)
+    dataset = str((REPO / args.dataset).resolve())
+    stages = Stages(args.rerun)
+    stages.seconds["start-up"] = time.time() - start
+    if not (Path(dataset) / "dataset_dict.json").exists():
+        stages.run("dataset", Path(dataset) / "dataset_dict.json", download_dataset.main,
+                   ["--dataset", "fashion-mnist", "--output_dir", dataset])  # fmt: skip
+    data = ["--dataset_name", dataset, "--load_from_disk", "True"]
 
     encoders = {"NEPA-pretrained": out / "pretrain", "random init": out / "random-init"}
-    run_stage("NEPA pretraining", encoders["NEPA-pretrained"] / "model.safetensors", [
-        "train_pretrain.py", "--config_name", str(PRETRAIN_CONFIG), *dataset,
+    stages.run("NEPA pretraining", encoders["NEPA-pretrained"] / "model.safetensors", train_pretrain.main, [
+        "--config_name", str(REPO / miniature.PRETRAIN_CONFIG), *data,
         "--output_dir", str(encoders["NEPA-pretrained"]), "--do_train", "--max_steps", str(args.pretrain_steps),
-        "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", "1.5e-3",
-        "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05", "--weight_decay", "0.05",
-        "--adam_beta2", "0.95", "--logging_steps", "50", "--save_strategy", "no", *NO_EMA, *loader, *COMMON,
-    ], timings, args.rerun)
+        *miniature.flags(miniature.PRETRAIN), "--logging_steps", "50", "--save_strategy", "no", "--seed", "0", *COMMON,
+    ])  # fmt: skip
     if not (encoders["random init"] / "model.safetensors").exists() or args.rerun:
         save_random_encoder(encoders["random init"])
 
-    results: dict[str, dict[str, float]] = {}
+    classifiers = {row: out / f"cls-{encoder.name}" for row, encoder in encoders.items()}
     for row, encoder in encoders.items():
-        slug = encoder.name
-        results[row] = {}
-        for protocol in ("knn", "linear"):
-            folder = out / f"{protocol}-{slug}"
-            run_stage(f"{protocol} probe ({row})", folder / "eval_results.json", [
-                "eval.py", "--model_name_or_path", str(encoder), "--protocol", protocol, *dataset,
-                "--max_train_samples", str(args.probe_train_samples), "--max_eval_samples", str(args.eval_samples),
-                "--output_dir", str(folder), "--per_device_eval_batch_size", "256", *loader, *COMMON,
-            ], timings, args.rerun)
-            results[row][protocol] = accuracy(folder)
+        stages.run("conversion", classifiers[row] / "model.safetensors", init_nepa_cls_from_pretrain.main, [
+            "--pretrained_model_id", str(encoder), "--config_model_id", str(REPO / miniature.FINETUNE_CONFIG),
+            "--save_local", "--local_dir", str(classifiers[row]),
+        ])  # fmt: skip
 
-        classifier, finetuned = out / f"cls-{slug}", out / f"finetune-{slug}"
-        run_stage(f"convert ({row})", classifier / "model.safetensors", [
-            "init_nepa_cls_from_pretrain.py", "--pretrained_model_id", str(encoder),
-            "--config_model_id", str(FINETUNE_CONFIG), "--save_local", "--local_dir", str(classifier),
-        ], timings, args.rerun)
-        run_stage(f"fine-tuning ({row})", finetuned / "eval_results.json", [
-            "train_finetune.py", "--model_name_or_path", str(classifier), *dataset,
-            "--output_dir", str(finetuned), "--do_train", "--do_eval", "--max_steps", str(args.finetune_steps),
-            "--max_eval_samples", str(args.eval_samples), "--per_device_train_batch_size", str(args.batch_size),
-            "--per_device_eval_batch_size", "256", "--learning_rate", "2e-3", "--head_lr", "2e-3", "--llrd", "0.75",
-            "--warmup_steps", "0.1", "--weight_decay", "0.05", "--drop_path", "0.1", "--crop_pct", "1.0",
-            # The paper's recipe, lightened for a few hundred steps on 28-pixel images.
-            "--aa", "rand-m5-mstd0.5-inc1", "--reprob", "0.1", "--mixup", "0.2", "--cutmix", "0",
-            "--smoothing", "0.1", "--logging_steps", "50", "--save_strategy", "no", *NO_EMA, *loader, *COMMON,
-        ], timings, args.rerun)
-        results[row]["finetuned"] = accuracy(finetuned)
+    columns = ["k-NN", "linear probe"] + [f"fine-tuned, {percent:g} % labels" for percent in args.label_percents]
+    scores: dict[str, dict[str, list[float]]] = {row: {column: [] for column in columns} for row in encoders}
+    for seed in range(args.seeds):  # seed by seed, so that an interrupted run has whole seeds to reuse
+        for row, encoder in encoders.items():
+            for protocol, column in (("knn", "k-NN"), ("linear", "linear probe")):
+                folder = out / f"seed{seed}" / f"{protocol}-{encoder.name}"
+                stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [
+                    "--model_name_or_path", str(encoder), "--protocol", protocol, *data,
+                    *miniature.labels_flags(PROBE_LABELS_PERCENT), *miniature.flags(miniature.EVAL),
+                    "--output_dir", str(folder), "--seed", str(seed), "--use_ema", "False", *COMMON,
+                ])  # fmt: skip
+                scores[row][column].append(accuracy(folder))
+            for percent, column in zip(args.label_percents, columns[2:]):
+                folder = out / f"seed{seed}" / f"finetune{percent:g}-{encoder.name}"
+                argv = miniature.finetune_argv(classifiers[row], folder, percent, seed, args.finetune_steps, dataset)
+                stages.run(f"fine-tuning, {percent:g} % labels", folder / "eval_results.json", train_finetune.main, [*argv, *COMMON])
+                scores[row][column].append(accuracy(folder))
 
+    total = time.time() - start
     lines = [
-        f"# NEPA demo: Fashion-MNIST, {PRETRAIN_CONFIG.name} on the CPU",
+        f"# NEPA demo: Fashion-MNIST, {Path(miniature.PRETRAIN_CONFIG).name} on the CPU",
         "",
-        f"Pretraining {args.pretrain_steps} steps, fine-tuning {args.finetune_steps} steps (batch {args.batch_size}); "
-        f"probes on {args.probe_train_samples} training images; top-1 on {args.eval_samples} validation images.",
+        f"NEPA pretraining {args.pretrain_steps} steps of {miniature.PRETRAIN['per_device_train_batch_size']} images; "
+        f"probes fitted on {PROBE_LABELS_PERCENT} % of the labels; top-1 on all test images; "
+        + ("one seed." if args.seeds == 1 else f"mean ± std over {args.seeds} seeds (label subsets and fine-tuning)."),
         "",
-        "| encoder | k-NN top-1 | linear probe top-1 | fine-tuned top-1 |",
-        "|---|---|---|---|",
+        "| encoder | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
-    for row, values in results.items():
-        lines.append(f"| {row} | {values['knn']:.2%} | {values['linear']:.2%} | {values['finetuned']:.2%} |")
-    lines += ["", "| stage | time |", "|---|---|"]
-    lines += [f"| {stage} | {minutes(seconds)} |" for stage, seconds in timings.items()]
-    lines += [f"| total (this run) | {minutes(time.time() - start)} |", ""]
+    lines += [f"| {row} | " + " | ".join(mean_std(scores[row][column]) for column in columns) + " |" for row in encoders]
+    lines += ["", "| stage | minutes |", "|---|---|"]
+    lines += [f"| {kind} | {seconds / 60:.1f} |" for kind, seconds in stages.seconds.items()]
+    lines += [f"| total (this run) | {total / 60:.1f} |", ""]
     table = "\n".join(lines)
     (out / "results.md").write_text(table)
+    results = {"scores": scores, "seconds": {**stages.seconds, "total": total}, "arguments": vars(args)}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + table)
     print(f"written to {out / 'results.md'}")
+    return results
 
 
 if __name__ == "__main__":

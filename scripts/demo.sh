@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole pipeline in miniature on Fashion-MNIST, on the CPU: set up .venv, build the dataset,
-# NEPA-pretrain, convert, fine-tune, evaluate, and compare with random initialisation.
-# Extra arguments go to scripts/demo.py (e.g. --pretrain_steps 3000, --rerun).
+# NEPA's label efficiency in miniature on Fashion-MNIST, on the CPU: set up .venv, build the dataset,
+# NEPA-pretrain, then probe and fine-tune on 1 % and 10 % of the labels, against random initialisation.
+# Extra arguments go to scripts/demo.py (e.g. --seeds 3, --label_percents 1 10 100, --rerun).
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 exec "$PYTHON" scripts/demo.py "$@"

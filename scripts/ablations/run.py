@@ -5,10 +5,12 @@
     python scripts/ablations/run.py --table components     # LayerScale, RoPE, QK-norm, gated MLP
 
 Each row changes the base config (--config) only through `train_pretrain.py --config_overrides`,
-pretrains with the same seed and step budget as every other row, then judges the encoder with
-`eval.py --protocol knn` and `--protocol linear` on frozen features and, with --finetune_steps N,
-a short fine-tune (init_nepa_cls_from_pretrain.py + train_finetune.py). The table, beside the
-paper's ImageNet figures, goes to `<output_dir>/<table>.md` and is printed.
+pretrains with the same seeds and step budget as every other row, then judges the encoder with
+`eval.py --protocol knn` and `--protocol linear` on frozen features and, with --finetune, the
+demo's fine-tuning protocol: 10 % of the labels (class-balanced, seeded), the settings of
+scripts/miniature.py, top-1 on the whole test split. --seeds N repeats every row with N seeds
+(pretraining, probes and fine-tune) and the table gives mean ± std. The table, beside the paper's
+ImageNet figures, goes to `<output_dir>/<table>.md` and is printed.
 
 A stage whose results exist is not run again (a failed pretraining counts as a result: its error is
 kept in `failed.txt`); --rerun starts the table's rows from scratch. The defaults (tiny ViT, 28 px
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -28,11 +31,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from scripts import miniature  # noqa: E402
+
 DEFAULT_DATASET = "data/fashion-mnist-hf"
+FINETUNE_PERCENT = 10  # the semi-supervised protocol of the demo
 LAYERSCALE = 1e-5  # the released configs' initial LayerScale
 COLLAPSE_COSINE = 0.9  # targets this alike carry almost no information about the image
 
-# (switch columns, paper's ImageNet ViT-B fine-tuned top-1 (docs/recipes.md), config overrides) per row.
+# (switch columns, paper's ImageNet ViT-B fine-tuned top-1 (RECIPES.md), config overrides) per row.
 COMPONENTS_OFF = {"layerscale_value": None, "use_rope": False, "qk_norm": False, "use_gated_mlp": False}
 SWIGLU = {"use_gated_mlp": True, "hidden_act": "silu"}  # intermediate_size kept: 1.5x the MLP weights
 TABLES = {
@@ -90,11 +98,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_steps", type=int, default=200, help="pretraining steps of every row")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--finetune_steps", type=int, default=0, help="a short fine-tune per row (0 = none)")
+    parser.add_argument(
+        "--finetune", action="store_true",
+        help=f"fine-tune each row on {FINETUNE_PERCENT} %% of the labels ({miniature.FINETUNE_STEPS[FINETUNE_PERCENT]} steps, scripts/miniature.py)",
+    )  # fmt: skip
     parser.add_argument("--probe_train_samples", type=int, default=10000, help="feature bank of the probes")
-    parser.add_argument("--probe_eval_samples", type=int, default=2000, help="images the probes (and fine-tune) are scored on")
+    parser.add_argument("--probe_eval_samples", type=int, default=2000, help="images the probes are scored on")
     parser.add_argument("--output_dir", default="outputs/ablations")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337, help="the first seed; --seeds N uses seed, seed + 1, ...")
+    parser.add_argument("--seeds", type=int, default=1, help="runs of every row, for mean ± std")
     parser.add_argument(
         "--threads",
         type=int,
@@ -137,17 +149,16 @@ def run_logged(command: list[str], log_file: Path, env: dict) -> str | None:
     return f"exit {process.returncode}: {(errors or lines or ['no output'])[-1][:300]}"
 
 
-# A 0.9999 average over a few hundred steps is mostly the initial weights: the rows train without one.
-NO_EMA = ["--use_ema", "False"]
-
-
-def common_flags(args) -> list[str]:
-    flags = ["--dataset_name", args.dataset, "--load_from_disk", "True", "--seed", str(args.seed), "--report_to", "none"]
-    flags += ["--dataloader_num_workers", "0"]
+def device_flags() -> list[str]:
+    flags = ["--report_to", "none", "--dataloader_num_workers", "0"]
     return flags + ([] if torch.cuda.is_available() else ["--use_cpu", "True"])
 
 
-def pretrain_command(args, overrides: dict, output: Path) -> list[str]:
+def common_flags(args, seed: int) -> list[str]:
+    return ["--dataset_name", args.dataset, "--load_from_disk", "True", "--seed", str(seed), *device_flags()]
+
+
+def pretrain_command(args, overrides: dict, output: Path, seed: int) -> list[str]:
     return [
         sys.executable, "train_pretrain.py",
         "--config_name", args.config,
@@ -163,12 +174,12 @@ def pretrain_command(args, overrides: dict, output: Path) -> list[str]:
         "--adam_beta2", "0.95",
         "--logging_steps", str(max(1, args.max_steps // 30)),
         "--save_strategy", "no",
-        *NO_EMA,
-        *common_flags(args),
+        "--use_ema", "False",
+        *common_flags(args, seed),
     ]  # fmt: skip
 
 
-def probe_command(args, protocol: str, encoder: Path, output: Path) -> list[str]:
+def probe_command(args, protocol: str, encoder: Path, output: Path, seed: int) -> list[str]:
     return [
         sys.executable, "eval.py",
         "--model_name_or_path", str(encoder),
@@ -178,68 +189,64 @@ def probe_command(args, protocol: str, encoder: Path, output: Path) -> list[str]
         "--max_eval_samples", str(args.probe_eval_samples),
         "--per_device_eval_batch_size", "256",
         "--crop_pct", "1.0",  # 28 px images: no border to crop away
-        *common_flags(args),
+        "--use_ema", "False",
+        *common_flags(args, seed),
     ]  # fmt: skip
 
 
-def finetune_commands(args, encoder: Path, classifier: Path, output: Path) -> list[list[str]]:
+def finetune_commands(args, encoder: Path, classifier: Path, output: Path, seed: int) -> list[list[str]]:
     convert = [
         sys.executable, "init_nepa_cls_from_pretrain.py",
         "--pretrained_model_id", str(encoder),
         "--dataset_name", args.dataset,
         "--save_local", "--local_dir", str(classifier),
     ]  # fmt: skip
-    finetune = [
-        sys.executable, "train_finetune.py",
-        "--model_name_or_path", str(classifier),
-        "--output_dir", str(output),
-        "--do_train", "--do_eval",
-        "--max_steps", str(args.finetune_steps),
-        "--max_eval_samples", str(args.probe_eval_samples),
-        "--per_device_train_batch_size", str(args.batch_size),
-        "--per_device_eval_batch_size", "256",
-        "--learning_rate", "2e-3", "--head_lr", "2e-3", "--llrd", "0.75",
-        "--warmup_steps", str(max(1, args.finetune_steps // 10)),
-        "--weight_decay", "0.05",
-        "--crop_pct", "1.0",
-        "--logging_steps", str(max(1, args.finetune_steps // 10)),
-        *NO_EMA,
-        "--save_strategy", "no",
-        *common_flags(args),
-    ]  # fmt: skip
-    return [convert, finetune]
+    finetune = miniature.finetune_argv(classifier, output, FINETUNE_PERCENT, seed, dataset=args.dataset)
+    return [convert, [sys.executable, "train_finetune.py", *finetune, *device_flags()]]
 
 
-def run_row(args, row_dir: Path, overrides: dict, env: dict) -> None:
-    """Run the stages of one row that have no results yet; a failing stage ends the row."""
-    row_dir.mkdir(parents=True, exist_ok=True)
-    # Settings that change a row's results; --finetune_steps may be added to finished rows later.
-    settings = {key: value for key, value in vars(args).items() if key not in ("table", "rerun", "output_dir", "threads")}
-    settings_file = row_dir / "settings.json"
-    previous = read_json(settings_file)
-    changed = sorted(key for key in settings if previous and key != "finetune_steps" and previous.get(key) != settings[key])
-    if changed:
-        raise SystemExit(f"{row_dir} was run with other {', '.join(changed)}: pass --rerun, or another --output_dir.")
-    settings_file.write_text(json.dumps(settings, indent=2))
-    failed = row_dir / "failed.txt"
+def run_seed(args, seed_dir: Path, overrides: dict, env: dict, seed: int) -> None:
+    """Run the stages of one seed of a row that have no results yet; a failing stage ends that seed."""
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    failed = seed_dir / "failed.txt"
     if failed.exists():
         return
-    encoder = row_dir / "pretrain"
-    stages = [("pretrain", encoder / "trainer_state.json", [pretrain_command(args, overrides, encoder)])]
+    encoder = seed_dir / "pretrain"
+    stages = [("pretrain", encoder / "trainer_state.json", [pretrain_command(args, overrides, encoder, seed)])]
     for protocol in ("knn", "linear"):
-        stages.append((protocol, row_dir / protocol / "eval_results.json", [probe_command(args, protocol, encoder, row_dir / protocol)]))
-    if args.finetune_steps:
-        commands = finetune_commands(args, encoder, row_dir / "cls", row_dir / "finetune")
-        stages.append(("finetune", row_dir / "finetune" / "eval_results.json", commands))
+        command = probe_command(args, protocol, encoder, seed_dir / protocol, seed)
+        stages.append((protocol, seed_dir / protocol / "eval_results.json", [command]))
+    if args.finetune:
+        commands = finetune_commands(args, encoder, seed_dir / "cls", seed_dir / "finetune", seed)
+        stages.append(("finetune", seed_dir / "finetune" / "eval_results.json", commands))
     for name, result, commands in stages:
         if result.exists():
             continue
         for command in commands:
-            error = run_logged(command, row_dir / f"{name}.log", env)
+            error = run_logged(command, seed_dir / f"{name}.log", env)
             if error:
                 failed.write_text(f"{name}: {error}\n")
-                print(f"\n{row_dir.name}: {name} failed ({error}); going on with the next row.", flush=True)
+                print(f"\n{seed_dir}: {name} failed ({error}); going on.", flush=True)
                 return
+
+
+def seed_dirs(args, row_dir: Path) -> list[tuple[int, Path]]:
+    return [(args.seed + index, row_dir / f"seed{args.seed + index}") for index in range(args.seeds)]
+
+
+def run_row(args, row_dir: Path, overrides: dict, env: dict) -> None:
+    row_dir.mkdir(parents=True, exist_ok=True)
+    # Settings that change a row's results; --finetune and more --seeds may be added to finished rows later.
+    later = ("finetune", "seeds")
+    settings = {key: value for key, value in vars(args).items() if key not in ("table", "rerun", "output_dir", "threads")}
+    settings_file = row_dir / "settings.json"
+    previous = read_json(settings_file)
+    changed = sorted(key for key in settings if previous and key not in later and previous.get(key) != settings[key])
+    if changed:
+        raise SystemExit(f"{row_dir} was run with other {', '.join(changed)}: pass --rerun, or another --output_dir.")
+    settings_file.write_text(json.dumps(settings, indent=2))
+    for seed, seed_dir in seed_dirs(args, row_dir):
+        run_seed(args, seed_dir, overrides, env, seed)
 
 
 def read_json(path: Path) -> dict | None:
@@ -251,15 +258,15 @@ def tail_mean(log_history: list[dict], key: str, count: int = 3) -> float | None
     return sum(values[-count:]) / len(values[-count:]) if values else None
 
 
-def row_summary(row_dir: Path) -> dict:
-    state = read_json(row_dir / "pretrain" / "trainer_state.json") or {}
+def seed_summary(seed_dir: Path) -> dict:
+    state = read_json(seed_dir / "pretrain" / "trainer_state.json") or {}
     history = state.get("log_history", [])
     runtime = [entry["train_runtime"] for entry in history if "train_runtime" in entry]
     accuracy = {}
     for name, key in (("knn", "eval_accuracy"), ("linear", "eval_accuracy"), ("finetune", "eval_accuracy")):
-        results = read_json(row_dir / name / "eval_results.json")
+        results = read_json(seed_dir / name / "eval_results.json")
         accuracy[name] = results.get(key) if results else None
-    failed = row_dir / "failed.txt"
+    failed = seed_dir / "failed.txt"
     return {
         "loss": tail_mean(history, "loss"),
         "target_cosine": tail_mean(history, "target_cosine"),
@@ -281,19 +288,27 @@ def verdict(summary: dict) -> str:
     return "trains"
 
 
-def number(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
-    return "-" if value is None else f"{value * scale:.{digits}f}"
+def number(summaries: list[dict], key: str, scale: float = 1.0, digits: int = 3) -> str:
+    """One seed's value, or mean ± std over the seeds that have it ("-" if none)."""
+    values = [summary[key] * scale for summary in summaries if summary[key] is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def markdown_table(table: dict, summaries: list[dict], finetune: bool) -> str:
+def markdown_table(table: dict, row_summaries: list[list[dict]], finetune: bool) -> str:
     header = [*table["columns"], f"paper ({table['paper']})", "outcome", "final NEPA loss", "target_cosine"]
-    header += ["k-NN top-1", "linear top-1"] + (["fine-tune top-1"] if finetune else []) + ["pretrain min"]
+    header += ["k-NN top-1", "linear top-1"] + ([f"fine-tune top-1 ({FINETUNE_PERCENT} % labels)"] if finetune else [])
+    header += ["pretrain min"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (switches, paper, _), summary in zip(table["rows"], summaries):
-        cells = [*switches, paper, verdict(summary), number(summary["loss"], digits=4), number(summary["target_cosine"])]
-        cells += [number(summary["knn"], 100, 1), number(summary["linear"], 100, 1)]
-        cells += [number(summary["finetune"], 100, 1)] if finetune else []
-        cells.append(number(summary["minutes"], digits=1))
+    for (switches, paper, _), summaries in zip(table["rows"], row_summaries):
+        outcomes = " / ".join(dict.fromkeys(verdict(summary) for summary in summaries))
+        cells = [*switches, paper, outcomes, number(summaries, "loss", digits=4), number(summaries, "target_cosine")]
+        cells += [number(summaries, "knn", 100, 1), number(summaries, "linear", 100, 1)]
+        cells += [number(summaries, "finetune", 100, 1)] if finetune else []
+        cells.append(number(summaries, "minutes", digits=1))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -322,7 +337,8 @@ def main() -> None:
         print(f"\n=== {args.table}: {' / '.join(table['columns'])} = {' / '.join(switches)}  ({row_dir.name})", flush=True)
         run_row(args, row_dir, overrides, env)
 
-    text = markdown_table(table, [row_summary(row_dir) for row_dir in row_dirs], bool(args.finetune_steps))
+    summaries = [[seed_summary(seed_dir) for _, seed_dir in seed_dirs(args, row_dir)] for row_dir in row_dirs]
+    text = markdown_table(table, summaries, args.finetune)
     (table_dir.parent / f"{args.table}.md").write_text(text + "\n")
     print(f"\n{text}\n\nwritten to {table_dir.parent / f'{args.table}.md'} ({(time.time() - started) / 60:.1f} min)")
 
