@@ -7,7 +7,7 @@
 # PYTHON picks the interpreter (default: .venv/bin/python, else python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+source scripts/python.sh
 export PYTHON PYTHONUNBUFFERED=1
 RESULTS_DIR=${RESULTS_DIR:-outputs/bench-gpu}
 mkdir -p "$RESULTS_DIR"

@@ -8,7 +8,7 @@
 #   REPORT_TO        wandb | none | ... (default: wandb when it is installed and logged in, else none)
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+source scripts/python.sh
 # The saved dataset every recipe reads (DATA_DIR overrides it).
 DATA_FLAGS=(--dataset_name "${DATA_DIR:-data/imagenet-1k-hf}" --load_from_disk True)
 

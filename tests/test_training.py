@@ -642,6 +642,15 @@ def test_shell_scripts_parse():
         assert result.returncode == 0, f"{script.relative_to(REPO)}: {result.stderr}"
 
 
+def test_shell_scripts_run_python_through_one_interpreter_choice():
+    """Every script runs "$PYTHON" as scripts/python.sh chooses it, never a bare python from the PATH."""
+    bare = re.compile(r"(^|[\s;&|(])(exec\s+)?python3?\s")
+    for script in sorted([*(REPO / "scripts").rglob("*.sh"), *(REPO / "bench").rglob("*.sh")]):
+        for number, line in enumerate(script.read_text().splitlines(), 1):
+            code = re.sub(r"\"[^\"]*\"|'[^']*'", "", line.split("#", 1)[0])  # quoted text is a message, not a command
+            assert not bare.search(code), f"{script.relative_to(REPO)}:{number} runs a bare python: {line.strip()}"
+
+
 RECIPES = {
     "pretrain/nepa_b.sh": (train_pretrain, ("ModelArguments",)),
     "pretrain/nepa_l.sh": (train_pretrain, ("ModelArguments",)),

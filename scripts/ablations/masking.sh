@@ -1,3 +1,4 @@
 #!/usr/bin/env bash
 # The masking ablation table; extra arguments go to the driver (e.g. --max_steps 150 --finetune --seeds 3).
-exec python "$(dirname "$0")/run.py" --table masking "$@"
+source "$(dirname "$0")/../python.sh"
+exec "$PYTHON" "$(dirname "$0")/run.py" --table masking "$@"
