@@ -5,7 +5,7 @@
 # 1,500 iterations then linear decay to 0, drop path DROP_PATH, UperNet with DECODER channels and the auxiliary FCN
 # head (weight 0.4), SyncBatchNorm; random resize 0.5-2.0 of a 2048x512 base, random crop (a class may cover at
 # most 75 %), flip, photometric distortion; labels with ADE20K's "other" (0) ignored as 255; single-scale
-# sliding-window evaluation. bidirectional attention.
+# sliding-window evaluation; bidirectional attention.
 # Crop 504, not 512: the crop must be a multiple of the patch size (14). 504 = 36 x 14 is the closest below 512
 # (518 = 37 x 14 above it costs 6 % more tokens), and its even 36 x 36 grid makes the neck's half-resolution level
 # exact (18 x 18). Evaluation windows are 504 with stride 336 (two thirds, as 341 is of 512).
@@ -13,10 +13,10 @@
 # Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, STEPS, LR, LLRD, NUM_WORKERS; extra flags
 # pass through.
 set -euo pipefail
+DATA_DIR=${DATA_DIR:-data/ade20k-hf}
 source "$(dirname "$0")/../common.sh"
 
 : "${MODEL:?set MODEL to a NEPA pretraining or classification folder}"
-DATA_DIR=${DATA_DIR:-data/ade20k-hf}
 if [ ! -d "$MODEL" ]; then
   echo "$MODEL does not exist: pretrain one (scripts/pretrain/nepa_b.sh) or download a released checkpoint, e.g." >&2
   echo "  hf download SixAILab/nepa-base-patch14-224 --local-dir $MODEL" >&2
@@ -31,7 +31,7 @@ TOTAL_BATCH=${TOTAL_BATCH:-16}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-2}
 launch train_segmentation.py \
   --model_name_or_path "$MODEL" \
-  --dataset_name "$DATA_DIR" --load_from_disk True \
+  "${DATA_FLAGS[@]}" \
   --output_dir "${OUTPUT_DIR:-outputs/$(basename "$MODEL")-ade20k}" \
   --do_train --do_eval \
   --max_steps "${STEPS:-160000}" \
