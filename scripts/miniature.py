@@ -1,16 +1,17 @@
-"""The miniature's settings, in one place: the tiny ViT on 28 px Fashion-MNIST, on the CPU.
+"""The miniature's settings, in one place: the tiny ViT (patch 7) on 28 px Fashion-MNIST, on the CPU.
 
 scripts/demo.py and scripts/ablations/run.py build their entry-point command lines from these, so the
 demo's table and the ablation tables are measured the same way. The fine-tuning settings were chosen by
 the sweep in docs/miniature.md (which also says how each was measured).
 """
 
-PRETRAIN_CONFIG = "configs/pretrain/nepa-tiny-patch4-28"
-FINETUNE_CONFIG = "configs/finetune/nepa-tiny-patch4-28-sft"
+PRETRAIN_CONFIG = "configs/pretrain/nepa-tiny-patch7-28"
+FINETUNE_CONFIG = "configs/finetune/nepa-tiny-patch7-28-sft"
 DATASET = "data/fashion-mnist-hf"
-PRETRAIN_STEPS = 600
+PRETRAIN_STEPS = 1000
 
-# NEPA pretraining: the paper's optimiser (AdamW, beta2 0.95, cosine) at a small-batch learning rate.
+# NEPA pretraining: the paper's optimiser (AdamW, beta2 0.95, cosine) at a small-batch learning rate, on
+# crops of at least half the image (an 8 % crop of 28 px is 8 x 8 pixels; (0.5, 1) gave +3 k-NN points).
 PRETRAIN = {
     "per_device_train_batch_size": 128,
     "learning_rate": 1.5e-3,
@@ -18,34 +19,36 @@ PRETRAIN = {
     "warmup_steps": 0.05,
     "weight_decay": 0.05,
     "adam_beta2": 0.95,
+    "crop_scale": (0.5, 1.0),
     "use_ema": False,
 }
 
-# Fine-tuning on 28 px images, from the sweep in docs/miniature.md: a crop of at least half the image (an
-# 8 % crop of 28 px is 8 x 8 pixels), no RandAugment / mixup / cutmix / random erasing (RandAugment cost
-# 8 points at this budget), twice the learning rate of the first guess; label smoothing, drop path and
-# layer-wise decay kept (removing them together cost 2.5 points). The patch projection stays frozen (no
-# difference measured). EMA off: at a few hundred steps an average over ~10k steps is the initial weights.
+# Fine-tuning on 28 px images, from the sweep in docs/miniature.md: a plain fine-tune (whole image and flip,
+# AdamW lr 1e-3, no layer decay, no label smoothing, drop path, RandAugment, mixup / cutmix or erasing) fitted
+# 7 to 8 points better in the same steps than the regularised ImageNet-style recipe, for both encoders.
+# The patch projection is trained: NEPA's is anisotropic (effective rank 55 of 128, against 98 untrained).
+# EMA off: at a few hundred steps an average over ~10k steps is the initial weights.
 FINETUNE = {
     "per_device_train_batch_size": 64,
-    "learning_rate": 4e-3,
-    "head_lr": 4e-3,
-    "llrd": 0.75,
+    "learning_rate": 1e-3,
+    "head_lr": 1e-3,
+    "llrd": 1.0,
     "warmup_steps": 0.1,
     "weight_decay": 0.05,
-    "drop_path": 0.1,
-    "crop_scale": (0.5, 1.0),
+    "drop_path": 0.0,
+    "crop_scale": (1.0, 1.0),
+    "crop_ratio": (1.0, 1.0),
     "aa": "",
     "mixup": 0,
     "cutmix": 0,
     "reprob": 0,
-    "smoothing": 0.1,
-    "freeze_embed": True,
+    "smoothing": 0.0,
+    "freeze_embed": False,
     "use_ema": False,
 }
-# Steps per labelled percentage of each class. Accuracy was still climbing at the sweep's longest run
-# (300 steps: +9 points over 150); these are what a 10-minute demo on two CPU cores can pay for.
-FINETUNE_STEPS = {1: 150, 10: 300, 100: 600}
+# Steps per labelled percentage of each class: what a 10-minute demo on two CPU cores can pay for
+# (300 steps are 32 epochs of the 600 images of 1 %, 600 are 6.4 epochs of the 6,000 of 10 %).
+FINETUNE_STEPS = {1: 300, 10: 600, 100: 1200}
 
 # 28 px images have no border to crop away: evaluate on the whole image.
 EVAL = {"crop_pct": 1.0, "per_device_eval_batch_size": 512}

@@ -94,7 +94,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", required=True, choices=sorted(TABLES))
     parser.add_argument("--dataset", default=DEFAULT_DATASET, help="a download_dataset.py folder")
-    parser.add_argument("--config", default="configs/pretrain/nepa-tiny-patch4-28", help="the base pretraining config")
+    parser.add_argument("--config", default="configs/pretrain/nepa-tiny-patch7-28", help="the base pretraining config")
     parser.add_argument("--max_steps", type=int, default=200, help="pretraining steps of every row")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=1e-3)

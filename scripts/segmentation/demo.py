@@ -1,6 +1,6 @@
 """Segmentation transfer in miniature, on the CPU (run through scripts/segmentation/demo.sh).
 
-NEPA-pretrain the demo's tiny ViT (configs/pretrain/nepa-tiny-patch4-28) on Fashion-MNIST, then train
+NEPA-pretrain the demo's tiny ViT (configs/pretrain/nepa-tiny-patch7-28) on Fashion-MNIST, then train
 UperNet on Fashion-MNIST canvases (`download_dataset.py --dataset fashion-mnist-seg`, 56 px) from that
 encoder and from the same encoder at random initialisation, with the same budget, for several seeds.
 Every stage calls the project's entry points (`main(argv)`, in this process). The table (mIoU and pixel
@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-PRETRAIN_CONFIG = REPO / "configs/pretrain/nepa-tiny-patch4-28"
+PRETRAIN_CONFIG = REPO / "configs/pretrain/nepa-tiny-patch7-28"
 COMMON = ["--use_cpu", "True", "--report_to", "none", "--disable_tqdm", "True"]
 
 
