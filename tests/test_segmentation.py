@@ -555,3 +555,30 @@ def test_ade20k_script_without_data_says_how_to_build_it(tmp_path):
     result = subprocess.run(["bash", str(REPO / "scripts/segmentation/nepa_b_ade20k.sh")], env=env, capture_output=True, text=True)
     assert result.returncode == 1
     assert "download_dataset.py --dataset ade20k --archive" in result.stderr
+
+
+@pytest.mark.slow
+def test_segmentation_demo_runs_its_rows_side_by_side_and_a_second_run_reuses_them(tmp_path):
+    if not (download_dataset.FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+    fashion_mnist = tmp_path / "fashion-mnist"
+    download_dataset.main(["--dataset", "fashion-mnist", "--max_per_split", "300", "--output_dir", str(fashion_mnist)])
+    command = [
+        sys.executable, str(REPO / "scripts/segmentation/demo.py"), "--output_dir", str(tmp_path / "demo"),
+        "--fashion_mnist", str(fashion_mnist), "--pretrain_steps", "2", "--steps", "2",
+        "--train_canvases", "16", "--eval_canvases", "4", "--seeds", "0", "1", "--jobs", "2",
+    ]  # fmt: skip
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "4 segmentation runs, 2 at a time" in first.stdout
+    table = (tmp_path / "demo" / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(("| NEPA-pretrained |", "| random init |"))]
+    assert len(rows) == 2 and all(row.count("±") == 2 and row.count(" / ") == 1 for row in rows)
+    for run in ("seg-nepa-seed0", "seg-nepa-seed1", "seg-random-seed0", "seg-random-seed1"):
+        assert 0 <= json.loads((tmp_path / "demo" / run / "eval_results.json").read_text())["eval_mean_iou"] <= 1
+    assert json.loads((tmp_path / "demo" / "pretrain" / "config.json").read_text())["patch_size"] == 4
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "0 segmentation runs" in second.stdout and "==> NEPA pretraining" not in second.stdout
+    assert (tmp_path / "demo" / "results.md").read_text().split("| stage |")[0] == table.split("| stage |")[0]
