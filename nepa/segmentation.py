@@ -201,14 +201,6 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_labels
     return counts.reshape(num_labels, num_labels)
 
 
-def reduce_across_processes(confusion: torch.Tensor) -> torch.Tensor:
-    """The sum of every process's matrix (each evaluated its own shard of the split)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        confusion = confusion.clone()
-        torch.distributed.all_reduce(confusion)
-    return confusion
-
-
 def segmentation_metrics(confusion: torch.Tensor, id2label: dict[int, str] | None = None) -> dict[str, float]:
     """`mean_iou` and `mean_accuracy` over the classes that occur (in the labels or the predictions; an absent
     class has no IoU and is left out, as in mmseg), `pixel_accuracy` over all labelled pixels, and
@@ -233,7 +225,7 @@ def segmentation_metrics(confusion: torch.Tensor, id2label: dict[int, str] | Non
 class SegmentationTrainer(NepaTrainer):
     """Layer-wise lr decay over the backbone's blocks (decoder, neck and final norm at the full lr), and an
     evaluation that slides `crop_size` windows over each validation image and accumulates one confusion
-    matrix over the split, summed across processes: no logits are kept beyond the batch at hand."""
+    matrix over the split, gathered across processes: no logits are kept beyond the batch at hand."""
 
     def __init__(self, *args, layer_decay: float, crop_size: int, eval_stride: int, **kwargs):
         self.layer_decay = layer_decay
@@ -263,10 +255,12 @@ class SegmentationTrainer(NepaTrainer):
             labels = inputs["labels"]
             if logits.shape[-2:] != labels.shape[-2:]:
                 logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            confusion += confusion_matrix(logits.argmax(1), labels, num_labels)
-            samples += len(labels)
-        confusion = reduce_across_processes(confusion)
-        samples = int(reduce_across_processes(torch.tensor(samples, device=self.args.device)))
+            per_image = torch.stack([confusion_matrix(p, l, num_labels) for p, l in zip(logits.argmax(1), labels)])
+            # Every process receives every image's matrix, and the images repeated to give all processes a last
+            # batch of equal size are dropped: each image is counted once, whatever the split's size.
+            per_image = self.accelerator.gather_for_metrics(per_image)
+            confusion += per_image.sum(0)
+            samples += len(per_image)
         metrics = segmentation_metrics(confusion.cpu(), model.config.id2label)
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=samples)

@@ -33,7 +33,6 @@ from nepa.segmentation import (
     SegmentationTrainTransform,
     confusion_matrix,
     read_id2label,
-    reduce_across_processes,
     segmentation_metrics,
     slide_inference,
 )
@@ -233,33 +232,6 @@ def test_confusion_matrix_accumulates_over_batches():
 def test_labels_outside_the_classes_are_refused():
     with pytest.raises(ValueError, match="label 7 is outside 0..3.*num_labels"):
         confusion_matrix(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[1, 7]]), num_labels=4)
-
-
-def _reduce_in_process(rank, world_size, port, results):
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        results.put((rank, reduce_across_processes(torch.full((2, 2), rank + 1, dtype=torch.int64)).tolist()))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_confusion_matrices_are_summed_across_processes():
-    import multiprocessing
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = multiprocessing.get_context("fork")  # the children inherit the imports: no second start-up
-    results = context.Queue()
-    processes = [context.Process(target=_reduce_in_process, args=(rank, 2, port, results)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    gathered = dict(results.get(timeout=60) for _ in processes)
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
-    assert gathered == {0: [[3, 3], [3, 3]], 1: [[3, 3], [3, 3]]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,6 +482,29 @@ def test_saved_model_is_evaluated_with_do_eval_alone(eight_canvases, tiny_encode
     assert evaluated["eval_mean_iou"] == trained["eval_mean_iou"]
     assert evaluated["eval_pixel_accuracy"] == trained["eval_pixel_accuracy"]
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["eval_mean_iou"] == trained["eval_mean_iou"]
+
+
+def test_two_processes_count_each_validation_image_once(eight_canvases, tiny_encoder, tmp_path):
+    """5 images over 2 processes: one process's last batch repeats an image to even the batches, and the
+    gathered confusion matrix drops it, so the metrics are those of one process."""
+    with one_torch_thread():
+        train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--max_steps", "2"))
+    five = tmp_path / "five"
+    split = datasets.load_from_disk(str(eight_canvases))["train"].select(range(5))
+    datasets.DatasetDict(train=split, validation=split).save_to_disk(str(five))
+    shutil.copy(eight_canvases / "id2label.json", five / "id2label.json")
+    results = {}
+    for processes in (1, 2):
+        launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if processes > 1 else [])
+        argv = segmentation_args(tmp_path / "seg", five, tmp_path / f"eval{processes}", "--do_eval", "--per_device_eval_batch_size", "1")
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        run = subprocess.run([*launcher, str(REPO / "train_segmentation.py"), *argv], cwd=REPO, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[processes] = json.loads((tmp_path / f"eval{processes}" / "eval_results.json").read_text())
+    for metrics in results.values():
+        assert round(metrics["eval_runtime"] * metrics["eval_samples_per_second"]) == 5
+    per_class = {name: value for name, value in results[1].items() if name.startswith(("eval_iou_", "eval_mean", "eval_pixel"))}
+    assert per_class == {name: results[2][name] for name in per_class}
 
 
 def test_entry_point_refuses_bad_sizes_and_encoders_to_evaluate(eight_canvases, tiny_encoder, tmp_path):
