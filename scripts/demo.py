@@ -48,19 +48,6 @@ class Stages:
         print(f"<== {kind}: {elapsed / 60:.1f} min", flush=True)
 
 
-def save_random_encoder(folder: Path) -> None:
-    """The baseline: the same architecture, never trained, saved like a pretraining output."""
-    import torch
-    from transformers import AutoImageProcessor
-
-    from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
-
-    torch.manual_seed(0)
-    config = REPO / miniature.PRETRAIN_CONFIG
-    ViTNepaForPreTraining(ViTNepaConfig.from_pretrained(config)).save_pretrained(folder)
-    AutoImageProcessor.from_pretrained(config).save_pretrained(folder)
-
-
 def accuracy(folder: Path) -> float:
     return json.loads((folder / "eval_results.json").read_text())["eval_accuracy"]
 
@@ -129,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         *miniature.flags(miniature.PRETRAIN), "--logging_steps", "50", "--save_strategy", "no", "--seed", "0", *COMMON,
     ])  # fmt: skip
     if not (encoders["random init"] / "model.safetensors").exists() or args.rerun:
-        save_random_encoder(encoders["random init"])
+        miniature.save_untrained_encoder(encoders["random init"])
 
     classifiers = {row: out / f"cls-{encoder.name}" for row, encoder in encoders.items()}
     for row, encoder in encoders.items():

@@ -5,6 +5,9 @@ demo's table and the ablation tables are measured the same way. The fine-tuning 
 the sweep in docs/miniature.md (which also says how each was measured).
 """
 
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIG = "configs/pretrain/nepa-tiny-patch7-28"
 FINETUNE_CONFIG = "configs/finetune/nepa-tiny-patch7-28-sft"
 DATASET = "data/fashion-mnist-hf"
@@ -80,3 +83,17 @@ def finetune_argv(classifier, output_dir, percent: float, seed: int, steps: int 
         *flags(FINETUNE), *flags(EVAL),
         "--seed", str(seed), "--save_strategy", "no", "--logging_steps", str(max(1, steps // 5)),
     ]  # fmt: skip
+
+
+def save_untrained_encoder(folder, seed: int = 0, **config_overrides) -> None:
+    """The random-init baseline: the miniature's encoder (with `config_overrides`), never trained, saved like a
+    pretraining output."""
+    import torch
+    from transformers import AutoImageProcessor
+
+    from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
+
+    config = REPO / PRETRAIN_CONFIG
+    torch.manual_seed(seed)
+    ViTNepaForPreTraining(ViTNepaConfig.from_pretrained(config, **config_overrides)).save_pretrained(folder)
+    AutoImageProcessor.from_pretrained(config).save_pretrained(folder)

@@ -5,6 +5,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
@@ -87,3 +88,11 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def small_fashion_mnist(folder: Path, per_split: int = 300) -> Path:
+    """The first `per_split` images of each Fashion-MNIST split, built from Debian's files (skip without them)."""
+    if not (download_dataset.FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+    download_dataset.main(["--dataset", "fashion-mnist", "--max_per_split", str(per_split), "--output_dir", str(folder)])
+    return folder

@@ -5,8 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import download_dataset
+from helpers import small_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -16,10 +15,7 @@ import demo  # noqa: E402
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_a_second_run_reuses_them(tmp_path):
-    if not (download_dataset.FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
-    dataset = tmp_path / "fashion-mnist"
-    download_dataset.main(["--dataset", "fashion-mnist", "--max_per_split", "300", "--output_dir", str(dataset)])
+    dataset = small_fashion_mnist(tmp_path / "fashion-mnist")
     argv = [
         "--dataset", str(dataset), "--output_dir", str(tmp_path / "demo"), "--seeds", "2",
         "--pretrain_steps", "2", "--finetune_steps", "2", "--label_percents", "10", "100",

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image as PILImage
 from safetensors.torch import load_file
-from helpers import REPO, one_torch_thread, tiny_config
+from helpers import REPO, one_torch_thread, small_fashion_mnist, tiny_config
 from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation, ViTImageProcessor
 
 from models.vit_nepa import ViTNepaBackbone, ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining
@@ -554,10 +554,7 @@ def test_ade20k_script_without_data_says_how_to_build_it(tmp_path):
 
 @pytest.mark.slow
 def test_segmentation_demo_runs_its_rows_side_by_side_and_a_second_run_reuses_them(tmp_path):
-    if not (download_dataset.FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
-    fashion_mnist = tmp_path / "fashion-mnist"
-    download_dataset.main(["--dataset", "fashion-mnist", "--max_per_split", "300", "--output_dir", str(fashion_mnist)])
+    fashion_mnist = small_fashion_mnist(tmp_path / "fashion-mnist")
     command = [
         sys.executable, str(REPO / "scripts/segmentation/demo.py"), "--output_dir", str(tmp_path / "demo"),
         "--fashion_mnist", str(fashion_mnist), "--pretrain_steps", "2", "--steps", "2",

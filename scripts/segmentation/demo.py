@@ -83,17 +83,6 @@ def build_canvases(folder: Path, canvas_size: int, train: int, validation: int) 
     download_dataset.save(dataset, folder, overwrite=True, id2label=id2label)
 
 
-def save_random_encoder(folder: Path, seed: int) -> None:
-    import torch
-    from transformers import AutoImageProcessor
-
-    from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
-
-    torch.manual_seed(seed)
-    ViTNepaForPreTraining(ViTNepaConfig.from_pretrained(REPO / miniature.PRETRAIN_CONFIG, patch_size=PATCH_SIZE)).save_pretrained(folder)
-    AutoImageProcessor.from_pretrained(REPO / miniature.PRETRAIN_CONFIG).save_pretrained(folder)
-
-
 def mean_std(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
@@ -155,7 +144,7 @@ def main() -> None:
     for seed in args.seeds:
         random_encoder = out / f"random-init-{seed}"
         if not (random_encoder / "model.safetensors").exists():
-            save_random_encoder(random_encoder, seed)
+            miniature.save_untrained_encoder(random_encoder, seed, patch_size=PATCH_SIZE)
         for row, encoder in (("NEPA-pretrained", pretrained), ("random init", random_encoder)):
             run = out / f"seg-{'nepa' if encoder == pretrained else 'random'}-seed{seed}"
             runs[row].append(run)
