@@ -223,7 +223,8 @@ def segmentation_metrics(confusion: torch.Tensor, id2label: dict[int, str] | Non
 
 
 class SegmentationTrainer(NepaTrainer):
-    """Layer-wise lr decay over the backbone's blocks (decoder, neck and final norm at the full lr), and an
+    """mmsegmentation's layer-wise lr decay over the backbone's blocks (block i of L at decay**(L-i), the embeddings
+    at decay**(L+1); decoder, auxiliary head, neck and final norm at the full lr), and an
     evaluation that slides `crop_size` windows over each validation image and accumulates one confusion
     matrix over the split, gathered across processes: no logits are kept beyond the batch at hand."""
 
@@ -239,7 +240,7 @@ class SegmentationTrainer(NepaTrainer):
     def parameter_groups(self, model):
         num_layers = model.config.backbone_config.num_hidden_layers
         return layer_decay_param_groups(
-            model, self.args.learning_rate, self.args.weight_decay, self.layer_decay, None, num_layers=num_layers
+            model, self.args.learning_rate, self.args.weight_decay, self.layer_decay, None, num_layers, decay_last_layer=True
         )
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):

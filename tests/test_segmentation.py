@@ -188,6 +188,40 @@ def test_upernet_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded.eval()(images).logits, model(images).logits, rtol=0, atol=0)
 
 
+# mmsegmentation's MAE / BEiT layer decay for a 3-block backbone at lr 1 and decay 0.5: block i of L = 3 gets
+# 0.5^(3-i), the embeddings (patch projection, cls token) 0.5^4, everything above the blocks 1.
+HAND_WORKED_SEGMENTATION_LR = {
+    "backbone.vit_nepa.embeddings.": 0.0625,
+    "backbone.vit_nepa.encoder.layer.0.": 0.125,
+    "backbone.vit_nepa.encoder.layer.1.": 0.25,
+    "backbone.vit_nepa.encoder.layer.2.": 0.5,
+    "backbone.vit_nepa.layernorm.": 1.0,
+    "backbone.neck.": 1.0,
+    "decode_head.": 1.0,
+    "auxiliary_head.": 1.0,
+}
+
+
+def test_segmentation_layer_decay_is_mmsegmentations(tmp_path):
+    from nepa.args import NepaTrainingArguments
+    from nepa.data import BatchNormalize
+    from nepa.segmentation import SegmentationTrainer
+
+    model = upernet(released_style_config(num_hidden_layers=3, patch_size=4, image_size=32, out_indices=[0, 1, 2, 3]))
+    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", str(tmp_path), "--use_cpu", "True",
+                                                         "--learning_rate", "1", "--report_to", "none"])  # fmt: skip
+    trainer = SegmentationTrainer(
+        model=model, args=args, normalize=BatchNormalize([0.5] * 3, [0.5] * 3), layer_decay=0.5, crop_size=32, eval_stride=32
+    )
+    optimizer = trainer.create_optimizer()
+    names = {id(param): name for name, param in model.named_parameters()}
+    placed = [(names[id(param)], group["lr"]) for group in optimizer.param_groups for param in group["params"]]
+    assert sorted(name for name, _ in placed) == sorted(names.values())
+    for name, lr in placed:
+        (prefix,) = [prefix for prefix in HAND_WORKED_SEGMENTATION_LR if name.startswith(prefix)]
+        assert lr == HAND_WORKED_SEGMENTATION_LR[prefix], name
+
+
 # --------------------------------------------------------------------------------------------
 # Metrics from a confusion matrix
 # --------------------------------------------------------------------------------------------
