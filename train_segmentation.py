@@ -69,6 +69,21 @@ class SegmentationArguments:
     eval_stride: int = field(default=336, metadata={"help": "Stride of the evaluation's sliding windows."})
 
 
+# DataArguments flags of the classification scripts that segmentation has no use for, and what to use instead.
+UNUSED_DATA_FLAGS = {
+    "labels_per_class": "segmentation trains on the whole training split (or --max_train_samples images of it)",
+    "crop_scale": "segmentation crops mmsegmentation's way: --train_scale, --ratio_range, --crop_size, --cat_max_ratio",
+    "crop_ratio": "segmentation crops mmsegmentation's way: --train_scale, --ratio_range, --crop_size, --cat_max_ratio",
+}
+
+
+def refuse_unused_data_flags(data_args: DataArguments) -> None:
+    defaults = DataArguments()
+    for name, instead in UNUSED_DATA_FLAGS.items():
+        if getattr(data_args, name) != getattr(defaults, name):
+            raise ValueError(f"--{name} is not used by train_segmentation.py: {instead}. Leave it out.")
+
+
 def build_model(args: SegmentationArguments, id2label: dict[int, str] | None) -> UperNetForSemanticSegmentation:
     model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
     if model_type == "upernet":
@@ -116,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the arguments fails here, before the images are read.
+    refuse_unused_data_flags(data_args)
     if not training_args.do_train and AutoConfig.from_pretrained(args.model_name_or_path).model_type != "upernet":
         raise ValueError(f"{args.model_name_or_path} is an encoder, not a segmentation model: evaluate it after --do_train.")
     id2label = read_id2label(data_args.dataset_name) if data_args.load_from_disk else None

@@ -396,6 +396,15 @@ def missing_validation_split(tmp_path, model, dataset, pretrained, classifier):
     return train_pretrain.main, ["--config_name", str(model), *saved_dataset(tmp_path / "train_only"), "--do_eval"]
 
 
+def finetuning_with_another_schedule(tmp_path, model, dataset, pretrained, classifier):
+    return train_finetune.main, ["--model_name_or_path", str(classifier), *no_data(tmp_path), "--lr_scheduler_type", "linear"]
+
+
+def finetuning_with_schedule_arguments(tmp_path, model, dataset, pretrained, classifier):
+    kwargs = ["--lr_scheduler_kwargs", '{"num_cycles": 2}']
+    return train_finetune.main, ["--model_name_or_path", str(classifier), *no_data(tmp_path), *kwargs]
+
+
 HEADS_MESSAGE = "hidden_size 32 is not divisible by num_attention_heads 5"
 
 
@@ -416,6 +425,8 @@ def case(arguments, error: type[Exception], message: str) -> pytest.param:
         case(missing_dataset_folder, FileNotFoundError, "no_such_dataset does not exist"),
         case(missing_train_dir, FileNotFoundError, "no_such_folder is not a directory"),
         case(missing_validation_split, KeyError, r"no 'validation' split \(splits: \['train'\]\)"),
+        case(finetuning_with_another_schedule, ValueError, "--lr_scheduler_type linear: train_finetune.py schedules the release's way"),
+        case(finetuning_with_schedule_arguments, ValueError, "--lr_scheduler_kwargs .* takes no arguments"),
     ],
 )
 def test_bad_arguments_fail_before_any_image_is_read(

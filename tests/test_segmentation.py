@@ -541,11 +541,14 @@ def test_two_processes_count_each_validation_image_once(eight_canvases, tiny_enc
     assert per_class == {name: results[2][name] for name in per_class}
 
 
-def test_entry_point_refuses_bad_sizes_and_encoders_to_evaluate(eight_canvases, tiny_encoder, tmp_path):
+def test_entry_point_refuses_bad_sizes_encoders_to_evaluate_and_classification_flags(eight_canvases, tiny_encoder, tmp_path):
     with pytest.raises(ValueError, match="--crop_size 50 is not a multiple of patch_size 4: use 48 or 52"):
         train_segmentation.main([*segmentation_args(tiny_encoder, eight_canvases, tmp_path / "a", "--do_train"), "--crop_size", "50"])
     with pytest.raises(ValueError, match="is an encoder, not a segmentation model"):
         train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "b", "--do_eval"))
+    for flag in (["--labels_per_class", "2"], ["--crop_scale", "0.5", "1"], ["--crop_ratio", "1", "1"]):
+        with pytest.raises(ValueError, match=f"{flag[0]} is not used by train_segmentation.py: .* Leave it out"):
+            train_segmentation.main([*segmentation_args(tiny_encoder, eight_canvases, tmp_path / "c", "--do_train"), *flag])
 
 
 @pytest.mark.parametrize("script, drop_path, decoder", [("nepa_b_ade20k.sh", 0.1, 768), ("nepa_l_ade20k.sh", 0.2, 1024)])
