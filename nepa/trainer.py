@@ -2,7 +2,8 @@
 
 - optimiser parameter groups from `parameter_groups()` (subclasses choose the grouping);
 - an EMA of the weights (on unless `--use_ema False`): updated every step, evaluated beside the raw weights
-  (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint and restored on resume;
+  (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint, restored on resume, and
+  reloaded with the best checkpoint's weights under `--load_best_model_at_end`;
 - a non-finite loss (in any process) stops the run without applying that optimiser step (or, with
   `skip_nonfinite_loss`, drops the step's update in every process), so NaN never reaches the weights or a
   checkpoint; it is counted on the device, and the CPU never waits for it per micro-step, nor, with a fused
@@ -287,7 +288,8 @@ class NepaTrainer(Trainer):
             self.ema.save(os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
-        """`Trainer.train`, which also restores the EMA when resuming (the Trainer restores the rest)."""
+        """`Trainer.train`, which also restores the EMA when resuming (the Trainer restores the rest) and, under
+        `load_best_model_at_end`, loads the best checkpoint's EMA beside its weights."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -300,7 +302,12 @@ class NepaTrainer(Trainer):
                     f"Resume with --use_ema False, or start a new output_dir."
                 )
             self.ema.load(path)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self.ema is not None and self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            # The Trainer has reloaded the best checkpoint's weights only; its EMA goes with them, so that the final
+            # evaluation and the saved folder describe that one checkpoint.
+            self.ema.load(os.path.join(self.state.best_model_checkpoint, EMA_WEIGHTS_NAME))
+        return result
 
 
 def image_inputs(processor, train_dataset=None, eval_dataset=None) -> dict:

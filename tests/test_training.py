@@ -548,6 +548,34 @@ def test_ema_survives_a_resume(tmp_path, classifier_dir, dataset_dir):
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=lambda text, key=key: f"{key}: {text}")
 
 
+def test_best_checkpoint_is_loaded_with_its_own_ema(tmp_path, classifier_dir, dataset_dir, monkeypatch):
+    """--load_best_model_at_end with a metric that makes checkpoint 1 of 4 the best: the output folder's weights and
+    EMA are checkpoint 1's, and the final evaluation reports checkpoint 1's raw and EMA metrics."""
+    calls = iter(range(1000))
+
+    def first_is_best(prediction):  # every evaluation scores lower than the one before
+        return {**accuracy_metrics(prediction), "earliness": -next(calls)}
+
+    monkeypatch.setattr(train_finetune, "accuracy_metrics", first_is_best)
+    output_dir = tmp_path / "sft"
+    extra = ["--do_train", "--do_eval", "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "1"]
+    extra += ["--save_steps", "1", "--load_best_model_at_end", "True", "--metric_for_best_model", "eval_ema_earliness"]
+    extra += ["--greater_is_better", "True", "--ema_decay", "0.5", "--drop_path", "0"]
+    metrics = train_finetune.main(finetune_argv(classifier_dir, dataset_dir, output_dir, *extra))
+
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert Path(state["best_model_checkpoint"]).name == "checkpoint-1"
+    best, last = output_dir / "checkpoint-1", output_dir / "checkpoint-4"
+    for weights in ("model.safetensors", "model_ema.safetensors"):
+        saved, selected, final = (load_file(folder / weights) for folder in (output_dir, best, last))
+        assert any(not torch.equal(selected[key], final[key]) for key in selected), weights
+        for key in selected:
+            assert torch.equal(saved[key], selected[key]), f"{weights} {key}"
+    at_step_1 = {key: value for entry in state["log_history"] if entry["step"] == 1 for key, value in entry.items()}
+    for key in ("eval_loss", "eval_ema_loss", "eval_accuracy", "eval_ema_accuracy"):
+        assert metrics[key] == pytest.approx(at_step_1[key], abs=1e-6), key
+
+
 def test_compiled_finetuning_saves_plain_names_and_resumes_exactly(tmp_path, classifier_dir, dataset_dir):
     """`--torch_compile True`, as the recipe scripts run: the checkpoints keep the model's own tensor names (no
     `_orig_mod.`), the EMA follows the compiled model, and a restart from a checkpoint ends with the same weights,
