@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         layer_decay=args.llrd,
         head_lr=args.head_lr,
     )
-    return train_and_evaluate(trainer, processor, checkpoint)
+    return train_and_evaluate(trainer, processor, checkpoint, args.model_name_or_path)
 
 
 if __name__ == "__main__":

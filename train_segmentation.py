@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         crop_size=args.crop_size,
         eval_stride=args.eval_stride,
     )
-    return train_and_evaluate(trainer, processor, checkpoint)
+    return train_and_evaluate(trainer, processor, checkpoint, args.model_name_or_path)
 
 
 if __name__ == "__main__":

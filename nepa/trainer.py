@@ -316,10 +316,27 @@ def image_inputs(processor, train_dataset=None, eval_dataset=None) -> dict:
     return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collate_images, normalize=normalize)
 
 
-def train_and_evaluate(trainer: Trainer, processor, checkpoint: str | None) -> dict:
+def use_saved_ema(trainer: NepaTrainer, weights_folder: str | None) -> None:
+    """Evaluation without training: the EMA to evaluate is the one saved beside the loaded weights
+    (`weights_folder`/model_ema.safetensors); without one there is none, and no `eval_ema_*` metrics."""
+    if trainer.ema is None:
+        return
+    path = os.path.join(weights_folder, EMA_WEIGHTS_NAME) if weights_folder else None
+    if path and os.path.isfile(path):
+        trainer.ema.load(path)
+        return
+    logger.warning("%s holds no %s: evaluating the weights only, without eval_ema_* metrics.", weights_folder, EMA_WEIGHTS_NAME)
+    trainer.ema = None
+
+
+def train_and_evaluate(trainer: Trainer, processor, checkpoint: str | None, weights_folder: str | None) -> dict:
     """What every training script ends with: train (resuming from `checkpoint`), save the model, its image
-    processor and the state, evaluate, and print / save the metrics the Trainer's way."""
+    processor and the state, evaluate, and print / save the metrics the Trainer's way. `weights_folder` is the
+    folder the model's weights were loaded from (None: initialised at random); evaluated without training, its
+    saved EMA is evaluated beside them."""
     args, metrics = trainer.args, {}
+    if args.do_eval and not args.do_train:
+        use_saved_ema(trainer, weights_folder)
     if args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()

@@ -508,14 +508,21 @@ def test_bf16_training_and_evaluation_run(eight_canvases, tiny_encoder, tmp_path
 
 
 def test_saved_model_is_evaluated_with_do_eval_alone(eight_canvases, tiny_encoder, tmp_path):
+    """The saved weights and, with --use_ema True, the saved EMA give the metrics of the training run's own final
+    evaluation; a folder without model_ema.safetensors gets no eval_ema_* metrics."""
+    ema = ("--use_ema", "True", "--ema_decay", "0.5")
     with one_torch_thread():
         trained = train_segmentation.main(
-            segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--do_eval", "--max_steps", "2")
+            segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--do_eval", "--max_steps", "2", *ema)
         )
-        evaluated = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval", "--do_eval"))
-    assert evaluated["eval_mean_iou"] == trained["eval_mean_iou"]
-    assert evaluated["eval_pixel_accuracy"] == trained["eval_pixel_accuracy"]
+        evaluated = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval", "--do_eval", *ema))
+        (tmp_path / "seg" / "model_ema.safetensors").unlink()
+        without_ema = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval2", "--do_eval", *ema))
+    for key in ("eval_mean_iou", "eval_pixel_accuracy", "eval_ema_mean_iou", "eval_ema_pixel_accuracy"):
+        assert evaluated[key] == trained[key], key
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["eval_mean_iou"] == trained["eval_mean_iou"]
+    assert without_ema["eval_mean_iou"] == trained["eval_mean_iou"]
+    assert not [key for key in without_ema if key.startswith("eval_ema_")]
 
 
 def test_two_processes_count_each_validation_image_once(eight_canvases, tiny_encoder, tmp_path):

@@ -576,6 +576,22 @@ def test_best_checkpoint_is_loaded_with_its_own_ema(tmp_path, classifier_dir, da
         assert metrics[key] == pytest.approx(at_step_1[key], abs=1e-6), key
 
 
+def test_evaluation_alone_reads_the_folders_ema(tmp_path, classifier_dir, dataset_dir):
+    """--do_eval without --do_train evaluates the folder's model_ema.safetensors as eval_ema_* (the numbers the
+    training run's own final evaluation gave); a folder without one gets no eval_ema_* at all."""
+    trained_dir = tmp_path / "sft"
+    extra = ["--do_train", "--do_eval", "--max_steps", "3", "--save_strategy", "no", "--ema_decay", "0.5"]
+    trained = train_finetune.main(finetune_argv(classifier_dir, dataset_dir, trained_dir, *extra))
+    assert trained["eval_ema_loss"] != pytest.approx(trained["eval_loss"], abs=1e-4)  # the EMA lags the weights
+
+    evaluated = train_finetune.main(finetune_argv(trained_dir, dataset_dir, tmp_path / "eval", "--do_eval"))
+    for key in EVAL_KEYS | EMA_EVAL_KEYS:
+        assert evaluated[key] == pytest.approx(trained[key], abs=1e-6), key
+
+    without_ema = train_finetune.main(finetune_argv(classifier_dir, dataset_dir, tmp_path / "eval_cls", "--do_eval"))
+    assert EVAL_KEYS <= set(without_ema) and not EMA_EVAL_KEYS & set(without_ema)
+
+
 def test_compiled_finetuning_saves_plain_names_and_resumes_exactly(tmp_path, classifier_dir, dataset_dir):
     """`--torch_compile True`, as the recipe scripts run: the checkpoints keep the model's own tensor names (no
     `_orig_mod.`), the EMA follows the compiled model, and a restart from a checkpoint ends with the same weights,
