@@ -10,7 +10,7 @@
   optimiser (Transformers' default AdamW), per optimiser step (`NonFiniteLossGuard`);
 - checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
   newest marked one;
-- every process draws its own random stream (batch augmentation, drop path), seeded from the seed and its rank;
+- every process draws its own random stream (batch augmentation, drop path), seeded from the pair (seed, rank);
 - the training dataset learns the epoch (`set_epoch`), which seeds each image's augmentation;
 - uint8 batches are normalised (and, in training, augmented) on the device, in `compute_loss`;
 - per-step scalars recorded with `record()` are averaged into each logging line, beside the training
@@ -21,10 +21,12 @@ It overrides only public `Trainer` methods and callback hooks; no private one is
 
 import logging
 import os
+import random
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -76,6 +78,20 @@ def resume_checkpoint(args) -> str | None:
     if checkpoint:
         logger.warning("Resuming from %s (the newest complete checkpoint in %s).", checkpoint, args.output_dir)
     return checkpoint
+
+
+def seed_process(seed: int, rank: int) -> None:
+    """Seed this process's `random`, numpy and torch streams from the pair (seed, rank): rank 0 exactly as
+    `set_seed(seed)`, rank r > 0 from numpy's `SeedSequence(seed, spawn_key=(r,))`, which hashes the pair. Unlike
+    `seed + rank` (seed s on rank 1 was seed s + 1 on rank 0), no two pairs share a stream but by a hash collision,
+    about 2**-32 for torch's CPU generator, which keeps 32 bits of its seed."""
+    if rank == 0:
+        set_seed(seed)
+        return
+    words = [int(word) for word in np.random.SeedSequence(seed, spawn_key=(rank,)).generate_state(6)]
+    random.seed(words[0] << 32 | words[1])
+    np.random.seed(words[2:4])
+    torch.manual_seed(words[4] << 32 | words[5])  # and every accelerator's generator
 
 
 def fused_optimizer(optimizer) -> torch.optim.Optimizer | None:
@@ -205,7 +221,7 @@ class NepaTrainer(Trainer):
         # The Trainer seeded every process alike, so every rank would draw the same mixup / cutmix lambda and box,
         # erasing rectangles and drop-path masks. Give each its own stream (process 0 keeps the seed); checkpoints
         # keep each process's RNG state, so a resumed run continues every stream exactly.
-        set_seed(self.args.seed + self.args.process_index)
+        seed_process(self.args.seed, self.args.process_index)
         self.normalize = normalize
         self.batch_augment = batch_augment
         self.ema = ModelEMA(self.model, self.args.ema_decay) if self.args.use_ema else None

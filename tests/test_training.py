@@ -188,6 +188,35 @@ def test_every_process_shuffles_with_the_same_data_seed():
     assert args.data_seed == 3
 
 
+def draws_after_trainer_init(output_dir: Path, seed: int, rank: int, monkeypatch) -> tuple[float, float, float]:
+    """The first `random`, numpy and torch numbers process `rank` draws once a NepaTrainer has been built."""
+    import random
+
+    from nepa.trainer import NepaTrainer
+
+    with monkeypatch.context() as patched:
+        patched.setattr(NepaTrainingArguments, "process_index", property(lambda self: rank))
+        (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", str(output_dir), *COMMON, "--seed", str(seed)])
+        NepaTrainer(model=ViTNepaForPreTraining(tiny_config()), args=args, normalize=BatchNormalize([0.5] * 3, [0.5] * 3))
+        return random.random(), float(np.random.rand()), torch.rand(()).item()
+
+
+def test_every_rank_of_every_seed_draws_its_own_stream(tmp_path, monkeypatch):
+    """Process 0 draws what set_seed(seed) gives (one-process runs are unchanged); rank 1 of seed 7 shares no stream
+    with rank 0 of seed 8, nor with rank 0 or 2 of seed 7."""
+    import random
+
+    from transformers import set_seed
+
+    set_seed(7)
+    expected = random.random(), float(np.random.rand()), torch.rand(()).item()
+    assert draws_after_trainer_init(tmp_path, 7, 0, monkeypatch) == expected
+    rank_1 = draws_after_trainer_init(tmp_path, 7, 1, monkeypatch)
+    for other in ((8, 0), (7, 0), (7, 2), (6, 2)):
+        others = draws_after_trainer_init(tmp_path, *other, monkeypatch)
+        assert all(a != b for a, b in zip(rank_1, others)), other
+
+
 def test_trainers_override_no_private_trainer_method():
     """The trainers build on public `Trainer` methods and callback hooks only, so a transformers upgrade that renames
     a private method cannot silently bypass normalisation, the EMA, the checkpoint marker or the non-finite guard."""
