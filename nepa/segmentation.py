@@ -251,7 +251,9 @@ class SegmentationTrainer(NepaTrainer):
         samples = 0
         for inputs in dataloader:
             inputs = self.prepare_batch(inputs)  # the prepared dataloader has put the batch on the device
-            with torch.no_grad(), self.autocast_smart_context_manager():
+            # accelerate casts the forward only of a model it has prepared for training: evaluation alone would run in
+            # fp32 under --bf16 / --fp16, and evaluation after training in the mixed precision.
+            with torch.no_grad(), self.accelerator.autocast():
                 logits = slide_inference(model, inputs["pixel_values"], self.crop_size, self.eval_stride)
             labels = inputs["labels"]
             if logits.shape[-2:] != labels.shape[-2:]:

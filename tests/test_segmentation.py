@@ -499,12 +499,31 @@ def test_gradient_accumulation_averages_the_loss(eight_canvases, tiny_encoder, t
     assert history[0]["loss"] < 3.5  # one half batch's loss is about ln(11) + 0.4 ln(11) = 3.36 at the start
 
 
-def test_bf16_training_and_evaluation_run(eight_canvases, tiny_encoder, tmp_path):
+def test_bf16_runs_training_evaluation_and_evaluation_alone_in_bf16(eight_canvases, tiny_encoder, tmp_path, monkeypatch):
+    """--bf16: the decode head computes in bf16 in training, in the evaluation after training and in an evaluation
+    of the saved folder alone, which therefore gives the training run's final metrics."""
+    from transformers.models.upernet.modeling_upernet import UperNetHead
+
+    dtypes, head_forward = {}, UperNetHead.forward
+
+    def recording_forward(self, *args, **kwargs):
+        logits = head_forward(self, *args, **kwargs)
+        dtypes.setdefault((run, "train" if torch.is_grad_enabled() else "eval"), set()).add(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(UperNetHead, "forward", recording_forward)
     with one_torch_thread():
-        metrics = train_segmentation.main(segmentation_args(
-            tiny_encoder, eight_canvases, tmp_path / "bf16", "--do_train", "--do_eval", "--max_steps", "1", "--bf16", "True",
+        run = "trained"
+        trained = train_segmentation.main(segmentation_args(
+            tiny_encoder, eight_canvases, tmp_path / "bf16", "--do_train", "--do_eval", "--max_steps", "2", "--bf16", "True",
         ))  # fmt: skip
-    assert 0.0 <= metrics["eval_mean_iou"] <= 1.0 and np.isfinite(metrics["train_loss"])
+        run = "evaluated"
+        evaluated = train_segmentation.main(
+            segmentation_args(tmp_path / "bf16", eight_canvases, tmp_path / "eval", "--do_eval", "--bf16", "True")
+        )
+    assert dtypes == {(run, kind): {torch.bfloat16} for run, kind in [("trained", "train"), ("trained", "eval"), ("evaluated", "eval")]}
+    for key in ("eval_mean_iou", "eval_pixel_accuracy", "eval_mean_accuracy"):
+        assert evaluated[key] == trained[key], key
 
 
 def test_saved_model_is_evaluated_with_do_eval_alone(eight_canvases, tiny_encoder, tmp_path):
