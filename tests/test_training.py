@@ -217,18 +217,40 @@ def test_every_rank_of_every_seed_draws_its_own_stream(tmp_path, monkeypatch):
         assert all(a != b for a, b in zip(rank_1, others)), other
 
 
-def test_trainers_override_no_private_trainer_method():
-    """The trainers build on public `Trainer` methods and callback hooks only, so a transformers upgrade that renames
-    a private method cannot silently bypass normalisation, the EMA, the checkpoint marker or the non-finite guard."""
+def test_trainers_override_public_trainer_methods_that_the_trainer_calls(tmp_path, monkeypatch, config_dir, dataset_dir, classifier_dir):
+    """The trainers override no private `Trainer` method (an upgrade may rename those), and the Trainer calls every
+    public method and callback hook they override: a pretraining run with logging, evaluation and a checkpoint,
+    and a fine-tuning run, call each one. A transformers upgrade that stops calling one (so that normalisation, the
+    EMA, the checkpoint marker or the non-finite guard would be bypassed silently) fails here."""
     from transformers import Trainer
 
-    from nepa.trainer import NepaTrainer
+    from nepa.segmentation import SegmentationTrainer
+    from nepa.trainer import NepaTrainer, NonFiniteLossGuard, _StepHooks
 
-    for trainer_class in (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer, eval_script.FeatureTrainer):
+    trainers = (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer)
+    for trainer_class in (*trainers, eval_script.FeatureTrainer, SegmentationTrainer):
         private = [name for name in vars(trainer_class) if name.startswith("_") and not name.startswith("__")]
         assert not private, f"{trainer_class.__name__} overrides private Trainer methods {private}"
-    for hook in ("compute_loss", "training_step", "prediction_step", "create_optimizer", "create_scheduler", "train", "log"):
-        assert callable(getattr(Trainer, hook)), hook
+
+    called = set()
+
+    def recording(owner, name, method):
+        def wrapper(*args, **kwargs):
+            called.add((owner.__name__, name))
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    overrides = [(cls, name) for cls in trainers for name in vars(cls) if not name.startswith("_") and hasattr(Trainer, name)]
+    overrides += [(cls, name) for cls in (NonFiniteLossGuard, _StepHooks) for name in vars(cls) if name.startswith("on_")]
+    for cls, name in overrides:
+        monkeypatch.setattr(cls, name, recording(cls, name, vars(cls)[name]))
+    schedule = ["--max_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--do_eval"]
+    train_pretrain.main(pretrain_argv(config_dir, dataset_dir, tmp_path / "pretrained", *schedule))
+    finetune_schedule = ["--do_train", "--max_steps", "1", "--save_strategy", "no"]
+    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, tmp_path / "finetuned", *finetune_schedule))
+    assert len(overrides) > 10
+    assert sorted(called) == sorted((cls.__name__, name) for cls, name in overrides)
 
 
 def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
