@@ -253,10 +253,14 @@ def test_trainers_override_public_trainer_methods_that_the_trainer_calls(tmp_pat
     assert sorted(called) == sorted((cls.__name__, name) for cls, name in overrides)
 
 
-def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned host copy exists on a GPU only")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch, device):
     """A micro-step only counts non-finite losses on the device: the CPU must not wait for the GPU there. With a
     fused optimiser (the default) the guard reads each optimiser step's flag only after that step, never while
-    the step waits for it."""
+    the step waits for it; on a GPU the flag reaches the host through a pinned copy and an event."""
     from nepa.data import collate_images
     from nepa.trainer import NepaTrainer, NonFiniteLossGuard
 
@@ -264,7 +268,10 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
 
     def recording_settle(self, args):
         if self.pending is not None:
-            reads.append((self.pending[0], self.trainer.state.global_step))  # (flag's step, steps completed)
+            step, flag = self.pending
+            reads.append((step, self.trainer.state.global_step))  # (flag's step, steps completed)
+            if device == "cuda":
+                assert flag.host.is_pinned() and flag.ready is not None
         return settle(self, args)
 
     monkeypatch.setattr(NonFiniteLossGuard, "settle", recording_settle)
@@ -279,7 +286,9 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
             return NepaTrainer.training_step(self, *args, **kwargs)
 
     flags = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
-    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", str(tmp_path), *COMMON, *flags, "--save_strategy", "no"])
+    common = COMMON if device == "cpu" else [flag for flag in COMMON if flag != "--use_cpu"]
+    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", str(tmp_path), *common, *flags, "--save_strategy", "no"])
+    assert args.device.type == device
     images = [{"pixel_values": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)} for _ in range(8)]
     trainer_class = type("CheckedTrainer", (NepaTrainer,), {"training_step": checked_training_step})
     trainer = trainer_class(
@@ -289,6 +298,24 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
     assert trainer.train().global_step == 2
     assert args.optim == "adamw_torch_fused"
     assert [step for step, _ in reads] == [1, 2] and all(completed >= step for step, completed in reads)
+
+
+@CUDA
+def test_host_copy_of_a_gpu_scalar_waits_for_its_own_point_of_the_stream():
+    """`HostCopy` returns at once while the GPU is busy (its copy is queued behind the work), and `item()` then
+    gives the value computed at that point, not one written later in the stream."""
+    from nepa.trainer import HostCopy
+
+    value = torch.zeros((), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # keeps the stream busy for about a second
+    value += 1
+    copy = HostCopy(value)
+    assert copy.host.is_pinned() and not copy.ready.query()  # queued, not waited for
+    value += 1  # queued after the copy: not what the copy sees
+    assert copy.item() == 1.0
+    torch.cuda.synchronize()
+    assert value.item() == 2.0
 
 
 def test_pretraining_parameter_groups(tmp_path):
