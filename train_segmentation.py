@@ -69,6 +69,9 @@ class SegmentationArguments:
     eval_stride: int = field(default=336, metadata={"help": "Stride of the evaluation's sliding windows."})
 
 
+# Fewer images than this in a BatchNorm's batch get a warning at start-up.
+MIN_BATCHNORM_IMAGES = 4
+
 # DataArguments flags of the classification scripts that segmentation has no use for, and what to use instead.
 UNUSED_DATA_FLAGS = {
     "labels_per_class": "segmentation trains on the whole training split (or --max_train_samples images of it)",
@@ -146,6 +149,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--eval_stride {args.eval_stride} must lie in 1..crop_size ({args.crop_size}).")
     if training_args.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs, as MAE/BEiT did
+    batchnorm_images = training_args.per_device_train_batch_size * training_args.world_size
+    if training_args.do_train and batchnorm_images < MIN_BATCHNORM_IMAGES:
+        logger.warning(
+            "BatchNorm in the UperNet heads normalises over %d images (--per_device_train_batch_size %d x %d processes; "
+            "gradient accumulation does not add to it), so its statistics are noisy; the MAE/BEiT recipe's is 16, "
+            "2 on each of 8 GPUs. Use more GPUs or a larger --per_device_train_batch_size to reach %d or more.",
+            batchnorm_images, training_args.per_device_train_batch_size, training_args.world_size, MIN_BATCHNORM_IMAGES,
+        )
     processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
     checkpoint = resume_checkpoint(training_args)
 

@@ -4,6 +4,7 @@ Fashion-MNIST canvases, and the training / evaluation entry points. Tiny models,
 import gzip
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -488,15 +489,17 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(eight_canvases, tiny_
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_gradient_accumulation_averages_the_loss(eight_canvases, tiny_encoder, tmp_path):
-    """Two accumulated half batches log the mean of their losses (not the sum, which UperNet's **kwargs invites)."""
-    with one_torch_thread():
+def test_gradient_accumulation_averages_the_loss(eight_canvases, tiny_encoder, tmp_path, caplog):
+    """Two accumulated half batches log the mean of their losses (not the sum, which UperNet's **kwargs invites);
+    the start-up warns that BatchNorm sees 2 images."""
+    with one_torch_thread(), caplog.at_level(logging.WARNING, logger="train_segmentation"):
         train_segmentation.main(segmentation_args(
             tiny_encoder, eight_canvases, tmp_path / "accumulated", "--do_train", "--max_steps", "1",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--learning_rate", "0",
         ))  # fmt: skip
     history = json.loads((tmp_path / "accumulated" / "trainer_state.json").read_text())["log_history"]
     assert history[0]["loss"] < 3.5  # one half batch's loss is about ln(11) + 0.4 ln(11) = 3.36 at the start
+    assert "BatchNorm in the UperNet heads normalises over 2 images" in caplog.text
 
 
 def test_bf16_runs_training_evaluation_and_evaluation_alone_in_bf16(eight_canvases, tiny_encoder, tmp_path, monkeypatch):
@@ -605,6 +608,7 @@ def test_ade20k_scripts_launch_the_recipe(tmp_path, script, drop_path, decoder):
     assert args.crop_size == 504 and args.crop_size % 14 == 0 and args.eval_stride == 336 and not args.is_causal
     assert args.train_scale == [2048, 512] and args.ratio_range == [0.5, 2.0] and args.photometric
     assert data_args.dataset_name == str(tmp_path / "ade20k") and training_args.per_device_eval_batch_size == 1
+    assert "BatchNorm will normalise over 2 images (2 x 1 GPUs), not the recipe's 16" in result.stderr
 
 
 def test_ade20k_script_without_data_says_how_to_build_it(tmp_path):
