@@ -19,6 +19,7 @@
 It overrides only public `Trainer` methods and callback hooks; no private one is needed.
 """
 
+import json
 import logging
 import os
 import random
@@ -38,6 +39,7 @@ from .optim import pretraining_param_groups
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_COMPLETE = "checkpoint_complete"
+SKIPPED_STEPS_NAME = "skipped_steps.json"  # in a checkpoint: the non-finite steps skipped so far, when any
 
 
 class NonFiniteLossError(RuntimeError):
@@ -130,13 +132,20 @@ class NonFiniteLossGuard(TrainerCallback):
     - any other optimiser needs the flag on the host at once (one read per optimiser step); a flagged step's
       gradients are dropped, and AdamW leaves parameters without gradients and their state untouched.
     A flagged step stops the run with `NonFiniteLossError`, or, with `skip_nonfinite_loss`, counts in
-    `skipped_steps` and training goes on."""
+    `skipped_steps` (saved with each checkpoint, so a resumed run goes on counting) and training goes on; its forward
+    passes may have written NaN into buffers (BatchNorm running statistics), so with `skip_nonfinite_loss` the
+    buffers are copied at the start of every step and a flagged step's are restored from that copy, on the device."""
 
     def __init__(self, trainer: "NepaTrainer"):
         self.trainer = trainer
         self.count: torch.Tensor | None = None  # non-finite losses since the last optimiser step, on the device
         self.pending: tuple[int, HostCopy] | None = None  # (step, flag) not read yet
         self.skipped_steps = 0
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its value at the step's start)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if args.skip_nonfinite_loss:
+            self.buffers = [(buffer, buffer.clone()) for buffer in self.trainer.model.buffers()]
 
     def observe(self, loss: torch.Tensor) -> None:
         nonfinite = (~torch.isfinite(loss.detach())).sum()
@@ -151,6 +160,8 @@ class NonFiniteLossGuard(TrainerCallback):
             count = self.trainer.accelerator.reduce(count, reduction="sum")
         flag = (count > 0).float()
         self.pending = (state.global_step + 1, HostCopy(flag))
+        for buffer, start in self.buffers:
+            buffer.copy_(torch.where(flag > 0, start, buffer))
         optimizer = fused_optimizer(self.trainer.optimizer)
         if optimizer is not None:
             optimizer.found_inf = flag
@@ -164,6 +175,14 @@ class NonFiniteLossGuard(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.settle(args)  # before `_StepHooks.on_save` marks the checkpoint complete
+        if args.should_save and self.skipped_steps:
+            folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            (folder / SKIPPED_STEPS_NAME).write_text(json.dumps({"skipped_steps": self.skipped_steps}) + "\n")
+
+    def load(self, checkpoint: str) -> None:
+        """The skipped-step count of a checkpoint being resumed."""
+        path = Path(checkpoint, SKIPPED_STEPS_NAME)
+        self.skipped_steps = json.loads(path.read_text())["skipped_steps"] if path.is_file() else 0
 
     def on_train_end(self, args, state, control, **kwargs):
         self.settle(args)
@@ -318,6 +337,8 @@ class NepaTrainer(Trainer):
                     f"Resume with --use_ema False, or start a new output_dir."
                 )
             self.ema.load(path)
+        if resume_from_checkpoint:
+            self.nonfinite_guard.load(resume_from_checkpoint)
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self.ema is not None and self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             # The Trainer has reloaded the best checkpoint's weights only; its EMA goes with them, so that the final

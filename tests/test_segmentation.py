@@ -502,6 +502,36 @@ def test_gradient_accumulation_averages_the_loss(eight_canvases, tiny_encoder, t
     assert "BatchNorm in the UperNet heads normalises over 2 images" in caplog.text
 
 
+def test_skipped_nonfinite_step_leaves_no_nan_in_batchnorm_and_its_count_survives_a_resume(
+    eight_canvases, tiny_encoder, tmp_path, monkeypatch
+):
+    """--skip_nonfinite_loss True with NaN pixels in step 1: the step's forward has put NaN in the heads' BatchNorm
+    running statistics, which the skip restores, so no NaN reaches the checkpoints, the saved model or evaluation;
+    a run resumed from checkpoint 2 goes on counting that skipped step."""
+    forward, poisoned = UperNetForSemanticSegmentation.forward, {"armed": True}
+
+    def nan_pixels_in_first_step(self, pixel_values=None, *args, **kwargs):
+        if self.training and poisoned.pop("armed", False):
+            pixel_values = pixel_values * float("nan")
+        return forward(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(UperNetForSemanticSegmentation, "forward", nan_pixels_in_first_step)
+    flags = ("--do_train", "--do_eval", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+             "--skip_nonfinite_loss", "True", "--eval_strategy", "steps", "--eval_steps", "2")  # fmt: skip
+    with one_torch_thread():
+        metrics = train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "whole", *flags))
+        shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+        train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "resumed", *flags))
+    for weights in ("checkpoint-2/model.safetensors", "model.safetensors"):
+        for name, tensor in load_file(tmp_path / "whole" / weights).items():
+            assert torch.isfinite(tensor.float()).all(), f"{weights}: {name}"
+    assert np.isfinite(metrics["eval_pixel_accuracy"]) and metrics["eval_pixel_accuracy"] > 0
+    for run in ("whole", "resumed"):
+        history = json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
+        skipped = {entry["step"]: entry.get("skipped_steps", 0) for entry in history if "loss" in entry}
+        assert skipped == {1: 1, 2: 1, 3: 1, 4: 1}, run  # the resumed run logged steps 3 and 4; 1 and 2 are its checkpoint's
+
+
 def test_bf16_runs_training_evaluation_and_evaluation_alone_in_bf16(eight_canvases, tiny_encoder, tmp_path, monkeypatch):
     """--bf16: the decode head computes in bf16 in training, in the evaluation after training and in an evaluation
     of the saved folder alone, which therefore gives the training run's final metrics."""
