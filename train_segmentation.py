@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     columns = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name, strict=data_args.strict_images)
     train_dataset = eval_dataset = None
     if training_args.do_train:
-        transform = SegmentationTrainTransform(args.train_scale, args.ratio_range, args.crop_size, args.cat_max_ratio, args.photometric)
+        transform = SegmentationTrainTransform(
+            args.train_scale, args.ratio_range, args.crop_size, processor.image_mean, args.cat_max_ratio, args.photometric
+        )
         train_dataset = SegmentationDataset(get_split(dataset, "train", data_args.max_train_samples, training_args.seed), transform, **columns)
     if training_args.do_eval:
         eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)

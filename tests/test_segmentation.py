@@ -33,7 +33,10 @@ from nepa.segmentation import (
     SegmentationEvalTransform,
     SegmentationTrainTransform,
     confusion_matrix,
+    hsv_to_rgb,
+    photometric_distortion,
     read_id2label,
+    rgb_to_hsv,
     segmentation_metrics,
     slide_inference,
 )
@@ -367,8 +370,13 @@ def mask_coded_dataset(size=20) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": [PILImage.fromarray(image)], "label": [PILImage.fromarray(mask)]}, features=features)
 
 
-def test_train_transform_keeps_image_and_mask_aligned_and_pads_with_ignore():
-    transform = SegmentationTrainTransform(scale=(20, 20), ratio_range=(1.0, 1.0), crop_size=24, photometric=False)
+MEAN = (0.485, 0.456, 0.406)  # ImageNet's: the padding is (124, 116, 104)
+
+
+def test_train_transform_keeps_image_and_mask_aligned_and_pads_with_mean_and_ignore():
+    """The padding is the normalisation's mean (about 0 once normalised, as mmsegmentation pads after normalising),
+    and the mask's is the ignore index."""
+    transform = SegmentationTrainTransform(scale=(20, 20), ratio_range=(1.0, 1.0), crop_size=24, mean=MEAN, photometric=False)
     dataset = SegmentationDataset(mask_coded_dataset(), transform, seed=0)
     flips = set()
     for epoch in range(6):
@@ -376,7 +384,9 @@ def test_train_transform_keeps_image_and_mask_aligned_and_pads_with_ignore():
         example = dataset[0]
         image, mask = example["pixel_values"], example["labels"]
         assert image.shape == (3, 24, 24) and mask.shape == (24, 24) and mask.dtype == torch.uint8
-        assert (mask[20:] == 255).all() and (mask[:, 20:] == 255).all() and (image[:, 20:] == 0).all()
+        assert (mask[20:] == 255).all() and (mask[:, 20:] == 255).all()
+        for padding in (image[:, 20:], image[:, :, 20:]):
+            assert torch.equal(padding, torch.tensor([124, 116, 104], dtype=torch.uint8)[:, None, None].expand_as(padding))
         labelled = mask != 255
         assert torch.equal(image[0][labelled], mask[labelled] * 20)
         flips.add(int(mask[0, 0]))
@@ -387,7 +397,7 @@ def test_train_transform_keeps_image_and_mask_aligned_and_pads_with_ignore():
 
 
 def test_train_transform_random_resize_and_crop():
-    transform = SegmentationTrainTransform(scale=(64, 16), ratio_range=(0.5, 2.0), crop_size=12)
+    transform = SegmentationTrainTransform(scale=(64, 16), ratio_range=(0.5, 2.0), crop_size=12, mean=MEAN)
     sizes = set()
     for seed in range(8):
         torch.manual_seed(seed)
@@ -395,6 +405,56 @@ def test_train_transform_random_resize_and_crop():
         assert image.shape == (3, 12, 12) and mask.shape == (12, 12)
         sizes.add(int((mask == 1).sum()))
     assert len(sizes) > 1  # some crops fell off a small resized image and were padded with ignore
+
+
+def test_hsv_conversion_is_colorsys():
+    import colorsys
+
+    pixels = torch.rand(3, 6, 7, generator=torch.Generator().manual_seed(0))
+    pixels[:, 0, 0] = 0.5  # grey: no hue, no saturation
+    pixels[:, 0, 1] = 0.0
+    hsv = rgb_to_hsv(pixels)
+    expected = torch.tensor([colorsys.rgb_to_hsv(*pixels[:, i, j].tolist()) for i in range(6) for j in range(7)])
+    torch.testing.assert_close(hsv.flatten(1).T, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hsv_to_rgb(hsv), pixels, rtol=0, atol=1e-6)
+
+
+def rgb(*values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8)[:, None, None]
+
+
+def test_photometric_distortion_worked_by_hand():
+    """mmsegmentation's steps: brightness adds, contrast multiplies (before or after the rest), saturation scales
+    HSV's S, hue turns by OpenCV units of 2 degrees."""
+    def distort(image, **params):
+        values = dict(brightness=None, contrast=None, saturation=None, hue=None, contrast_first=True) | params
+        return photometric_distortion(image, **values).flatten().tolist()
+
+    assert distort(rgb(100, 100, 100), brightness=32.0) == [132, 132, 132]
+    assert distort(rgb(100, 100, 100), brightness=-32.0, contrast=0.5) == [34, 34, 34]  # (100 - 32) x 0.5
+    assert distort(rgb(100, 100, 100), brightness=32.0, contrast=1.5, contrast_first=False) == [198, 198, 198]
+    assert distort(rgb(200, 250, 10), brightness=32.0) == [232, 255, 42]  # clipped at 255
+    assert distort(rgb(255, 0, 0), hue=18) == [255, 153, 0]  # red turned by 36 degrees: 0.6 of the way to yellow
+    assert distort(rgb(255, 0, 0), hue=-18) == [255, 0, 153]
+    assert distort(rgb(200, 100, 100), saturation=0.5) == [200, 150, 150]  # S 0.5 -> 0.25 at the same V
+
+
+def test_train_transform_turns_hue_by_up_to_36_degrees_and_adds_brightness():
+    """Through the whole training transform: dark red keeps hue 0 under brightness, contrast (never clipped below
+    255 / 1.5) and saturation, so its hue is the drawn turn, -36..34 degrees (mmsegmentation's -18..17 OpenCV units,
+    +-1 for the rounding to uint8); grey 100 moves by the additive +-32 and the x0.5-1.5 contrast."""
+    red = SegmentationTrainTransform(scale=(4, 4), ratio_range=(1.0, 1.0), crop_size=4, mean=MEAN)
+    turns, greys = set(), set()
+    for seed in range(300):
+        torch.manual_seed(seed)
+        image, _ = red(rgb(100, 0, 0).expand(3, 4, 4).contiguous(), torch.zeros(4, 4, dtype=torch.uint8))
+        hue = float(rgb_to_hsv(image[:, 0, 0].float()[:, None, None] / 255)[0]) * 360
+        turns.add(round(hue if hue < 180 else hue - 360))
+        torch.manual_seed(seed)
+        image, _ = red(rgb(100, 100, 100).expand(3, 4, 4).contiguous(), torch.zeros(4, 4, dtype=torch.uint8))
+        greys.add(int(image[0, 0, 0]))
+    assert min(turns) <= -30 and max(turns) >= 30 and -37 <= min(turns) and max(turns) <= 35, sorted(turns)
+    assert 34 <= min(greys) and max(greys) <= 198 and any(abs(grey - 100) > 13 for grey in greys if 85 < grey < 115)
 
 
 def test_eval_transform_resizes_the_image_keeping_the_full_resolution_mask():
