@@ -9,15 +9,16 @@ evaluated beside the raw ones. `--freeze_vit True` is a linear probe. `--labels_
 trains on a seeded class-balanced labelled subset, the semi-supervised protocol; evaluation stays on the whole
 validation split. `--crop_scale` / `--crop_ratio` set the training crop. The architecture is the classifier
 folder's config; `--config_overrides` changes it (`--drop_path`, `--is_causal` spell two of its fields).
-Every `TrainingArguments` flag works; a run started again with the same command resumes from its newest
-complete checkpoint.
+Every `TrainingArguments` flag works, but the schedule is always the release's layer-wise cosine
+(`--lr_scheduler_type` other than cosine is refused); a run started again with the same command resumes from
+its newest complete checkpoint.
 """
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoImageProcessor, set_seed
+from transformers import AutoImageProcessor, SchedulerType, set_seed
 
 from models.vit_nepa import ViTNepaForImageClassification
 from nepa.args import DataArguments, NepaTrainingArguments, config_overrides_field, configure_logging, load_config, parse_arguments
@@ -68,6 +69,32 @@ class FinetuneArguments:
     mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
     mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of cutmix instead of mixup."})
     smoothing: float = field(default=0.1, metadata={"help": "Label smoothing."})
+
+
+# What the release's commands pass to name the schedule FinetuneTrainer builds.
+RELEASE_SCHEDULER_KWARGS = {"custom_scheduler_type": "llrd_cosine_warmup"}
+
+
+@dataclass
+class FinetuneTrainingArguments(NepaTrainingArguments):
+    lr_scheduler_type: SchedulerType | str = field(
+        default="cosine",
+        metadata={"help": "cosine only: the release's layer-wise cosine, each group warmed up over its own steps."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lr_scheduler_type != SchedulerType.COSINE:
+            raise ValueError(
+                f"--lr_scheduler_type {self.lr_scheduler_type.value}: train_finetune.py schedules the release's way, a "
+                f"half-cosine after a linear warm-up per layer group (--warmup_steps / --warmup_ratio set it). "
+                f"Leave the flag out or pass cosine."
+            )
+        if self.lr_scheduler_kwargs not in (None, {}, RELEASE_SCHEDULER_KWARGS):
+            raise ValueError(
+                f"--lr_scheduler_kwargs {self.lr_scheduler_kwargs}: train_finetune.py's layer-wise cosine takes no "
+                f"arguments; leave the flag out (the release's {RELEASE_SCHEDULER_KWARGS} is accepted: it names this schedule)."
+            )
 
 
 def load_classifier(args: FinetuneArguments) -> ViTNepaForImageClassification:
@@ -145,7 +172,7 @@ class FinetuneTrainer(NepaTrainer):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, data_args, training_args = parse_arguments((FinetuneArguments, DataArguments, NepaTrainingArguments), argv)
+    args, data_args, training_args = parse_arguments((FinetuneArguments, DataArguments, FinetuneTrainingArguments), argv)
     configure_logging(training_args)
     set_seed(training_args.seed)
 
@@ -177,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         layer_decay=args.llrd,
         head_lr=args.head_lr,
     )
-    return train_and_evaluate(trainer, processor, checkpoint)
+    return train_and_evaluate(trainer, processor, checkpoint, args.model_name_or_path)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         **image_inputs(processor, train_dataset, eval_dataset),
         embed_lr=model_args.embed_lr,
     )
-    return train_and_evaluate(trainer, processor, checkpoint)
+    return train_and_evaluate(trainer, processor, checkpoint, model_args.model_name_or_path)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,24 @@ class SegmentationArguments:
     eval_stride: int = field(default=336, metadata={"help": "Stride of the evaluation's sliding windows."})
 
 
+# Fewer images than this in a BatchNorm's batch get a warning at start-up.
+MIN_BATCHNORM_IMAGES = 4
+
+# DataArguments flags of the classification scripts that segmentation has no use for, and what to use instead.
+UNUSED_DATA_FLAGS = {
+    "labels_per_class": "segmentation trains on the whole training split (or --max_train_samples images of it)",
+    "crop_scale": "segmentation crops mmsegmentation's way: --train_scale, --ratio_range, --crop_size, --cat_max_ratio",
+    "crop_ratio": "segmentation crops mmsegmentation's way: --train_scale, --ratio_range, --crop_size, --cat_max_ratio",
+}
+
+
+def refuse_unused_data_flags(data_args: DataArguments) -> None:
+    defaults = DataArguments()
+    for name, instead in UNUSED_DATA_FLAGS.items():
+        if getattr(data_args, name) != getattr(defaults, name):
+            raise ValueError(f"--{name} is not used by train_segmentation.py: {instead}. Leave it out.")
+
+
 def build_model(args: SegmentationArguments, id2label: dict[int, str] | None) -> UperNetForSemanticSegmentation:
     model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
     if model_type == "upernet":
@@ -116,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the arguments fails here, before the images are read.
+    refuse_unused_data_flags(data_args)
     if not training_args.do_train and AutoConfig.from_pretrained(args.model_name_or_path).model_type != "upernet":
         raise ValueError(f"{args.model_name_or_path} is an encoder, not a segmentation model: evaluate it after --do_train.")
     id2label = read_id2label(data_args.dataset_name) if data_args.load_from_disk else None
@@ -130,6 +149,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--eval_stride {args.eval_stride} must lie in 1..crop_size ({args.crop_size}).")
     if training_args.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs, as MAE/BEiT did
+    batchnorm_images = training_args.per_device_train_batch_size * training_args.world_size
+    if training_args.do_train and batchnorm_images < MIN_BATCHNORM_IMAGES:
+        logger.warning(
+            "BatchNorm in the UperNet heads normalises over %d images (--per_device_train_batch_size %d x %d processes; "
+            "gradient accumulation does not add to it), so its statistics are noisy; the MAE/BEiT recipe's is 16, "
+            "2 on each of 8 GPUs. Use more GPUs or a larger --per_device_train_batch_size to reach %d or more.",
+            batchnorm_images, training_args.per_device_train_batch_size, training_args.world_size, MIN_BATCHNORM_IMAGES,
+        )
     processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
     checkpoint = resume_checkpoint(training_args)
 
@@ -137,7 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     columns = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name, strict=data_args.strict_images)
     train_dataset = eval_dataset = None
     if training_args.do_train:
-        transform = SegmentationTrainTransform(args.train_scale, args.ratio_range, args.crop_size, args.cat_max_ratio, args.photometric)
+        transform = SegmentationTrainTransform(
+            args.train_scale, args.ratio_range, args.crop_size, processor.image_mean, args.cat_max_ratio, args.photometric
+        )
         train_dataset = SegmentationDataset(get_split(dataset, "train", data_args.max_train_samples, training_args.seed), transform, **columns)
     if training_args.do_eval:
         eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
@@ -156,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         crop_size=args.crop_size,
         eval_stride=args.eval_stride,
     )
-    return train_and_evaluate(trainer, processor, checkpoint)
+    return train_and_evaluate(trainer, processor, checkpoint, args.model_name_or_path)
 
 
 if __name__ == "__main__":

@@ -51,13 +51,19 @@ def layer_decay_param_groups(
     layer_decay: float,
     head_lr: float | None,
     num_layers: int | None = None,
+    decay_last_layer: bool = False,
 ) -> list[dict]:
     """Layer-wise lr decay: encoder layer i gets lr * decay**(L-1-i), the embeddings lr * decay**L, the other
     parameters above the layers (fc_norm, a segmentation decoder) lr, and the classifier and final norm `head_lr`
     (lr when None). Each group records its `lr_factor` (1 above the layers), which the schedule uses to stretch the
     warm-up of the lower layers. `num_layers` (L) defaults to `model.config.num_hidden_layers`; a model whose encoder
-    is a sub-model (a segmentation backbone) names it."""
+    is a sub-model (a segmentation backbone) names it.
+
+    The release's classification recipe runs the last layer at the full lr. `decay_last_layer` gives
+    mmsegmentation's convention (the MAE / BEiT segmentation recipe) instead: every exponent one higher, so layer i
+    gets decay**(L-i) and the embeddings decay**(L+1); what lies above the layers keeps lr."""
     num_layers = model.config.num_hidden_layers if num_layers is None else num_layers
+    top = num_layers + 1 if decay_last_layer else num_layers
     groups: dict[tuple[int, bool, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -67,7 +73,7 @@ def layer_decay_param_groups(
         decay = uses_weight_decay(name, param)
         key = (index, head, decay)
         if key not in groups:
-            factor = layer_decay ** max(0, num_layers - index)
+            factor = layer_decay ** max(0, top - index)
             groups[key] = {
                 "params": [],
                 "weight_decay": weight_decay if decay else 0.0,

@@ -68,29 +68,89 @@ def random_crop_box(mask: torch.Tensor, crop_size: int, cat_max_ratio: float) ->
     return top, left, crop_h, crop_w
 
 
-def photometric_distortion() -> v2.Transform:
-    """mmseg's PhotoMetricDistortion from torchvision's ops: brightness, contrast, saturation (0.5-1.5) and hue
-    (+-18 degrees), each applied with probability 0.5."""
-    jitters = [
-        v2.ColorJitter(brightness=(1 - 32 / 255, 1 + 32 / 255)),
-        v2.ColorJitter(contrast=(0.5, 1.5)),
-        v2.ColorJitter(saturation=(0.5, 1.5)),
-        v2.ColorJitter(hue=18 / 360),
-    ]
-    return v2.Compose([v2.RandomApply([jitter], p=0.5) for jitter in jitters])
+def rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
+    """Float RGB (3, H, W) in [0, 1] -> HSV with hue, saturation and value in [0, 1]."""
+    red, green, blue = image
+    value, low = image.max(0).values, image.min(0).values
+    spread = value - low
+    saturation = torch.where(value > 0, spread / value.clamp_min(1e-12), torch.zeros_like(value))
+    safe = torch.where(spread > 0, spread, torch.ones_like(spread))
+    hue = torch.where(
+        value == red, (green - blue) / safe, torch.where(value == green, 2 + (blue - red) / safe, 4 + (red - green) / safe)
+    )
+    hue = torch.where(spread > 0, (hue / 6) % 1.0, torch.zeros_like(hue))
+    return torch.stack([hue, saturation, value])
+
+
+def hsv_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """The inverse of `rgb_to_hsv`."""
+    hue, saturation, value = image
+    sector = torch.floor(hue * 6)
+    fraction = hue * 6 - sector
+    p, q, t = value * (1 - saturation), value * (1 - saturation * fraction), value * (1 - saturation * (1 - fraction))
+    sector = (sector.long() % 6)[None]
+    red = torch.stack([value, q, p, p, t, value]).gather(0, sector)
+    green = torch.stack([t, value, value, q, p, p]).gather(0, sector)
+    blue = torch.stack([p, p, t, value, value, q]).gather(0, sector)
+    return torch.cat([red, green, blue])
+
+
+def photometric_distortion(
+    image: torch.Tensor,
+    brightness: float | None,
+    contrast: float | None,
+    saturation: float | None,
+    hue: int | None,
+    contrast_first: bool,
+) -> torch.Tensor:
+    """mmsegmentation's PhotoMetricDistortion with its random draws given (None: that step is not applied): add
+    `brightness` to the pixel values (0-255), multiply them by `contrast` (first or last), multiply the HSV
+    saturation by `saturation`, and turn the hue by `hue` OpenCV units (2 degrees each); values are clipped to
+    0-255 after each step. Computed in floating point and rounded to uint8 once, at the end."""
+    pixels = image.float()
+    if brightness is not None:
+        pixels = (pixels + brightness).clamp(0, 255)
+    if contrast is not None and contrast_first:
+        pixels = (pixels * contrast).clamp(0, 255)
+    if saturation is not None or hue is not None:
+        hsv = rgb_to_hsv(pixels / 255)
+        if saturation is not None:
+            hsv[1] = (hsv[1] * saturation).clamp(0, 1)
+        if hue is not None:
+            hsv[0] = (hsv[0] + hue / 180) % 1.0
+        pixels = hsv_to_rgb(hsv) * 255
+    if contrast is not None and not contrast_first:
+        pixels = (pixels * contrast).clamp(0, 255)
+    return pixels.round().clamp(0, 255).to(torch.uint8)
+
+
+def draw_photometric_distortion() -> dict:
+    """The random draws of mmsegmentation's PhotoMetricDistortion (its defaults): each step with probability 0.5,
+    brightness +-32, contrast and saturation x0.5-1.5, hue -18..17 OpenCV units, contrast before or after the rest."""
+    applied = torch.rand(4) < 0.5
+    values = torch.empty(3).uniform_(0, 1)
+    return dict(
+        brightness=float(values[0] * 64 - 32) if applied[0] else None,
+        contrast=float(values[1] + 0.5) if applied[1] else None,
+        saturation=float(values[2] + 0.5) if applied[2] else None,
+        hue=int(torch.randint(-18, 18, ())) if applied[3] else None,
+        contrast_first=bool(torch.rand(()) < 0.5),
+    )
 
 
 class SegmentationTrainTransform:
     """The MAE/BEiT ADE20K training pipeline: keep-ratio resize of the image to `scale` times a ratio drawn
     from `ratio_range`, random crop of `crop_size` (`cat_max_ratio`), horizontal flip, photometric distortion,
-    then padding to `crop_size` (image 0, mask `IGNORE_INDEX`)."""
+    then padding to `crop_size` with `mean` (the normalisation's, so that the padding normalises to about 0, as
+    mmsegmentation pads after normalising) and the mask with `IGNORE_INDEX`."""
 
-    def __init__(self, scale, ratio_range, crop_size: int, cat_max_ratio=0.75, photometric=True):
+    def __init__(self, scale, ratio_range, crop_size: int, mean, cat_max_ratio=0.75, photometric=True):
         self.scale = tuple(scale)
         self.ratio_range = tuple(ratio_range)
         self.crop_size = crop_size
+        self.fill = torch.tensor([round(255 * value) for value in mean], dtype=torch.uint8)
         self.cat_max_ratio = cat_max_ratio
-        self.photometric = photometric_distortion() if photometric else None
+        self.photometric = photometric
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ratio = float(torch.empty(()).uniform_(*self.ratio_range))
@@ -102,11 +162,13 @@ class SegmentationTrainTransform:
         mask = mask[top : top + height, left : left + width]
         if torch.rand(()) < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
-        if self.photometric is not None:
-            image = self.photometric(image)
+        if self.photometric:
+            image = photometric_distortion(image, **draw_photometric_distortion())
         pad_h, pad_w = self.crop_size - height, self.crop_size - width
         if pad_h or pad_w:
-            image = F.pad(image, (0, pad_w, 0, pad_h), value=0)
+            canvas = self.fill[:, None, None].expand(3, self.crop_size, self.crop_size).clone()
+            canvas[:, :height, :width] = image
+            image = canvas
             mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
         return image.contiguous(), mask.contiguous()
 
@@ -223,7 +285,8 @@ def segmentation_metrics(confusion: torch.Tensor, id2label: dict[int, str] | Non
 
 
 class SegmentationTrainer(NepaTrainer):
-    """Layer-wise lr decay over the backbone's blocks (decoder, neck and final norm at the full lr), and an
+    """mmsegmentation's layer-wise lr decay over the backbone's blocks (block i of L at decay**(L-i), the embeddings
+    at decay**(L+1); decoder, auxiliary head, neck and final norm at the full lr), and an
     evaluation that slides `crop_size` windows over each validation image and accumulates one confusion
     matrix over the split, gathered across processes: no logits are kept beyond the batch at hand."""
 
@@ -239,7 +302,7 @@ class SegmentationTrainer(NepaTrainer):
     def parameter_groups(self, model):
         num_layers = model.config.backbone_config.num_hidden_layers
         return layer_decay_param_groups(
-            model, self.args.learning_rate, self.args.weight_decay, self.layer_decay, None, num_layers=num_layers
+            model, self.args.learning_rate, self.args.weight_decay, self.layer_decay, None, num_layers, decay_last_layer=True
         )
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -250,7 +313,9 @@ class SegmentationTrainer(NepaTrainer):
         samples = 0
         for inputs in dataloader:
             inputs = self.prepare_batch(inputs)  # the prepared dataloader has put the batch on the device
-            with torch.no_grad(), self.autocast_smart_context_manager():
+            # accelerate casts the forward only of a model it has prepared for training: evaluation alone would run in
+            # fp32 under --bf16 / --fp16, and evaluation after training in the mixed precision.
+            with torch.no_grad(), self.accelerator.autocast():
                 logits = slide_inference(model, inputs["pixel_values"], self.crop_size, self.eval_stride)
             labels = inputs["labels"]
             if logits.shape[-2:] != labels.shape[-2:]:

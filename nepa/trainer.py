@@ -2,14 +2,15 @@
 
 - optimiser parameter groups from `parameter_groups()` (subclasses choose the grouping);
 - an EMA of the weights (on unless `--use_ema False`): updated every step, evaluated beside the raw weights
-  (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint and restored on resume;
+  (`eval_ema_*` metrics), saved as `model_ema.safetensors` with every checkpoint, restored on resume, and
+  reloaded with the best checkpoint's weights under `--load_best_model_at_end`;
 - a non-finite loss (in any process) stops the run without applying that optimiser step (or, with
   `skip_nonfinite_loss`, drops the step's update in every process), so NaN never reaches the weights or a
   checkpoint; it is counted on the device, and the CPU never waits for it per micro-step, nor, with a fused
   optimiser (Transformers' default AdamW), per optimiser step (`NonFiniteLossGuard`);
 - checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
   newest marked one;
-- every process draws its own random stream (batch augmentation, drop path), seeded from the seed and its rank;
+- every process draws its own random stream (batch augmentation, drop path), seeded from the pair (seed, rank);
 - the training dataset learns the epoch (`set_epoch`), which seeds each image's augmentation;
 - uint8 batches are normalised (and, in training, augmented) on the device, in `compute_loss`;
 - per-step scalars recorded with `record()` are averaged into each logging line, beside the training
@@ -18,12 +19,15 @@
 It overrides only public `Trainer` methods and callback hooks; no private one is needed.
 """
 
+import json
 import logging
 import os
+import random
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -35,6 +39,7 @@ from .optim import pretraining_param_groups
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_COMPLETE = "checkpoint_complete"
+SKIPPED_STEPS_NAME = "skipped_steps.json"  # in a checkpoint: the non-finite steps skipped so far, when any
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,6 +82,20 @@ def resume_checkpoint(args) -> str | None:
     return checkpoint
 
 
+def seed_process(seed: int, rank: int) -> None:
+    """Seed this process's `random`, numpy and torch streams from the pair (seed, rank): rank 0 exactly as
+    `set_seed(seed)`, rank r > 0 from numpy's `SeedSequence(seed, spawn_key=(r,))`, which hashes the pair. Unlike
+    `seed + rank` (seed s on rank 1 was seed s + 1 on rank 0), no two pairs share a stream but by a hash collision,
+    about 2**-32 for torch's CPU generator, which keeps 32 bits of its seed."""
+    if rank == 0:
+        set_seed(seed)
+        return
+    words = [int(word) for word in np.random.SeedSequence(seed, spawn_key=(rank,)).generate_state(6)]
+    random.seed(words[0] << 32 | words[1])
+    np.random.seed(words[2:4])
+    torch.manual_seed(words[4] << 32 | words[5])  # and every accelerator's generator
+
+
 def fused_optimizer(optimizer) -> torch.optim.Optimizer | None:
     """The torch optimiser behind the Trainer's (accelerate wraps it) if it is a fused one, which honours a
     `found_inf` tensor by skipping its update on the device, as it does for `torch.amp.GradScaler`."""
@@ -113,13 +132,20 @@ class NonFiniteLossGuard(TrainerCallback):
     - any other optimiser needs the flag on the host at once (one read per optimiser step); a flagged step's
       gradients are dropped, and AdamW leaves parameters without gradients and their state untouched.
     A flagged step stops the run with `NonFiniteLossError`, or, with `skip_nonfinite_loss`, counts in
-    `skipped_steps` and training goes on."""
+    `skipped_steps` (saved with each checkpoint, so a resumed run goes on counting) and training goes on; its forward
+    passes may have written NaN into buffers (BatchNorm running statistics), so with `skip_nonfinite_loss` the
+    buffers are copied at the start of every step and a flagged step's are restored from that copy, on the device."""
 
     def __init__(self, trainer: "NepaTrainer"):
         self.trainer = trainer
         self.count: torch.Tensor | None = None  # non-finite losses since the last optimiser step, on the device
         self.pending: tuple[int, HostCopy] | None = None  # (step, flag) not read yet
         self.skipped_steps = 0
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its value at the step's start)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if args.skip_nonfinite_loss:
+            self.buffers = [(buffer, buffer.clone()) for buffer in self.trainer.model.buffers()]
 
     def observe(self, loss: torch.Tensor) -> None:
         nonfinite = (~torch.isfinite(loss.detach())).sum()
@@ -134,6 +160,8 @@ class NonFiniteLossGuard(TrainerCallback):
             count = self.trainer.accelerator.reduce(count, reduction="sum")
         flag = (count > 0).float()
         self.pending = (state.global_step + 1, HostCopy(flag))
+        for buffer, start in self.buffers:
+            buffer.copy_(torch.where(flag > 0, start, buffer))
         optimizer = fused_optimizer(self.trainer.optimizer)
         if optimizer is not None:
             optimizer.found_inf = flag
@@ -147,6 +175,14 @@ class NonFiniteLossGuard(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.settle(args)  # before `_StepHooks.on_save` marks the checkpoint complete
+        if args.should_save and self.skipped_steps:
+            folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            (folder / SKIPPED_STEPS_NAME).write_text(json.dumps({"skipped_steps": self.skipped_steps}) + "\n")
+
+    def load(self, checkpoint: str) -> None:
+        """The skipped-step count of a checkpoint being resumed."""
+        path = Path(checkpoint, SKIPPED_STEPS_NAME)
+        self.skipped_steps = json.loads(path.read_text())["skipped_steps"] if path.is_file() else 0
 
     def on_train_end(self, args, state, control, **kwargs):
         self.settle(args)
@@ -204,7 +240,7 @@ class NepaTrainer(Trainer):
         # The Trainer seeded every process alike, so every rank would draw the same mixup / cutmix lambda and box,
         # erasing rectangles and drop-path masks. Give each its own stream (process 0 keeps the seed); checkpoints
         # keep each process's RNG state, so a resumed run continues every stream exactly.
-        set_seed(self.args.seed + self.args.process_index)
+        seed_process(self.args.seed, self.args.process_index)
         self.normalize = normalize
         self.batch_augment = batch_augment
         self.ema = ModelEMA(self.model, self.args.ema_decay) if self.args.use_ema else None
@@ -287,7 +323,8 @@ class NepaTrainer(Trainer):
             self.ema.save(os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
-        """`Trainer.train`, which also restores the EMA when resuming (the Trainer restores the rest)."""
+        """`Trainer.train`, which also restores the EMA when resuming (the Trainer restores the rest) and, under
+        `load_best_model_at_end`, loads the best checkpoint's EMA beside its weights."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -300,7 +337,14 @@ class NepaTrainer(Trainer):
                     f"Resume with --use_ema False, or start a new output_dir."
                 )
             self.ema.load(path)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if resume_from_checkpoint:
+            self.nonfinite_guard.load(resume_from_checkpoint)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self.ema is not None and self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            # The Trainer has reloaded the best checkpoint's weights only; its EMA goes with them, so that the final
+            # evaluation and the saved folder describe that one checkpoint.
+            self.ema.load(os.path.join(self.state.best_model_checkpoint, EMA_WEIGHTS_NAME))
+        return result
 
 
 def image_inputs(processor, train_dataset=None, eval_dataset=None) -> dict:
@@ -309,10 +353,27 @@ def image_inputs(processor, train_dataset=None, eval_dataset=None) -> dict:
     return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collate_images, normalize=normalize)
 
 
-def train_and_evaluate(trainer: Trainer, processor, checkpoint: str | None) -> dict:
+def use_saved_ema(trainer: NepaTrainer, weights_folder: str | None) -> None:
+    """Evaluation without training: the EMA to evaluate is the one saved beside the loaded weights
+    (`weights_folder`/model_ema.safetensors); without one there is none, and no `eval_ema_*` metrics."""
+    if trainer.ema is None:
+        return
+    path = os.path.join(weights_folder, EMA_WEIGHTS_NAME) if weights_folder else None
+    if path and os.path.isfile(path):
+        trainer.ema.load(path)
+        return
+    logger.warning("%s holds no %s: evaluating the weights only, without eval_ema_* metrics.", weights_folder, EMA_WEIGHTS_NAME)
+    trainer.ema = None
+
+
+def train_and_evaluate(trainer: Trainer, processor, checkpoint: str | None, weights_folder: str | None) -> dict:
     """What every training script ends with: train (resuming from `checkpoint`), save the model, its image
-    processor and the state, evaluate, and print / save the metrics the Trainer's way."""
+    processor and the state, evaluate, and print / save the metrics the Trainer's way. `weights_folder` is the
+    folder the model's weights were loaded from (None: initialised at random); evaluated without training, its
+    saved EMA is evaluated beside them."""
     args, metrics = trainer.args, {}
+    if args.do_eval and not args.do_train:
+        use_saved_ema(trainer, weights_folder)
     if args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()

@@ -91,7 +91,7 @@ def evaluate(name: str) -> list[str]:
 HERE = ["--use_cpu", "True"]
 ARGUMENTS = {
     "pretrain": (train_pretrain.ModelArguments, DataArguments, NepaTrainingArguments),
-    "finetune": (train_finetune.FinetuneArguments, DataArguments, NepaTrainingArguments),
+    "finetune": (train_finetune.FinetuneArguments, DataArguments, train_finetune.FinetuneTrainingArguments),
     "eval": (eval_script.EvalArguments, DataArguments, NepaTrainingArguments),
 }
 COMMANDS = {

@@ -396,6 +396,15 @@ def missing_validation_split(tmp_path, model, dataset, pretrained, classifier):
     return train_pretrain.main, ["--config_name", str(model), *saved_dataset(tmp_path / "train_only"), "--do_eval"]
 
 
+def finetuning_with_another_schedule(tmp_path, model, dataset, pretrained, classifier):
+    return train_finetune.main, ["--model_name_or_path", str(classifier), *no_data(tmp_path), "--lr_scheduler_type", "linear"]
+
+
+def finetuning_with_schedule_arguments(tmp_path, model, dataset, pretrained, classifier):
+    kwargs = ["--lr_scheduler_kwargs", '{"num_cycles": 2}']
+    return train_finetune.main, ["--model_name_or_path", str(classifier), *no_data(tmp_path), *kwargs]
+
+
 HEADS_MESSAGE = "hidden_size 32 is not divisible by num_attention_heads 5"
 
 
@@ -416,6 +425,8 @@ def case(arguments, error: type[Exception], message: str) -> pytest.param:
         case(missing_dataset_folder, FileNotFoundError, "no_such_dataset does not exist"),
         case(missing_train_dir, FileNotFoundError, "no_such_folder is not a directory"),
         case(missing_validation_split, KeyError, r"no 'validation' split \(splits: \['train'\]\)"),
+        case(finetuning_with_another_schedule, ValueError, "--lr_scheduler_type linear: train_finetune.py schedules the release's way"),
+        case(finetuning_with_schedule_arguments, ValueError, "--lr_scheduler_kwargs .* takes no arguments"),
     ],
 )
 def test_bad_arguments_fail_before_any_image_is_read(
@@ -453,6 +464,46 @@ train_pretrain.main()
 """
 
 
+RECORD_RANDOM_DRAWS = """\
+import json, os, random, sys
+import numpy as np
+import torch
+from timm.data import Mixup
+import train_finetune
+
+draws = {"mixup": [], "erasing": [], "drop_path": []}
+mixup_params, bernoulli = Mixup._params_per_batch, torch.Tensor.bernoulli_
+
+def recorded_mixup(self):  # lambda and the mixup / cutmix choice: numpy's stream
+    lam, cutmix = mixup_params(self)
+    draws["mixup"].append([float(lam), bool(cutmix)])
+    return lam, cutmix
+
+def recorded_bernoulli(self, *args, **kwargs):  # drop path's keep masks come from torch's stream, at this point of it
+    draws["drop_path"].append(hash(torch.get_rng_state().numpy().tobytes()))
+    return bernoulli(self, *args, **kwargs)
+
+class RecordedErasing:  # the erasing boxes come from python's stream, at this point of it
+    def __init__(self, erasing):
+        self.erasing = erasing
+    def __call__(self, pixels):
+        draws["erasing"].append(hash(random.getstate()))
+        return self.erasing(pixels)
+
+Mixup._params_per_batch, torch.Tensor.bernoulli_ = recorded_mixup, recorded_bernoulli
+batch_augment = train_finetune.batch_augment
+def recorded_batch_augment(*args, **kwargs):
+    augment = batch_augment(*args, **kwargs)
+    augment.random_erasing = RecordedErasing(augment.random_erasing)
+    return augment
+train_finetune.batch_augment = recorded_batch_augment
+train_finetune.main()
+output_dir = sys.argv[sys.argv.index("--output_dir") + 1]
+with open(os.path.join(output_dir, f"draws_{os.environ['RANK']}.json"), "w") as file:
+    json.dump(draws, file)
+"""
+
+
 def torchrun(script: str | Path, argv: list[str], processes: int) -> None:
     """`script` under `torchrun --nproc_per_node processes` on CPU (gloo), as the recipes run it (DDP without the
     per-step search for unused parameters); one process runs plain python."""
@@ -467,8 +518,9 @@ def torchrun(script: str | Path, argv: list[str], processes: int) -> None:
 
 def test_two_processes_pretrain_and_finetune_with_a_random_stream_each(tmp_path, tiny_model, tiny_dataset, pretrained_folder):
     """Two processes split the data (each reads half the 16 images: 2 batches of 4 an epoch, so 3 steps are 1.5
-    epochs); fine-tuning under DDP copes with drop path and frozen layers, and the processes draw different random
-    numbers (mixup, erasing, drop path) from streams seeded by seed and rank."""
+    epochs); fine-tuning under DDP copes with drop path and frozen layers, and in every batch the processes mix with
+    different mixup lambdas (numpy's stream) and reach erasing (python's) and drop path (torch's) at different
+    points of their streams."""
     pretrained = tmp_path / "pretrained"
     torchrun("train_pretrain.py", pretrain_args(tiny_model, tiny_dataset, pretrained, max_steps=3), 2)
     state = json.loads((pretrained / "trainer_state.json").read_text())
@@ -479,11 +531,13 @@ def test_two_processes_pretrain_and_finetune_with_a_random_stream_each(tmp_path,
     classifier = convert_to_classifier(pretrained_folder, tmp_path / "classifier", "--dataset_name", str(tiny_dataset))
     finetuned = tmp_path / "finetuned"
     flags = ["--drop_path", "0.2", "--freeze_vit_layers", "1", "--model_name_or_path", str(classifier), "--do_train"]
-    torchrun("train_finetune.py", [*flags, *saved_dataset(tiny_dataset), *common_args(finetuned, max_steps=2, save_steps=2)], 2)
-    states = [torch.load(finetuned / "checkpoint-2" / f"rng_state_{rank}.pth", weights_only=False) for rank in (0, 1)]
-    assert not torch.equal(states[0]["cpu"], states[1]["cpu"])
-    assert states[0]["python"] != states[1]["python"]
-    assert not np.array_equal(states[0]["numpy"][1], states[1]["numpy"][1])
+    script = tmp_path / "recording_finetune.py"
+    script.write_text(RECORD_RANDOM_DRAWS)
+    torchrun(script, [*flags, *saved_dataset(tiny_dataset), *common_args(finetuned, max_steps=2, save_steps=2)], 2)
+    draws = [json.loads((finetuned / f"draws_{rank}.json").read_text()) for rank in (0, 1)]
+    for kind in ("mixup", "erasing", "drop_path"):
+        assert len(draws[0][kind]) == len(draws[1][kind]) > 0, kind
+        assert all(a != b for a, b in zip(draws[0][kind], draws[1][kind])), (kind, draws[0][kind], draws[1][kind])
 
 
 @pytest.mark.slow
@@ -492,7 +546,7 @@ def test_two_processes_give_the_curve_of_one(tmp_path, tiny_model, tiny_dataset,
     sampler deals one permutation out in consecutive slices) and augment them alike (each image has its own seed),
     so their losses and weights agree to float rounding; the test compares them step by step, which a broken
     gradient all-reduce fails at once. Checkpoints of either layout resume in the other and continue the same curve.
-    Every process draws from its own random stream (seed + rank), so the runs switch off what draws from it: the
+    Every process draws from its own random stream (seeded from seed and rank), so the runs switch off what draws from it: the
     RoPE coordinate augmentation (one draw per forward, i.e. per process batch) and, in fine-tuning, mixup / cutmix,
     random erasing and drop path."""
     no_rope_augmentation = ["--config_overrides", "pos_embed_rescale=null"]

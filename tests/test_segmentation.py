@@ -4,6 +4,7 @@ Fashion-MNIST canvases, and the training / evaluation entry points. Tiny models,
 import gzip
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -32,7 +33,10 @@ from nepa.segmentation import (
     SegmentationEvalTransform,
     SegmentationTrainTransform,
     confusion_matrix,
+    hsv_to_rgb,
+    photometric_distortion,
     read_id2label,
+    rgb_to_hsv,
     segmentation_metrics,
     slide_inference,
 )
@@ -188,6 +192,40 @@ def test_upernet_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded.eval()(images).logits, model(images).logits, rtol=0, atol=0)
 
 
+# mmsegmentation's MAE / BEiT layer decay for a 3-block backbone at lr 1 and decay 0.5: block i of L = 3 gets
+# 0.5^(3-i), the embeddings (patch projection, cls token) 0.5^4, everything above the blocks 1.
+HAND_WORKED_SEGMENTATION_LR = {
+    "backbone.vit_nepa.embeddings.": 0.0625,
+    "backbone.vit_nepa.encoder.layer.0.": 0.125,
+    "backbone.vit_nepa.encoder.layer.1.": 0.25,
+    "backbone.vit_nepa.encoder.layer.2.": 0.5,
+    "backbone.vit_nepa.layernorm.": 1.0,
+    "backbone.neck.": 1.0,
+    "decode_head.": 1.0,
+    "auxiliary_head.": 1.0,
+}
+
+
+def test_segmentation_layer_decay_is_mmsegmentations(tmp_path):
+    from nepa.args import NepaTrainingArguments
+    from nepa.data import BatchNormalize
+    from nepa.segmentation import SegmentationTrainer
+
+    model = upernet(released_style_config(num_hidden_layers=3, patch_size=4, image_size=32, out_indices=[0, 1, 2, 3]))
+    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", str(tmp_path), "--use_cpu", "True",
+                                                         "--learning_rate", "1", "--report_to", "none"])  # fmt: skip
+    trainer = SegmentationTrainer(
+        model=model, args=args, normalize=BatchNormalize([0.5] * 3, [0.5] * 3), layer_decay=0.5, crop_size=32, eval_stride=32
+    )
+    optimizer = trainer.create_optimizer()
+    names = {id(param): name for name, param in model.named_parameters()}
+    placed = [(names[id(param)], group["lr"]) for group in optimizer.param_groups for param in group["params"]]
+    assert sorted(name for name, _ in placed) == sorted(names.values())
+    for name, lr in placed:
+        (prefix,) = [prefix for prefix in HAND_WORKED_SEGMENTATION_LR if name.startswith(prefix)]
+        assert lr == HAND_WORKED_SEGMENTATION_LR[prefix], name
+
+
 # --------------------------------------------------------------------------------------------
 # Metrics from a confusion matrix
 # --------------------------------------------------------------------------------------------
@@ -332,8 +370,13 @@ def mask_coded_dataset(size=20) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": [PILImage.fromarray(image)], "label": [PILImage.fromarray(mask)]}, features=features)
 
 
-def test_train_transform_keeps_image_and_mask_aligned_and_pads_with_ignore():
-    transform = SegmentationTrainTransform(scale=(20, 20), ratio_range=(1.0, 1.0), crop_size=24, photometric=False)
+MEAN = (0.485, 0.456, 0.406)  # ImageNet's: the padding is (124, 116, 104)
+
+
+def test_train_transform_keeps_image_and_mask_aligned_and_pads_with_mean_and_ignore():
+    """The padding is the normalisation's mean (about 0 once normalised, as mmsegmentation pads after normalising),
+    and the mask's is the ignore index."""
+    transform = SegmentationTrainTransform(scale=(20, 20), ratio_range=(1.0, 1.0), crop_size=24, mean=MEAN, photometric=False)
     dataset = SegmentationDataset(mask_coded_dataset(), transform, seed=0)
     flips = set()
     for epoch in range(6):
@@ -341,7 +384,9 @@ def test_train_transform_keeps_image_and_mask_aligned_and_pads_with_ignore():
         example = dataset[0]
         image, mask = example["pixel_values"], example["labels"]
         assert image.shape == (3, 24, 24) and mask.shape == (24, 24) and mask.dtype == torch.uint8
-        assert (mask[20:] == 255).all() and (mask[:, 20:] == 255).all() and (image[:, 20:] == 0).all()
+        assert (mask[20:] == 255).all() and (mask[:, 20:] == 255).all()
+        for padding in (image[:, 20:], image[:, :, 20:]):
+            assert torch.equal(padding, torch.tensor([124, 116, 104], dtype=torch.uint8)[:, None, None].expand_as(padding))
         labelled = mask != 255
         assert torch.equal(image[0][labelled], mask[labelled] * 20)
         flips.add(int(mask[0, 0]))
@@ -352,7 +397,7 @@ def test_train_transform_keeps_image_and_mask_aligned_and_pads_with_ignore():
 
 
 def test_train_transform_random_resize_and_crop():
-    transform = SegmentationTrainTransform(scale=(64, 16), ratio_range=(0.5, 2.0), crop_size=12)
+    transform = SegmentationTrainTransform(scale=(64, 16), ratio_range=(0.5, 2.0), crop_size=12, mean=MEAN)
     sizes = set()
     for seed in range(8):
         torch.manual_seed(seed)
@@ -360,6 +405,56 @@ def test_train_transform_random_resize_and_crop():
         assert image.shape == (3, 12, 12) and mask.shape == (12, 12)
         sizes.add(int((mask == 1).sum()))
     assert len(sizes) > 1  # some crops fell off a small resized image and were padded with ignore
+
+
+def test_hsv_conversion_is_colorsys():
+    import colorsys
+
+    pixels = torch.rand(3, 6, 7, generator=torch.Generator().manual_seed(0))
+    pixels[:, 0, 0] = 0.5  # grey: no hue, no saturation
+    pixels[:, 0, 1] = 0.0
+    hsv = rgb_to_hsv(pixels)
+    expected = torch.tensor([colorsys.rgb_to_hsv(*pixels[:, i, j].tolist()) for i in range(6) for j in range(7)])
+    torch.testing.assert_close(hsv.flatten(1).T, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hsv_to_rgb(hsv), pixels, rtol=0, atol=1e-6)
+
+
+def rgb(*values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8)[:, None, None]
+
+
+def test_photometric_distortion_worked_by_hand():
+    """mmsegmentation's steps: brightness adds, contrast multiplies (before or after the rest), saturation scales
+    HSV's S, hue turns by OpenCV units of 2 degrees."""
+    def distort(image, **params):
+        values = dict(brightness=None, contrast=None, saturation=None, hue=None, contrast_first=True) | params
+        return photometric_distortion(image, **values).flatten().tolist()
+
+    assert distort(rgb(100, 100, 100), brightness=32.0) == [132, 132, 132]
+    assert distort(rgb(100, 100, 100), brightness=-32.0, contrast=0.5) == [34, 34, 34]  # (100 - 32) x 0.5
+    assert distort(rgb(100, 100, 100), brightness=32.0, contrast=1.5, contrast_first=False) == [198, 198, 198]
+    assert distort(rgb(200, 250, 10), brightness=32.0) == [232, 255, 42]  # clipped at 255
+    assert distort(rgb(255, 0, 0), hue=18) == [255, 153, 0]  # red turned by 36 degrees: 0.6 of the way to yellow
+    assert distort(rgb(255, 0, 0), hue=-18) == [255, 0, 153]
+    assert distort(rgb(200, 100, 100), saturation=0.5) == [200, 150, 150]  # S 0.5 -> 0.25 at the same V
+
+
+def test_train_transform_turns_hue_by_up_to_36_degrees_and_adds_brightness():
+    """Through the whole training transform: dark red keeps hue 0 under brightness, contrast (never clipped below
+    255 / 1.5) and saturation, so its hue is the drawn turn, -36..34 degrees (mmsegmentation's -18..17 OpenCV units,
+    +-1 for the rounding to uint8); grey 100 moves by the additive +-32 and the x0.5-1.5 contrast."""
+    red = SegmentationTrainTransform(scale=(4, 4), ratio_range=(1.0, 1.0), crop_size=4, mean=MEAN)
+    turns, greys = set(), set()
+    for seed in range(300):
+        torch.manual_seed(seed)
+        image, _ = red(rgb(100, 0, 0).expand(3, 4, 4).contiguous(), torch.zeros(4, 4, dtype=torch.uint8))
+        hue = float(rgb_to_hsv(image[:, 0, 0].float()[:, None, None] / 255)[0]) * 360
+        turns.add(round(hue if hue < 180 else hue - 360))
+        torch.manual_seed(seed)
+        image, _ = red(rgb(100, 100, 100).expand(3, 4, 4).contiguous(), torch.zeros(4, 4, dtype=torch.uint8))
+        greys.add(int(image[0, 0, 0]))
+    assert min(turns) <= -30 and max(turns) >= 30 and -37 <= min(turns) and max(turns) <= 35, sorted(turns)
+    assert 34 <= min(greys) and max(greys) <= 198 and any(abs(grey - 100) > 13 for grey in greys if 85 < grey < 115)
 
 
 def test_eval_transform_resizes_the_image_keeping_the_full_resolution_mask():
@@ -454,34 +549,92 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(eight_canvases, tiny_
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_gradient_accumulation_averages_the_loss(eight_canvases, tiny_encoder, tmp_path):
-    """Two accumulated half batches log the mean of their losses (not the sum, which UperNet's **kwargs invites)."""
-    with one_torch_thread():
+def test_gradient_accumulation_averages_the_loss(eight_canvases, tiny_encoder, tmp_path, caplog):
+    """Two accumulated half batches log the mean of their losses (not the sum, which UperNet's **kwargs invites);
+    the start-up warns that BatchNorm sees 2 images."""
+    with one_torch_thread(), caplog.at_level(logging.WARNING, logger="train_segmentation"):
         train_segmentation.main(segmentation_args(
             tiny_encoder, eight_canvases, tmp_path / "accumulated", "--do_train", "--max_steps", "1",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--learning_rate", "0",
         ))  # fmt: skip
     history = json.loads((tmp_path / "accumulated" / "trainer_state.json").read_text())["log_history"]
     assert history[0]["loss"] < 3.5  # one half batch's loss is about ln(11) + 0.4 ln(11) = 3.36 at the start
+    assert "BatchNorm in the UperNet heads normalises over 2 images" in caplog.text
 
 
-def test_bf16_training_and_evaluation_run(eight_canvases, tiny_encoder, tmp_path):
+def test_skipped_nonfinite_step_leaves_no_nan_in_batchnorm_and_its_count_survives_a_resume(
+    eight_canvases, tiny_encoder, tmp_path, monkeypatch
+):
+    """--skip_nonfinite_loss True with NaN pixels in step 1: the step's forward has put NaN in the heads' BatchNorm
+    running statistics, which the skip restores, so no NaN reaches the checkpoints, the saved model or evaluation;
+    a run resumed from checkpoint 2 goes on counting that skipped step."""
+    forward, poisoned = UperNetForSemanticSegmentation.forward, {"armed": True}
+
+    def nan_pixels_in_first_step(self, pixel_values=None, *args, **kwargs):
+        if self.training and poisoned.pop("armed", False):
+            pixel_values = pixel_values * float("nan")
+        return forward(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(UperNetForSemanticSegmentation, "forward", nan_pixels_in_first_step)
+    flags = ("--do_train", "--do_eval", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+             "--skip_nonfinite_loss", "True", "--eval_strategy", "steps", "--eval_steps", "2")  # fmt: skip
     with one_torch_thread():
-        metrics = train_segmentation.main(segmentation_args(
-            tiny_encoder, eight_canvases, tmp_path / "bf16", "--do_train", "--do_eval", "--max_steps", "1", "--bf16", "True",
+        metrics = train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "whole", *flags))
+        shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+        train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "resumed", *flags))
+    for weights in ("checkpoint-2/model.safetensors", "model.safetensors"):
+        for name, tensor in load_file(tmp_path / "whole" / weights).items():
+            assert torch.isfinite(tensor.float()).all(), f"{weights}: {name}"
+    assert np.isfinite(metrics["eval_pixel_accuracy"]) and metrics["eval_pixel_accuracy"] > 0
+    for run in ("whole", "resumed"):
+        history = json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
+        skipped = {entry["step"]: entry.get("skipped_steps", 0) for entry in history if "loss" in entry}
+        assert skipped == {1: 1, 2: 1, 3: 1, 4: 1}, run  # the resumed run logged steps 3 and 4; 1 and 2 are its checkpoint's
+
+
+def test_bf16_runs_training_evaluation_and_evaluation_alone_in_bf16(eight_canvases, tiny_encoder, tmp_path, monkeypatch):
+    """--bf16: the decode head computes in bf16 in training, in the evaluation after training and in an evaluation
+    of the saved folder alone, which therefore gives the training run's final metrics."""
+    from transformers.models.upernet.modeling_upernet import UperNetHead
+
+    dtypes, head_forward = {}, UperNetHead.forward
+
+    def recording_forward(self, *args, **kwargs):
+        logits = head_forward(self, *args, **kwargs)
+        dtypes.setdefault((run, "train" if torch.is_grad_enabled() else "eval"), set()).add(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(UperNetHead, "forward", recording_forward)
+    with one_torch_thread():
+        run = "trained"
+        trained = train_segmentation.main(segmentation_args(
+            tiny_encoder, eight_canvases, tmp_path / "bf16", "--do_train", "--do_eval", "--max_steps", "2", "--bf16", "True",
         ))  # fmt: skip
-    assert 0.0 <= metrics["eval_mean_iou"] <= 1.0 and np.isfinite(metrics["train_loss"])
+        run = "evaluated"
+        evaluated = train_segmentation.main(
+            segmentation_args(tmp_path / "bf16", eight_canvases, tmp_path / "eval", "--do_eval", "--bf16", "True")
+        )
+    assert dtypes == {(run, kind): {torch.bfloat16} for run, kind in [("trained", "train"), ("trained", "eval"), ("evaluated", "eval")]}
+    for key in ("eval_mean_iou", "eval_pixel_accuracy", "eval_mean_accuracy"):
+        assert evaluated[key] == trained[key], key
 
 
 def test_saved_model_is_evaluated_with_do_eval_alone(eight_canvases, tiny_encoder, tmp_path):
+    """The saved weights and, with --use_ema True, the saved EMA give the metrics of the training run's own final
+    evaluation; a folder without model_ema.safetensors gets no eval_ema_* metrics."""
+    ema = ("--use_ema", "True", "--ema_decay", "0.5")
     with one_torch_thread():
         trained = train_segmentation.main(
-            segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--do_eval", "--max_steps", "2")
+            segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--do_eval", "--max_steps", "2", *ema)
         )
-        evaluated = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval", "--do_eval"))
-    assert evaluated["eval_mean_iou"] == trained["eval_mean_iou"]
-    assert evaluated["eval_pixel_accuracy"] == trained["eval_pixel_accuracy"]
+        evaluated = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval", "--do_eval", *ema))
+        (tmp_path / "seg" / "model_ema.safetensors").unlink()
+        without_ema = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval2", "--do_eval", *ema))
+    for key in ("eval_mean_iou", "eval_pixel_accuracy", "eval_ema_mean_iou", "eval_ema_pixel_accuracy"):
+        assert evaluated[key] == trained[key], key
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["eval_mean_iou"] == trained["eval_mean_iou"]
+    assert without_ema["eval_mean_iou"] == trained["eval_mean_iou"]
+    assert not [key for key in without_ema if key.startswith("eval_ema_")]
 
 
 def test_two_processes_count_each_validation_image_once(eight_canvases, tiny_encoder, tmp_path):
@@ -507,11 +660,14 @@ def test_two_processes_count_each_validation_image_once(eight_canvases, tiny_enc
     assert per_class == {name: results[2][name] for name in per_class}
 
 
-def test_entry_point_refuses_bad_sizes_and_encoders_to_evaluate(eight_canvases, tiny_encoder, tmp_path):
+def test_entry_point_refuses_bad_sizes_encoders_to_evaluate_and_classification_flags(eight_canvases, tiny_encoder, tmp_path):
     with pytest.raises(ValueError, match="--crop_size 50 is not a multiple of patch_size 4: use 48 or 52"):
         train_segmentation.main([*segmentation_args(tiny_encoder, eight_canvases, tmp_path / "a", "--do_train"), "--crop_size", "50"])
     with pytest.raises(ValueError, match="is an encoder, not a segmentation model"):
         train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "b", "--do_eval"))
+    for flag in (["--labels_per_class", "2"], ["--crop_scale", "0.5", "1"], ["--crop_ratio", "1", "1"]):
+        with pytest.raises(ValueError, match=f"{flag[0]} is not used by train_segmentation.py: .* Leave it out"):
+            train_segmentation.main([*segmentation_args(tiny_encoder, eight_canvases, tmp_path / "c", "--do_train"), *flag])
 
 
 @pytest.mark.parametrize("script, drop_path, decoder", [("nepa_b_ade20k.sh", 0.1, 768), ("nepa_l_ade20k.sh", 0.2, 1024)])
@@ -542,6 +698,7 @@ def test_ade20k_scripts_launch_the_recipe(tmp_path, script, drop_path, decoder):
     assert args.crop_size == 504 and args.crop_size % 14 == 0 and args.eval_stride == 336 and not args.is_causal
     assert args.train_scale == [2048, 512] and args.ratio_range == [0.5, 2.0] and args.photometric
     assert data_args.dataset_name == str(tmp_path / "ade20k") and training_args.per_device_eval_batch_size == 1
+    assert "BatchNorm will normalise over 2 images (2 x 1 GPUs), not the recipe's 16" in result.stderr
 
 
 def test_ade20k_script_without_data_says_how_to_build_it(tmp_path):

@@ -188,24 +188,79 @@ def test_every_process_shuffles_with_the_same_data_seed():
     assert args.data_seed == 3
 
 
-def test_trainers_override_no_private_trainer_method():
-    """The trainers build on public `Trainer` methods and callback hooks only, so a transformers upgrade that renames
-    a private method cannot silently bypass normalisation, the EMA, the checkpoint marker or the non-finite guard."""
-    from transformers import Trainer
+def draws_after_trainer_init(output_dir: Path, seed: int, rank: int, monkeypatch) -> tuple[float, float, float]:
+    """The first `random`, numpy and torch numbers process `rank` draws once a NepaTrainer has been built."""
+    import random
 
     from nepa.trainer import NepaTrainer
 
-    for trainer_class in (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer, eval_script.FeatureTrainer):
+    with monkeypatch.context() as patched:
+        patched.setattr(NepaTrainingArguments, "process_index", property(lambda self: rank))
+        (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", str(output_dir), *COMMON, "--seed", str(seed)])
+        NepaTrainer(model=ViTNepaForPreTraining(tiny_config()), args=args, normalize=BatchNormalize([0.5] * 3, [0.5] * 3))
+        return random.random(), float(np.random.rand()), torch.rand(()).item()
+
+
+def test_every_rank_of_every_seed_draws_its_own_stream(tmp_path, monkeypatch):
+    """Process 0 draws what set_seed(seed) gives (one-process runs are unchanged); rank 1 of seed 7 shares no stream
+    with rank 0 of seed 8, nor with rank 0 or 2 of seed 7."""
+    import random
+
+    from transformers import set_seed
+
+    set_seed(7)
+    expected = random.random(), float(np.random.rand()), torch.rand(()).item()
+    assert draws_after_trainer_init(tmp_path, 7, 0, monkeypatch) == expected
+    rank_1 = draws_after_trainer_init(tmp_path, 7, 1, monkeypatch)
+    for other in ((8, 0), (7, 0), (7, 2), (6, 2)):
+        others = draws_after_trainer_init(tmp_path, *other, monkeypatch)
+        assert all(a != b for a, b in zip(rank_1, others)), other
+
+
+def test_trainers_override_public_trainer_methods_that_the_trainer_calls(tmp_path, monkeypatch, config_dir, dataset_dir, classifier_dir):
+    """The trainers override no private `Trainer` method (an upgrade may rename those), and the Trainer calls every
+    public method and callback hook they override: a pretraining run with logging, evaluation and a checkpoint,
+    and a fine-tuning run, call each one. A transformers upgrade that stops calling one (so that normalisation, the
+    EMA, the checkpoint marker or the non-finite guard would be bypassed silently) fails here."""
+    from transformers import Trainer
+
+    from nepa.segmentation import SegmentationTrainer
+    from nepa.trainer import NepaTrainer, NonFiniteLossGuard, _StepHooks
+
+    trainers = (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer)
+    for trainer_class in (*trainers, eval_script.FeatureTrainer, SegmentationTrainer):
         private = [name for name in vars(trainer_class) if name.startswith("_") and not name.startswith("__")]
         assert not private, f"{trainer_class.__name__} overrides private Trainer methods {private}"
-    for hook in ("compute_loss", "training_step", "prediction_step", "create_optimizer", "create_scheduler", "train", "log"):
-        assert callable(getattr(Trainer, hook)), hook
+
+    called = set()
+
+    def recording(owner, name, method):
+        def wrapper(*args, **kwargs):
+            called.add((owner.__name__, name))
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    overrides = [(cls, name) for cls in trainers for name in vars(cls) if not name.startswith("_") and hasattr(Trainer, name)]
+    overrides += [(cls, name) for cls in (NonFiniteLossGuard, _StepHooks) for name in vars(cls) if name.startswith("on_")]
+    for cls, name in overrides:
+        monkeypatch.setattr(cls, name, recording(cls, name, vars(cls)[name]))
+    schedule = ["--max_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--do_eval"]
+    train_pretrain.main(pretrain_argv(config_dir, dataset_dir, tmp_path / "pretrained", *schedule))
+    finetune_schedule = ["--do_train", "--max_steps", "1", "--save_strategy", "no"]
+    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, tmp_path / "finetuned", *finetune_schedule))
+    assert len(overrides) > 10
+    assert sorted(called) == sorted((cls.__name__, name) for cls, name in overrides)
 
 
-def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned host copy exists on a GPU only")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch, device):
     """A micro-step only counts non-finite losses on the device: the CPU must not wait for the GPU there. With a
     fused optimiser (the default) the guard reads each optimiser step's flag only after that step, never while
-    the step waits for it."""
+    the step waits for it; on a GPU the flag reaches the host through a pinned copy and an event."""
     from nepa.data import collate_images
     from nepa.trainer import NepaTrainer, NonFiniteLossGuard
 
@@ -213,7 +268,10 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
 
     def recording_settle(self, args):
         if self.pending is not None:
-            reads.append((self.pending[0], self.trainer.state.global_step))  # (flag's step, steps completed)
+            step, flag = self.pending
+            reads.append((step, self.trainer.state.global_step))  # (flag's step, steps completed)
+            if device == "cuda":
+                assert flag.host.is_pinned() and flag.ready is not None
         return settle(self, args)
 
     monkeypatch.setattr(NonFiniteLossGuard, "settle", recording_settle)
@@ -228,7 +286,9 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
             return NepaTrainer.training_step(self, *args, **kwargs)
 
     flags = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
-    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", str(tmp_path), *COMMON, *flags, "--save_strategy", "no"])
+    common = COMMON if device == "cpu" else [flag for flag in COMMON if flag != "--use_cpu"]
+    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", str(tmp_path), *common, *flags, "--save_strategy", "no"])
+    assert args.device.type == device
     images = [{"pixel_values": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)} for _ in range(8)]
     trainer_class = type("CheckedTrainer", (NepaTrainer,), {"training_step": checked_training_step})
     trainer = trainer_class(
@@ -238,6 +298,24 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
     assert trainer.train().global_step == 2
     assert args.optim == "adamw_torch_fused"
     assert [step for step, _ in reads] == [1, 2] and all(completed >= step for step, completed in reads)
+
+
+@CUDA
+def test_host_copy_of_a_gpu_scalar_waits_for_its_own_point_of_the_stream():
+    """`HostCopy` returns at once while the GPU is busy (its copy is queued behind the work), and `item()` then
+    gives the value computed at that point, not one written later in the stream."""
+    from nepa.trainer import HostCopy
+
+    value = torch.zeros((), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # keeps the stream busy for about a second
+    value += 1
+    copy = HostCopy(value)
+    assert copy.host.is_pinned() and not copy.ready.query()  # queued, not waited for
+    value += 1  # queued after the copy: not what the copy sees
+    assert copy.item() == 1.0
+    torch.cuda.synchronize()
+    assert value.item() == 2.0
 
 
 def test_pretraining_parameter_groups(tmp_path):
@@ -546,6 +624,50 @@ def test_ema_survives_a_resume(tmp_path, classifier_dir, dataset_dir):
     assert any(not torch.equal(expected[key], at_step_4[key]) for key in expected)  # steps 5 and 6 moved it
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=lambda text, key=key: f"{key}: {text}")
+
+
+def test_best_checkpoint_is_loaded_with_its_own_ema(tmp_path, classifier_dir, dataset_dir, monkeypatch):
+    """--load_best_model_at_end with a metric that makes checkpoint 1 of 4 the best: the output folder's weights and
+    EMA are checkpoint 1's, and the final evaluation reports checkpoint 1's raw and EMA metrics."""
+    calls = iter(range(1000))
+
+    def first_is_best(prediction):  # every evaluation scores lower than the one before
+        return {**accuracy_metrics(prediction), "earliness": -next(calls)}
+
+    monkeypatch.setattr(train_finetune, "accuracy_metrics", first_is_best)
+    output_dir = tmp_path / "sft"
+    extra = ["--do_train", "--do_eval", "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "1"]
+    extra += ["--save_steps", "1", "--load_best_model_at_end", "True", "--metric_for_best_model", "eval_ema_earliness"]
+    extra += ["--greater_is_better", "True", "--ema_decay", "0.5", "--drop_path", "0"]
+    metrics = train_finetune.main(finetune_argv(classifier_dir, dataset_dir, output_dir, *extra))
+
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert Path(state["best_model_checkpoint"]).name == "checkpoint-1"
+    best, last = output_dir / "checkpoint-1", output_dir / "checkpoint-4"
+    for weights in ("model.safetensors", "model_ema.safetensors"):
+        saved, selected, final = (load_file(folder / weights) for folder in (output_dir, best, last))
+        assert any(not torch.equal(selected[key], final[key]) for key in selected), weights
+        for key in selected:
+            assert torch.equal(saved[key], selected[key]), f"{weights} {key}"
+    at_step_1 = {key: value for entry in state["log_history"] if entry["step"] == 1 for key, value in entry.items()}
+    for key in ("eval_loss", "eval_ema_loss", "eval_accuracy", "eval_ema_accuracy"):
+        assert metrics[key] == pytest.approx(at_step_1[key], abs=1e-6), key
+
+
+def test_evaluation_alone_reads_the_folders_ema(tmp_path, classifier_dir, dataset_dir):
+    """--do_eval without --do_train evaluates the folder's model_ema.safetensors as eval_ema_* (the numbers the
+    training run's own final evaluation gave); a folder without one gets no eval_ema_* at all."""
+    trained_dir = tmp_path / "sft"
+    extra = ["--do_train", "--do_eval", "--max_steps", "3", "--save_strategy", "no", "--ema_decay", "0.5"]
+    trained = train_finetune.main(finetune_argv(classifier_dir, dataset_dir, trained_dir, *extra))
+    assert trained["eval_ema_loss"] != pytest.approx(trained["eval_loss"], abs=1e-4)  # the EMA lags the weights
+
+    evaluated = train_finetune.main(finetune_argv(trained_dir, dataset_dir, tmp_path / "eval", "--do_eval"))
+    for key in EVAL_KEYS | EMA_EVAL_KEYS:
+        assert evaluated[key] == pytest.approx(trained[key], abs=1e-6), key
+
+    without_ema = train_finetune.main(finetune_argv(classifier_dir, dataset_dir, tmp_path / "eval_cls", "--do_eval"))
+    assert EVAL_KEYS <= set(without_ema) and not EMA_EVAL_KEYS & set(without_ema)
 
 
 def test_compiled_finetuning_saves_plain_names_and_resumes_exactly(tmp_path, classifier_dir, dataset_dir):

@@ -9,6 +9,9 @@
 # Crop 504, not 512: the crop must be a multiple of the patch size (14). 504 = 36 x 14 is the closest below 512
 # (518 = 37 x 14 above it costs 6 % more tokens), and its even 36 x 36 grid makes the neck's half-resolution level
 # exact (18 x 18). Evaluation windows are 504 with stride 336 (two thirds, as 341 is of 512).
+# BatchNorm in the UperNet heads (SyncBatchNorm across GPUs) normalises over PER_DEVICE_BATCH x GPUs images: 16 on
+# the recipe's 8 GPUs, but accumulation does not add to it, so 1 GPU reaches the total batch 16 with BatchNorm over 2
+# images. The script says so when that number is below 16.
 # nepa_b_ade20k.sh and nepa_l_ade20k.sh set the per-model numbers.
 # Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, STEPS, LR, LLRD, NUM_WORKERS; extra flags
 # pass through.
@@ -29,6 +32,11 @@ if [ ! -d "$DATA_DIR" ]; then
 fi
 TOTAL_BATCH=${TOTAL_BATCH:-16}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-2}
+if (( PER_DEVICE_BATCH * GPUS * NNODES < 16 )); then
+  echo "BatchNorm will normalise over $((PER_DEVICE_BATCH * GPUS * NNODES)) images ($PER_DEVICE_BATCH x $((GPUS * NNODES)) GPUs), not the" \
+    "recipe's 16 (2 x 8 GPUs): gradient accumulation reaches the total batch, not BatchNorm's. Expect a lower mIoU than" \
+    "the recipe's; a larger PER_DEVICE_BATCH (if memory allows) or more GPUs bring it closer." >&2
+fi
 launch train_segmentation.py \
   --model_name_or_path "$MODEL" \
   "${DATA_FLAGS[@]}" \
