@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config
+from helpers import COMMON, tiny_config
 
 import eval as eval_script
 import train_finetune
@@ -86,9 +86,9 @@ def evaluate(name: str) -> list[str]:
     ]  # fmt: skip
 
 
-# Here bf16 needs --use_cpu. The release's commands run under torchrun (--ddp_backend makes accelerate expect a
-# process group), so they are parsed in one torchrun process on the CPU, where gloo stands in for NCCL.
-HERE = ["--use_cpu", "True"]
+# Here bf16 needs --use_cpu (one of the tests' COMMON flags). The release's commands run under torchrun (--ddp_backend
+# makes accelerate expect a process group), so they are parsed in one torchrun process on the CPU, where gloo stands in
+# for NCCL.
 ARGUMENTS = {
     "pretrain": (train_pretrain.ModelArguments, DataArguments, NepaTrainingArguments),
     "finetune": (train_finetune.FinetuneArguments, DataArguments, train_finetune.FinetuneTrainingArguments),
@@ -105,11 +105,12 @@ COMMANDS = {
 PARSE_ALL = """
 import dataclasses, json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
-from test_release_commands import ARGUMENTS, COMMANDS, HERE
+from helpers import COMMON
+from test_release_commands import ARGUMENTS, COMMANDS
 from nepa.args import parse_arguments
 parsed = {}
 for name, (kind, argv) in COMMANDS.items():
-    argv = ["gloo" if value == "nccl" else value for value in argv] + HERE
+    argv = ["gloo" if value == "nccl" else value for value in argv] + COMMON
     parsed[name] = [vars(arguments) for arguments in parse_arguments(ARGUMENTS[kind], argv)]
 print("PARSED " + json.dumps(parsed, default=str))
 """
@@ -165,7 +166,7 @@ def test_release_model_id_asks_for_a_local_download():
 
 def learning_rates(trainer_class, model, argv, steps=40, **kwargs) -> list[list[float]]:
     """The learning rate of every parameter group at every step, from the trainer's own optimiser and schedule."""
-    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *HERE, "--report_to", "none", *argv])
+    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *COMMON, *argv])
     normalize = BatchNormalize([0.5] * 3, [0.5] * 3)
     trainer = trainer_class(model=model, args=args, normalize=normalize, **kwargs)
     trainer.create_optimizer_and_scheduler(steps)
@@ -203,8 +204,8 @@ def test_warmup_ratio_and_warmup_steps_together_are_refused():
 
 def test_fsdp_with_ema_is_refused_with_the_way_out():
     with pytest.raises(ValueError, match="--fsdp with --use_ema True .* Pass --use_ema False"):
-        parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *HERE, "--fsdp", "full_shard"])
-    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *HERE, "--fsdp", "full_shard", "--use_ema", "False"])
+        parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *COMMON, "--fsdp", "full_shard"])
+    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *COMMON, "--fsdp", "full_shard", "--use_ema", "False"])
     assert args.fsdp and not args.use_ema
 
 

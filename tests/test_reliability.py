@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import write_config_folder
+from helpers import save_processor, write_config_folder
 from image_folder import add_bad_images, make_image_folder
 from safetensors.torch import load_file
 from transformers import ViTImageProcessor
@@ -351,7 +351,7 @@ def patch_not_dividing_image(tmp_path, model, dataset, pretrained, classifier):
 
 def processor_size_not_multiple_of_patch(tmp_path, model, dataset, pretrained, classifier):
     config = write_tiny_model(tmp_path / "model")
-    ViTImageProcessor(size={"height": 18, "width": 18}).save_pretrained(config)
+    save_processor(config, 18)
     return train_pretrain.main, ["--config_name", str(config), *no_data(tmp_path)]
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    COMMON,
     IMAGE_SIZE,
     build_image_dataset,
     build_reference_dataset,
-    one_torch_thread,
     save_processor,
     tiny_config,
     write_config_folder,
@@ -39,15 +39,9 @@ from nepa.optim import group_warmup_steps, layer_decay_cosine_schedule, layer_de
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
-COMMON = ["--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--seed", "0"]
+RUN = [*COMMON, "--seed", "0"]  # every run of this file is seeded 0
 EVAL_KEYS = {"eval_accuracy", "eval_top5", "eval_loss"}
 EMA_EVAL_KEYS = {"eval_ema_accuracy", "eval_ema_top5", "eval_ema_loss"}
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +65,7 @@ def pretrain_argv(config_dir, dataset_dir, output_dir, *extra) -> list[str]:
         "--per_device_train_batch_size", "8",
         "--learning_rate", "1e-3",
         "--weight_decay", "0.05",
-        *COMMON,
+        *RUN,
         *extra,
     ]  # fmt: skip
 
@@ -85,7 +79,7 @@ def finetune_argv(model_dir, dataset_dir, output_dir, *extra) -> list[str]:
         "--per_device_train_batch_size", "8",
         "--per_device_eval_batch_size", "16",
         "--learning_rate", "1e-3",
-        *COMMON,
+        *RUN,
         *extra,
     ]  # fmt: skip
 
@@ -97,7 +91,7 @@ def eval_argv(model_dir, dataset_dir, output_dir, *extra) -> list[str]:
         "--load_from_disk", "True",
         "--output_dir", str(output_dir),
         "--per_device_eval_batch_size", "16",
-        *COMMON,
+        *RUN,
         *extra,
     ]  # fmt: skip
 
@@ -117,8 +111,7 @@ def pretraining_run(tmp_path_factory, config_dir, dataset_dir) -> tuple[Path, di
     """40 steps of NEPA pretraining, logged every 5 steps, then evaluated; (output_dir, returned metrics)."""
     output_dir = tmp_path_factory.mktemp("pretrained")
     schedule = ["--max_steps", "40", "--warmup_steps", "5", "--logging_steps", "5", "--save_strategy", "no", "--do_eval"]
-    with one_torch_thread():
-        metrics = train_pretrain.main(pretrain_argv(config_dir, dataset_dir, output_dir, *schedule))
+    metrics = train_pretrain.main(pretrain_argv(config_dir, dataset_dir, output_dir, *schedule))
     return output_dir, metrics
 
 
@@ -286,7 +279,7 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch, d
             return NepaTrainer.training_step(self, *args, **kwargs)
 
     flags = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
-    common = COMMON if device == "cpu" else [flag for flag in COMMON if flag != "--use_cpu"]
+    common = RUN if device == "cpu" else [flag for flag in RUN if flag != "--use_cpu"]
     (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", str(tmp_path), *common, *flags, "--save_strategy", "no"])
     assert args.device.type == device
     images = [{"pixel_values": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)} for _ in range(8)]

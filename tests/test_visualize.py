@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config
+from helpers import save_processor, tiny_config
 from PIL import Image
-from transformers import ViTImageProcessor
 
 import visualize
 from models.vit_nepa import ViTNepaForImageClassification, ViTNepaForPreTraining
@@ -130,7 +129,7 @@ def test_folder_image_processor_sets_the_input_size(causal_dir, images, tmp_path
     folder.mkdir()
     for file in causal_dir.iterdir():
         (folder / file.name).write_bytes(file.read_bytes())
-    ViTImageProcessor(size={"height": 48, "width": 48}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    save_processor(folder, 48)
     args = ["--model_name_or_path", str(folder), "--image", str(images["rgb"]), "--output_dir", str(tmp_path)]
     (path,) = visualize.main(args)
     assert path.name == "rgb_q21.png"  # 48 px: a 6x6 grid, central patch row 3 col 3
