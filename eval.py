@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaModel
 from models.vit_nepa.modeling_vit_nepa import mean_patch_tokens
-from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
+from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, crop_pct_field, parse_arguments, resize_size_field
 from nepa.data import (
     EvalTransform,
     get_split,
@@ -50,8 +50,8 @@ class EvalArguments:
     knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(cosine / T) of the k-NN protocol."})
     linear_epochs: int = field(default=100, metadata={"help": "Epochs of the linear protocol's classifier."})
     linear_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the linear protocol."})
-    crop_pct: float = field(default=0.875, metadata={"help": "Resize the shorter side to size / crop_pct, centre-crop."})
-    resize_size: int | None = field(default=None, metadata={"help": "Resize to this instead (overrides crop_pct)."})
+    crop_pct: float = crop_pct_field()
+    resize_size: int | None = resize_size_field()
 
 
 class FeatureTrainer(NepaTrainer):

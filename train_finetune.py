@@ -21,7 +21,16 @@ from pathlib import Path
 from transformers import AutoImageProcessor, SchedulerType, set_seed
 
 from models.vit_nepa import ViTNepaForImageClassification
-from nepa.args import DataArguments, NepaTrainingArguments, config_overrides_field, configure_logging, load_config, parse_arguments
+from nepa.args import (
+    DataArguments,
+    NepaTrainingArguments,
+    config_overrides_field,
+    configure_logging,
+    crop_pct_field,
+    load_config,
+    parse_arguments,
+    resize_size_field,
+)
 from nepa.data import (
     BatchAugment,
     EvalTransform,
@@ -60,8 +69,8 @@ class FinetuneArguments:
     )
     llrd: float = field(default=0.65, metadata={"help": "Layer-wise lr decay (1 = none)."})
     head_lr: float | None = field(default=1e-3, metadata={"help": "Learning rate of the classifier and the final norm (fc_norm gets --learning_rate)."})
-    crop_pct: float = field(default=0.875, metadata={"help": "Eval: resize the shorter side to size / crop_pct, centre-crop."})
-    resize_size: int | None = field(default=None, metadata={"help": "Eval: resize to this instead (overrides crop_pct)."})
+    crop_pct: float = crop_pct_field()
+    resize_size: int | None = resize_size_field()
     aa: str | None = field(default="rand-m9-mstd0.5-inc1", metadata={"help": "timm RandAugment policy ('' for none)."})
     reprob: float = field(default=0.25, metadata={"help": "Random erasing probability."})
     mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0 = off)."})

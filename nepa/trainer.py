@@ -347,10 +347,10 @@ class NepaTrainer(Trainer):
         return result
 
 
-def image_inputs(processor, train_dataset=None, eval_dataset=None) -> dict:
+def image_inputs(processor, train_dataset=None, eval_dataset=None, data_collator=collate_images) -> dict:
     """The `NepaTrainer` arguments every entry point passes: its datasets, uint8 collation, the processor's normalisation."""
     normalize = BatchNormalize(processor.image_mean, processor.image_std)
-    return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collate_images, normalize=normalize)
+    return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=data_collator, normalize=normalize)
 
 
 def use_saved_ema(trainer: NepaTrainer, weights_folder: str | None) -> None:

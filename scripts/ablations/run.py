@@ -40,7 +40,7 @@ FINETUNE_PERCENT = 10  # the semi-supervised protocol of the demo
 LAYERSCALE = 1e-5  # the released configs' initial LayerScale
 COLLAPSE_COSINE = 0.9  # targets this alike carry almost no information about the image
 
-# (switch columns, paper's ImageNet ViT-B fine-tuned top-1 (RECIPES.md), config overrides) per row.
+# (switch columns, paper's ImageNet ViT-B fine-tuned top-1 (docs/recipes.md), config overrides) per row.
 COMPONENTS_OFF = {"layerscale_value": None, "use_rope": False, "qk_norm": False, "use_gated_mlp": False}
 SWIGLU = {"use_gated_mlp": True, "hidden_act": "silu"}  # intermediate_size kept: 1.5x the MLP weights
 TABLES = {

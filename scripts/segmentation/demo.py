@@ -31,6 +31,7 @@ from scripts import miniature  # noqa: E402
 # spans 7 x 7 patches instead of 4 x 4; at patch 7 both encoders learned the background only in 250
 # steps (mIoU 9.8 % NEPA-pretrained, 10.7 % random init, seed 0).
 PATCH_SIZE = 4
+LAYER_DECAY = 0.75
 COMMON = ["--use_cpu", "True", "--report_to", "none", "--disable_tqdm", "True"]
 
 
@@ -47,7 +48,7 @@ def segmentation_argv(args, encoder: Path, canvases: Path, run: Path, seed: int)
         "--model_name_or_path", str(encoder), "--dataset_name", str(canvases), "--load_from_disk", "True",
         "--output_dir", str(run), "--do_train", "--do_eval", "--max_steps", str(args.steps),
         "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "100",
-        "--learning_rate", str(args.learning_rate), "--llrd", "0.75", "--weight_decay", "0.05", "--warmup_steps", "0.1",
+        "--learning_rate", str(args.learning_rate), "--llrd", str(LAYER_DECAY), "--weight_decay", "0.05", "--warmup_steps", "0.1",
         "--lr_scheduler_type", "linear", "--drop_path", "0.1",
         "--decoder_hidden_size", "32", "--auxiliary_channels", "32",
         "--crop_size", str(args.canvas_size), "--train_scale", str(args.canvas_size), str(args.canvas_size),
@@ -112,6 +113,7 @@ def main() -> None:
 
     import download_dataset
     import train_pretrain
+    from nepa.segmentation import read_id2label
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,6 +160,7 @@ def main() -> None:
             timings[name] = seconds
     timings[f"segmentation runs, {args.jobs} at a time (wall)"] = time.time() - segmentation_start
     results = {row: [json.loads((run / "eval_results.json").read_text()) for run in row_runs] for row, row_runs in runs.items()}
+    classes = len(read_id2label(canvases))
 
     lines = [
         f"# Segmentation transfer in miniature: UperNet on {args.canvas_size} px Fashion-MNIST canvases, on the CPU",
@@ -165,8 +168,8 @@ def main() -> None:
         f"Encoder {Path(miniature.PRETRAIN_CONFIG).name} at patch {PATCH_SIZE} (NEPA-pretrained {args.pretrain_steps} steps with the settings of "
         f"scripts/miniature.py "
         f"on Fashion-MNIST, or random init); UperNet trained {args.steps} steps at batch {args.batch_size}, lr "
-        f"{args.learning_rate} (layer decay 0.75), on "
-        f"{args.train_canvases} canvases; mIoU over 11 classes (background + 10) on {args.eval_canvases} validation "
+        f"{args.learning_rate} (layer decay {LAYER_DECAY}), on "
+        f"{args.train_canvases} canvases; mIoU over {classes} classes (background + {classes - 1}) on {args.eval_canvases} validation "
         f"canvases; mean ± std over seeds {', '.join(map(str, args.seeds))}.",
         "",
         "| encoder | mIoU (%) | pixel accuracy (%) | mIoU per seed |",
