@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaModel
 from models.vit_nepa.modeling_vit_nepa import mean_patch_tokens
 from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, crop_pct_field, parse_arguments, resize_size_field
+from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
     EvalTransform,
     get_split,
@@ -63,12 +63,10 @@ class FeatureTrainer(NepaTrainer):
 
 
 def evaluate_classifier(args, trainer_kwargs, training_args) -> tuple[NepaTrainer, dict]:
-    model, info = ViTNepaForImageClassification.from_pretrained(args.model_name_or_path, output_loading_info=True)
-    if info["missing_keys"]:
-        raise ValueError(
-            f"{args.model_name_or_path} has no trained classifier (missing {sorted(info['missing_keys'])[:4]}): "
-            f"fine-tune it first, or judge the encoder with --protocol knn / linear."
-        )
+    model = load_model(
+        ViTNepaForImageClassification, args.model_name_or_path, "--model_name_or_path", "classifier",
+        "fine-tune it first, or judge the encoder with --protocol knn / linear.",
+    )  # fmt: skip
     ema_file = Path(args.model_name_or_path) / EMA_WEIGHTS_NAME
     training_args.use_ema = ema_file.is_file()
     trainer = NepaTrainer(
@@ -84,9 +82,7 @@ def evaluate_classifier(args, trainer_kwargs, training_args) -> tuple[NepaTraine
 
 
 def evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset, num_classes) -> tuple[NepaTrainer, dict]:
-    model, info = ViTNepaModel.from_pretrained(args.model_name_or_path, output_loading_info=True)
-    if info["missing_keys"]:
-        raise ValueError(f"{args.model_name_or_path} lacks encoder weights: {sorted(info['missing_keys'])[:4]}")
+    model = load_model(ViTNepaModel, args.model_name_or_path, "--model_name_or_path", "encoder", "pass a ViT-NEPA model folder.")
     training_args.use_ema = False  # the features come from the saved weights; an EMA copy would only cost memory
     trainer = FeatureTrainer(model=model, args=training_args, **trainer_kwargs)
     train = trainer.predict(train_dataset)
@@ -106,13 +102,9 @@ def evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset,
 def main(argv: list[str] | None = None) -> dict:
     args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, NepaTrainingArguments), argv)
     configure_logging(training_args)
-    if not Path(args.model_name_or_path).is_dir():
-        raise FileNotFoundError(
-            f"{args.model_name_or_path} is not a local folder. Released checkpoints: "
-            f"`hf download {args.model_name_or_path} --local-dir DIR` where there is network, then --model_name_or_path DIR."
-        )
+    local_folder(args.model_name_or_path, "--model_name_or_path")
 
-    processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
+    processor = load_image_processor(args.image_processor_name, args.model_name_or_path)
     size = processor_image_size(processor, ViTNepaConfig.from_pretrained(args.model_name_or_path).patch_size)
     transform = EvalTransform(size, args.resize_size, args.crop_pct)
     dataset = load_image_dataset(data_args)

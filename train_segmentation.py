@@ -19,10 +19,11 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, UperNetConfig, UperNetForSemanticSegmentation, set_seed
+from transformers import AutoConfig, UperNetConfig, UperNetForSemanticSegmentation, set_seed
 
 from models.vit_nepa import ViTNepaBackbone
 from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
+from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import get_split, image_dataset, load_image_dataset
 from nepa.segmentation import (
     IGNORE_INDEX,
@@ -88,8 +89,9 @@ def refuse_unused_data_flags(data_args: DataArguments) -> None:
 
 
 def build_model(args: SegmentationArguments, model_type: str, id2label: dict[int, str] | None) -> UperNetForSemanticSegmentation:
+    flag = "--model_name_or_path"
     if model_type == "upernet":
-        model = UperNetForSemanticSegmentation.from_pretrained(args.model_name_or_path)
+        model = load_model(UperNetForSemanticSegmentation, args.model_name_or_path, flag, "segmentation", "save it again.")
         if id2label is not None and len(id2label) != model.config.num_labels:
             raise ValueError(
                 f"{args.model_name_or_path} predicts {model.config.num_labels} classes but the dataset has {len(id2label)}."
@@ -105,13 +107,8 @@ def build_model(args: SegmentationArguments, model_type: str, id2label: dict[int
     overrides = dict(is_causal=args.is_causal, drop_path_prob=args.drop_path)
     if args.out_indices is not None:
         overrides["out_indices"] = args.out_indices
-    backbone, info = ViTNepaBackbone.from_pretrained(args.model_name_or_path, output_loading_info=True, **overrides)
-    missing = [key for key in info["missing_keys"] if not key.startswith("neck.")]
-    if missing:
-        raise ValueError(
-            f"{args.model_name_or_path} lacks {len(missing)} encoder tensors ({', '.join(sorted(missing)[:4])}): "
-            f"it is not a NEPA encoder checkpoint."
-        )
+    instead = "it is not a NEPA encoder checkpoint."
+    backbone = load_model(ViTNepaBackbone, args.model_name_or_path, flag, "encoder", instead, optional=("neck.",), **overrides)
     config = UperNetConfig(
         backbone_config=backbone.config,
         num_labels=len(id2label),
@@ -134,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Everything that can be wrong with the arguments fails here, before the images are read.
     refuse_unused_data_flags(data_args)
-    model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
+    model_type = AutoConfig.from_pretrained(local_folder(args.model_name_or_path, "--model_name_or_path")).model_type
     if not training_args.do_train and model_type != "upernet":
         raise ValueError(f"{args.model_name_or_path} is an encoder, not a segmentation model: evaluate it after --do_train.")
     id2label = read_id2label(data_args.dataset_name) if data_args.load_from_disk else None
@@ -157,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
             "2 on each of 8 GPUs. Use more GPUs or a larger --per_device_train_batch_size to reach %d or more.",
             batchnorm_images, training_args.per_device_train_batch_size, training_args.world_size, MIN_BATCHNORM_IMAGES,
         )
-    processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
+    processor = load_image_processor(args.image_processor_name, args.model_name_or_path)
     checkpoint = resume_checkpoint(training_args)
 
     dataset = load_image_dataset(data_args)

@@ -9,12 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
-from helpers import COMMON, tiny_config
+from helpers import COMMON, tiny_config, write_config_folder
 
 import eval as eval_script
+import init_nepa_cls_from_pretrain
 import train_finetune
 import train_pretrain
+import train_segmentation
+import visualize
 from models.vit_nepa import ViTNepaForImageClassification, ViTNepaForPreTraining
 from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
 from nepa.data import BatchNormalize
@@ -162,6 +166,40 @@ def test_release_model_id_asks_for_a_local_download():
     args = train_finetune.FinetuneArguments(model_name_or_path="SixAILab/nepa-base-patch14-224-sft", model_revision="init")
     with pytest.raises(FileNotFoundError, match="hf download SixAILab/nepa-base-patch14-224-sft --revision init"):
         train_finetune.load_classifier(args)
+
+
+HUB_ID = "SixAILab/nepa-base-patch14-224"
+
+
+def hub_id_commands(local: Path, output: Path) -> dict:
+    """Each entry point given the Hub id for one of its folders (and local folders for the others): (main, argv, flag)."""
+    out = ["--output_dir", str(output), *COMMON]
+    return {
+        "pretraining config": (train_pretrain.main, ["--config_name", HUB_ID, *out], "--config_name"),
+        "pretraining processor": (train_pretrain.main, ["--config_name", str(local), "--image_processor_name", HUB_ID, *out], "--image_processor_name"),
+        "fine-tuning": (train_finetune.main, ["--model_name_or_path", HUB_ID, *out], "--model_name_or_path"),
+        "evaluation": (eval_script.main, ["--model_name_or_path", HUB_ID, *out], "--model_name_or_path"),
+        "segmentation": (train_segmentation.main, ["--model_name_or_path", HUB_ID, "--do_train", *out], "--model_name_or_path"),
+        "visualisation": (visualize.main, ["--model_name_or_path", HUB_ID, "--image", "cat.png", "--output_dir", str(output)], "--model_name_or_path"),
+        "conversion": (init_nepa_cls_from_pretrain.main, ["--pretrained_model_id", HUB_ID, "--save_local", "--local_dir", str(output)], "--pretrained_model_id"),
+        "conversion config": (
+            init_nepa_cls_from_pretrain.main,
+            ["--pretrained_model_id", str(local), "--config_model_id", HUB_ID, "--save_local", "--local_dir", str(output)],
+            "--config_model_id",
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("command", list(hub_id_commands(Path(), Path())))
+def test_every_entry_point_answers_a_hub_id_with_the_download_to_run_and_never_reaches_the_hub(command, tmp_path, monkeypatch):
+    local = write_config_folder(tmp_path / "local")
+    ViTNepaForPreTraining(tiny_config(image_size=16, patch_size=4)).save_pretrained(local)
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: downloads.append(args))
+    main, argv, flag = hub_id_commands(local, tmp_path / "out")[command]
+    with pytest.raises((FileNotFoundError, SystemExit), match=f"hf download {HUB_ID} --local-dir DIR` and pass {flag} DIR"):
+        main(argv)
+    assert not downloads
 
 
 def learning_rates(trainer_class, model, argv, steps=40, **kwargs) -> list[list[float]]:
