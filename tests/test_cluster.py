@@ -2,10 +2,8 @@
 retention, old checkpoints outliving the write of their successor, an EMA that follows replaced tensors and refuses
 sharded set-ups, several "nodes" on one machine, and the launch line the recipe scripts build. Tiny models on CPU."""
 
-import json
 import os
-import shutil
-import signal
+import shlex
 import socket
 import subprocess
 import sys
@@ -31,8 +29,8 @@ from nepa.ema import ModelEMA
 from nepa.preemption import PREEMPTED_EXIT_STATUS
 from nepa.trainer import CHECKPOINT_COMPLETE, NonFiniteLossGuard
 
-# Runs `train_pretrain.py` with its arguments, sending SIGNAL to this process (or, under torchrun, to the process of
-# rank SIGNAL_RANK) during the SIGNAL_AT-th training forward, i.e. inside an optimiser step.
+# Runs `train_pretrain.py` with its arguments; the process of rank SIGNAL_RANK (default 0) sends SIGNAL to itself, or
+# to process SIGNAL_PID (its node's launcher), during its SIGNAL_AT-th training forward, i.e. inside an optimiser step.
 SIGNAL_DURING_FORWARD = """\
 import itertools, os, signal
 import train_pretrain
@@ -42,7 +40,7 @@ forward, calls = ViTNepaForPreTraining.forward, itertools.count(1)
 
 def signalled(self, *args, **kwargs):
     if self.training and next(calls) == int(os.environ["SIGNAL_AT"]) and os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0"):
-        os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+        os.kill(int(os.environ.get("SIGNAL_PID", os.getpid())), getattr(signal, os.environ["SIGNAL"]))
     return forward(self, *args, **kwargs)
 
 ViTNepaForPreTraining.forward = signalled
@@ -199,3 +197,132 @@ def test_sharded_set_ups_are_refused_while_the_ema_is_on(flags, environment, nam
     with pytest.raises(ValueError, match=f"{named} with --use_ema True .* or pass --use_ema False"):
         train_pretrain.main(argv)
     assert not (tmp_path / "run").exists()
+
+
+# --- launching: the recipe scripts' launch line, and several nodes on one machine -----------------------------------
+
+LAUNCH_VARIABLES = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "DRY_RUN")
+
+
+def launch_environment(**env) -> dict:
+    """This process's environment without any launcher's or SLURM's variables, plus `env`."""
+    clean = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES and not key.startswith("SLURM_")}
+    return {**clean, "PYTHON": sys.executable, "REPORT_TO": "none", **env}
+
+
+def dry_run(**env) -> subprocess.CompletedProcess:
+    command = ["bash", str(REPO / "scripts" / "pretrain" / "nepa_b.sh")]
+    return subprocess.run(command, env=launch_environment(**{"DRY_RUN": "1", "NPROC_PER_NODE": "8", **env}), capture_output=True, text=True)
+
+
+def torchrun_options(result: subprocess.CompletedProcess) -> dict[str, str]:
+    """The `--name value` options of a dry run's torchrun line, and the training script's gradient accumulation."""
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout)
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"], argv
+    script = argv.index("train_pretrain.py")
+    options = dict(zip(argv[3:script:2], argv[4:script:2]))
+    options["accumulation"] = argv[argv.index("--gradient_accumulation_steps") + 1]
+    return options
+
+
+SLURM_JOB = dict(SLURM_NNODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu[07-10,12],cpu3", SLURM_JOB_ID="1234")
+
+
+def test_the_launch_line_takes_the_nodes_from_slurm():
+    """Under srun (one task a node) the node count, node rank and rendezvous host come from SLURM's variables, the port
+    from the job id; torchrun passes SIGUSR1 on to the training processes; the batch arithmetic counts every node."""
+    options = torchrun_options(dry_run(**SLURM_JOB))
+    assert options["--nnodes"] == "2" and options["--node_rank"] == "1" and options["--nproc_per_node"] == "8"
+    assert options["--master_addr"] == "gpu07" and options["--master_port"] == "21234"
+    assert "SIGUSR1" in options["--signals_to_handle"].split(",")
+    assert options["accumulation"] == "1"  # 4096 images = 256 x 8 GPUs x 2 nodes
+
+
+@pytest.mark.parametrize("nodelist, first", [("cpu3,gpu[1-2]", "cpu3"), ("node-a[3,5]", "node-a3"), ("solo", "solo"), ("g[009-010]", "g009")])
+def test_the_rendezvous_host_is_the_first_of_slurms_node_list(nodelist, first):
+    assert torchrun_options(dry_run(**{**SLURM_JOB, "SLURM_JOB_NODELIST": nodelist}))["--master_addr"] == first
+
+
+def test_explicit_names_then_the_releases_names_take_precedence_over_slurm():
+    release = dict(WORLD_SIZE="4", RANK="3", MASTER_ADDR="node0", MASTER_PORT="29400")
+    options = torchrun_options(dry_run(**SLURM_JOB, **release, PER_DEVICE_BATCH="128"))
+    assert (options["--nnodes"], options["--node_rank"], options["--master_addr"], options["--master_port"]) == ("4", "3", "node0", "29400")
+    assert options["accumulation"] == "1"  # 4096 = 128 x 8 x 4
+    options = torchrun_options(dry_run(**SLURM_JOB, **release, NNODES="1", NODE_RANK="0"))
+    assert (options["--nnodes"], options["--node_rank"]) == ("1", "0")
+    assert options["accumulation"] == "2"
+
+
+def test_one_node_without_a_cluster_runs_plain_python_when_one_process_is_enough():
+    result = dry_run(NPROC_PER_NODE="1", PER_DEVICE_BATCH="64", TOTAL_BATCH="64")
+    assert result.returncode == 0, result.stderr
+    assert shlex.split(result.stdout)[:2] == [sys.executable, "train_pretrain.py"]
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (dict(LOCAL_RANK="0", RANK="5", WORLD_SIZE="16"), "LOCAL_RANK=0 is set: this script was started once per process"),
+        (dict(**SLURM_JOB, SLURM_STEP_NUM_TASKS="16", SLURM_STEP_NUM_NODES="2"), "srun started 16 tasks on 2 nodes"),
+    ],
+    ids=["torchrun-per-process", "srun-task-per-gpu"],
+)
+def test_a_launch_started_once_per_process_stops_with_a_message(env, message):
+    result = dry_run(**env)
+    assert result.returncode == 1 and message in result.stderr
+    assert result.stdout == ""
+
+
+def launch_node(tmp_path: Path, argv: list[str], name: str, **env) -> subprocess.Popen:
+    """scripts/common.sh's `launch` of SIGNAL_DURING_FORWARD, as a recipe script runs it on one node; SIGNAL_PID is
+    the launching shell's own process id."""
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNAL_DURING_FORWARD)
+    shell = f'export SIGNAL_PID=$$; source {REPO / "scripts" / "common.sh"}; launch "$@"'
+    environment = launch_environment(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), NPROC_PER_NODE="1", **env)
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen(["bash", "-c", shell, "bash", str(script), *argv], env=environment, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_nodes(tmp_path: Path, argv: list[str], name: str, **env) -> list[int]:
+    """Two nodes of one process each on this machine, through scripts/common.sh; their exit statuses."""
+    common = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "SIGNAL": "SIGUSR1", "SIGNAL_AT": "0", **env}
+    nodes = [launch_node(tmp_path, argv, f"{name}-node{rank}", NODE_RANK=str(rank), **common) for rank in (0, 1)]
+    return [node.wait(timeout=300) for node in nodes]
+
+
+@pytest.mark.slow
+def test_two_nodes_give_the_curve_of_accumulation_and_a_signal_to_one_node_resumes_exactly(tmp_path, tiny_model, tiny_dataset):
+    """Two `torchrun --nnodes 2` launches of one process each (gloo, through the recipes' `launch`) against one process
+    with gradient accumulation 2: the same images in each step, so the same per-step losses to float rounding (1e-4;
+    the weights may differ more, from the summation order of the gradients, so the test compares the loss curves).
+    SIGUSR1 sent to node 1's launcher during step 3 (as srun passes on SLURM's warning): node 1's launcher passes
+    it to torchrun, torchrun to its process, every process finishes step 3 or 4, and the run writes one complete
+    checkpoint, the signalled launcher exits 75; the same launches again resume from it and end with the
+    uninterrupted two-node run's losses and weights, bit for bit."""
+    no_rope_augmentation = ["--config_overrides", "pos_embed_rescale=null"]  # one draw per process batch
+    flags = dict(max_steps=6, save_steps=100, use_ema=True, ema_decay=0.9)
+    one = tmp_path / "one_process"
+    train_pretrain.main(no_rope_augmentation + pretrain_args(tiny_model, tiny_dataset, one, gradient_accumulation_steps=2, **flags))
+
+    two = tmp_path / "two_nodes"
+    assert run_nodes(tmp_path, no_rope_augmentation + pretrain_args(tiny_model, tiny_dataset, two, **flags), "whole") == [0, 0]
+    losses, reference = logged_losses(two), logged_losses(one)
+    assert sorted(losses) == sorted(reference) == list(range(1, 7))
+    for step in reference:
+        assert losses[step] == pytest.approx(reference[step], abs=1e-4), f"loss at step {step}"
+
+    preempted = tmp_path / "preempted"
+    argv = no_rope_augmentation + pretrain_args(tiny_model, tiny_dataset, preempted, **flags)
+    statuses = run_nodes(tmp_path, argv, "preempted", SIGNAL_RANK="1", SIGNAL_AT="3")
+    assert statuses[1] == PREEMPTED_EXIT_STATUS and statuses[0] != 0, statuses
+    (checkpoint,) = complete_checkpoints(preempted)
+    assert checkpoint in (3, 4)
+    assert [path.name for path in preempted.iterdir()] == [f"checkpoint-{checkpoint}"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model_ema.safetensors"} <= checkpoint_files(preempted / f"checkpoint-{checkpoint}")
+
+    assert run_nodes(tmp_path, argv, "resumed") == [0, 0]
+    assert logged_losses(preempted) == logged_losses(two)
+    for weights in ("model.safetensors", "model_ema.safetensors"):
+        assert_same_tensors(preempted / weights, two / weights)
