@@ -4,9 +4,11 @@ sharded set-ups, several "nodes" on one machine, and the launch line the recipe 
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -326,3 +328,45 @@ def test_two_nodes_give_the_curve_of_accumulation_and_a_signal_to_one_node_resum
     assert logged_losses(preempted) == logged_losses(two)
     for weights in ("model.safetensors", "model_ema.safetensors"):
         assert_same_tensors(preempted / weights, two / weights)
+
+
+STAND_IN_TRAINING = """\
+#!/usr/bin/env bash
+# Python for the recipe's arithmetic (-c); in place of training, a process that exits 75 on SIGUSR1, as training does.
+if [ "$1" = -c ]; then exec {python} "$@"; fi
+exec {python} -c 'import pathlib, signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))
+pathlib.Path("{ready}").touch()
+time.sleep(120)'
+"""
+
+
+def test_the_sbatch_template_passes_the_warning_on_and_requeues(tmp_path):
+    """SLURM's SIGUSR1 before the time limit reaches the batch script; it passes it to srun (here a stand-in that runs
+    the task), the recipe's launch passes it to training, which exits 75, and the script requeues the job."""
+    ready, requeued = tmp_path / "ready", tmp_path / "requeued"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {
+        "python": STAND_IN_TRAINING.format(python=sys.executable, ready=ready),
+        "srun": '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',  # one task: this node's
+        "scontrol": f'#!/usr/bin/env bash\necho "$@" > {requeued}\n',
+    }
+    for name, text in stand_ins.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = launch_environment(
+        PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"), NPROC_PER_NODE="1", SLURM_JOB_ID="77",
+        SLURM_NNODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="gpu1", TOTAL_BATCH="256", PER_DEVICE_BATCH="256",
+    )
+    command = ["bash", str(REPO / "scripts" / "slurm" / "run.sbatch"), "scripts/pretrain/nepa_b.sh"]
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    output = job.communicate(timeout=60)[0]
+    assert job.returncode == PREEMPTED_EXIT_STATUS, output
+    assert requeued.read_text().split() == ["requeue", "77"]
+    assert "requeueing job 77" in output
