@@ -185,7 +185,8 @@ def refuse_sharding_with_ema(args: TrainingArguments) -> None:
     bf16 and keeps fp32 weights in its optimiser) and Megatron-LM hold shards or copies it cannot follow, so the
     average would be of the wrong tensors. Refuse them, however they are switched on."""
     enabled = [f"--{name}" for name in ("fsdp", "deepspeed") if getattr(args, name)]
-    enabled += [f"{name}={os.environ[name]}" for name in SHARDING_VARIABLES if os.environ.get(name, "").lower() == "true"]
+    truthy = ("y", "yes", "t", "true", "on", "1")  # what accelerate's own flag parsing reads as true
+    enabled += [f"{name}={os.environ[name]}" for name in SHARDING_VARIABLES if os.environ.get(name, "").lower() in truthy]
     if args.parallelism_config is not None:
         enabled.append("--parallelism_config")
     if enabled:
