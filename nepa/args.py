@@ -193,7 +193,7 @@ def refuse_sharding_with_ema(args: TrainingArguments) -> None:
         raise ValueError(
             f"{' and '.join(enabled)} with --use_ema True (the default) is not supported: the EMA averages each "
             f"process's whole copy of the weights and cannot follow sharded ones. Train with DDP (plain torchrun, an "
-            f"accelerate config without FSDP or DeepSpeed) to keep the EMA, or pass --use_ema False to shard."
+            f"accelerate config without FSDP or DeepSpeed) to keep the EMA. Pass --use_ema False to shard."
         )
 
 

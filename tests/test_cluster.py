@@ -196,7 +196,7 @@ def test_sharded_set_ups_are_refused_while_the_ema_is_on(flags, environment, nam
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     argv = [*pretrain_args(tiny_model, tiny_dataset, tmp_path / "run", max_steps=1), *flags]
-    with pytest.raises(ValueError, match=f"{named} with --use_ema True .* or pass --use_ema False"):
+    with pytest.raises(ValueError, match=f"{named} with --use_ema True .* Pass --use_ema False"):
         train_pretrain.main(argv)
     assert not (tmp_path / "run").exists()
 
