@@ -27,8 +27,10 @@ class PreemptionCheckpoints(TrainerCallback):
     exit once the checkpoint is marked complete. Registered after the callback that writes the marker.
 
     The agreement runs on the CPU (gloo), so the step does not wait for the GPU's queue to drain. Data-loading worker
-    processes forked after training starts inherit the handler, so a signal sent to every process of the job (as a
-    scheduler does) leaves them running."""
+    processes forked after training starts inherit the handler, so SIGUSR1 sent to every process of a job step (srun
+    passes signals on that way) leaves them running. SIGTERM does not: torch's workers exit on it, so a SIGTERM to
+    every process (scancel without --signal) may stop the run with a DataLoader error before it saves; the timed
+    checkpoints bound what that loses, and scripts/slurm/ warns with SIGUSR1."""
 
     def __init__(self, save_every_minutes: float | None):
         self.interval = None if save_every_minutes is None else 60 * save_every_minutes

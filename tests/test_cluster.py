@@ -31,8 +31,10 @@ from nepa.ema import ModelEMA
 from nepa.preemption import PREEMPTED_EXIT_STATUS
 from nepa.trainer import CHECKPOINT_COMPLETE, NonFiniteLossGuard
 
-# Runs `train_pretrain.py` with its arguments; the process of rank SIGNAL_RANK (default 0) sends SIGNAL to itself, or
-# to process SIGNAL_PID (its node's launcher), during its SIGNAL_AT-th training forward, i.e. inside an optimiser step.
+# Runs `train_pretrain.py` with its arguments; the process of rank SIGNAL_RANK (default 0) sends SIGNAL to itself, to
+# process SIGNAL_PID (its node's launcher), or with SIGNAL_GROUP=1 to its whole process group (data-loading workers
+# included, as a scheduler signals every process of a job), during its SIGNAL_AT-th training forward, i.e. inside an
+# optimiser step.
 SIGNAL_DURING_FORWARD = """\
 import itertools, os, signal
 import train_pretrain
@@ -42,7 +44,11 @@ forward, calls = ViTNepaForPreTraining.forward, itertools.count(1)
 
 def signalled(self, *args, **kwargs):
     if self.training and next(calls) == int(os.environ["SIGNAL_AT"]) and os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0"):
-        os.kill(int(os.environ.get("SIGNAL_PID", os.getpid())), getattr(signal, os.environ["SIGNAL"]))
+        number = getattr(signal, os.environ["SIGNAL"])
+        if os.environ.get("SIGNAL_GROUP"):
+            os.killpg(os.getpgid(0), number)
+        else:
+            os.kill(int(os.environ.get("SIGNAL_PID", os.getpid())), number)
     return forward(self, *args, **kwargs)
 
 ViTNepaForPreTraining.forward = signalled
@@ -61,7 +67,7 @@ def run_signalled(tmp_path: Path, argv: list[str], signal_name: str, at_forward:
     script.write_text(SIGNAL_DURING_FORWARD)
     environment = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1", "SIGNAL": signal_name, "SIGNAL_AT": str(at_forward), **env}
     command = [sys.executable, *launcher, str(script), *argv]
-    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300, start_new_session=True)
 
 
 def checkpoint_files(folder: Path) -> set[str]:
@@ -97,6 +103,20 @@ def test_stop_signal_saves_the_step_it_arrived_in_and_the_rerun_resumes_exactly(
     assert logged_losses(output_dir) == logged_losses(reference)
     for weights in ("model.safetensors", "model_ema.safetensors"):
         assert_same_tensors(output_dir / weights, reference / weights)
+
+
+def test_a_stop_signal_to_every_process_leaves_the_data_loading_workers_running(tmp_path, tiny_model, tiny_dataset):
+    """SIGUSR1 to the whole process group, as srun passes a signal to every process of a job step, with two
+    persistent data-loading workers: the workers, forked after the handler was installed, take it as the training
+    process does (both log it) instead of dying, and the run saves checkpoint-3 and exits 75."""
+    flags = dict(max_steps=6, save_steps=100, per_device_train_batch_size=2)
+    flags.update(dataloader_num_workers=2, dataloader_persistent_workers=True)
+    output_dir = tmp_path / "preempted"
+    argv = pretrain_args(tiny_model, tiny_dataset, output_dir, **flags)
+    result = run_signalled(tmp_path, argv, "SIGUSR1", at_forward=3, SIGNAL_GROUP="1")
+    assert result.returncode == PREEMPTED_EXIT_STATUS, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.count("SIGUSR1: finishing this optimiser step") == 3
+    assert complete_checkpoints(output_dir) == [3]
 
 
 def test_save_every_minutes_with_a_retention_limit(tmp_path, tiny_model, tiny_dataset):
