@@ -37,9 +37,12 @@ if (( ${SLURM_STEP_NUM_TASKS:-0} > ${SLURM_STEP_NUM_NODES:-1} )); then
   exit 1
 fi
 
-# first_host NODELIST: the first host of a SLURM node list such as "gpu[07-10,12],cpu3" (gpu07).
+# first_host NODELIST: the first host of a SLURM node list such as "gpu[07-10,12],cpu3" (gpu07): scontrol's answer,
+# else read here (one bracket level).
 first_host() {
-  if command -v scontrol >/dev/null; then scontrol show hostnames "$1" | head -n 1; return; fi
+  local host
+  host=$(scontrol show hostnames "$1" 2>/dev/null | head -n 1) || true
+  if [ -n "$host" ]; then echo "$host"; return; fi
   local prefix=${1%%[*}
   if [[ $prefix == *,* || $prefix == "$1" ]]; then echo "${1%%,*}"; return; fi
   local range=${1#*[}
