@@ -5,6 +5,7 @@ whole command line (`python train_pretrain.py configs/my_run.json`)."""
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,13 @@ class NepaTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Keep an EMA of the weights, evaluate and save it too (the release's default)."}
     )
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimiser step."})
+    save_every_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Also save a checkpoint when this many minutes have passed since the last one (--save_total_limit "
+            "keeps the newest complete ones), so a run stopped without warning loses at most that long."
+        },
+    )
     skip_nonfinite_loss: bool = field(
         default=False, metadata={"help": "Drop a step whose loss is NaN/inf instead of stopping the run."}
     )
@@ -173,14 +181,32 @@ class NepaTrainingArguments(TrainingArguments):
             # accelerate's sampler would seed itself from torch's initial seed, which NepaTrainer makes differ per
             # process; every process must draw the same permutation to take its own slice of it.
             self.data_seed = self.seed
+        if self.save_every_minutes is not None and not self.save_every_minutes > 0:
+            raise ValueError(f"--save_every_minutes {self.save_every_minutes}: give a positive number of minutes.")
+        if self.use_ema:
+            refuse_sharding_with_ema(self)
         super().__post_init__()
-        if self.fsdp and self.use_ema:
-            # ModelEMA keeps views of the parameters taken at start; FSDP replaces them with flat shards, so the
-            # average would silently stop following the weights.
-            raise ValueError(
-                "--fsdp with --use_ema True (the default) is not supported: the EMA would stop tracking the sharded "
-                "weights. Pass --use_ema False to train with FSDP, or use DDP (no --fsdp) to keep the EMA."
-            )
+
+
+# accelerate's variables for a config file that enables sharding (`accelerate launch --config_file ...` sets them).
+SHARDING_VARIABLES = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM")
+
+
+def refuse_sharding_with_ema(args: TrainingArguments) -> None:
+    """`ModelEMA` averages every process's whole copy of the weights; FSDP, DeepSpeed (it also casts the model to
+    bf16 and keeps fp32 weights in its optimiser) and Megatron-LM hold shards or copies it cannot follow, so the
+    average would be of the wrong tensors. Refuse them, however they are switched on."""
+    enabled = [f"--{name}" for name in ("fsdp", "deepspeed") if getattr(args, name)]
+    truthy = ("y", "yes", "t", "true", "on", "1")  # what accelerate's own flag parsing reads as true
+    enabled += [f"{name}={os.environ[name]}" for name in SHARDING_VARIABLES if os.environ.get(name, "").lower() in truthy]
+    if args.parallelism_config is not None:
+        enabled.append("--parallelism_config")
+    if enabled:
+        raise ValueError(
+            f"{' and '.join(enabled)} with --use_ema True (the default) is not supported: the EMA averages each "
+            f"process's whole copy of the weights and cannot follow sharded ones. Train with DDP (plain torchrun, an "
+            f"accelerate config without FSDP or DeepSpeed) to keep the EMA. Pass --use_ema False to shard."
+        )
 
 
 def add_bool_argument(parser, name: str, help: str) -> None:

@@ -9,7 +9,9 @@
   checkpoint; it is counted on the device, and the CPU never waits for it per micro-step, nor, with a fused
   optimiser (Transformers' default AdamW), per optimiser step (`NonFiniteLossGuard`);
 - checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
-  newest marked one;
+  newest marked one; `--save_total_limit` deletes old checkpoints only after the new one is marked;
+- a stop signal (SIGTERM / SIGUSR1) saves a checkpoint after the current optimiser step and exits to be requeued,
+  and `--save_every_minutes` adds timed checkpoints (`nepa/preemption.py`);
 - every process draws its own random stream (batch augmentation, drop path), seeded from the pair (seed, rank);
 - the training dataset learns the epoch (`set_epoch`), which seeds each image's augmentation;
 - uint8 batches are normalised (and, in training, augmented) on the device, in `compute_loss`;
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,6 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .data import BatchAugment, BatchNormalize, collate_images
 from .ema import EMA_WEIGHTS_NAME, ModelEMA
 from .optim import pretraining_param_groups
+from .preemption import PreemptionCheckpoints
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,23 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
             CHECKPOINT_COMPLETE,
         )
     return None
+
+
+def delete_old_checkpoints(output_dir: str, newest: Path, keep: int, best: str | None) -> None:
+    """Keep `newest` (just marked complete), the `keep - 1` newest complete checkpoints before it and the best one;
+    delete the other, older ones (half-written ones included). It runs only once `newest` is marked: the Trainer's
+    own rotation deletes inside its save, before the marker, so a kill there could leave no complete checkpoint."""
+    step = int(newest.name.split("-")[-1])
+    folders = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
+    older = sorted(
+        (path for path in folders if path.name.split("-")[-1].isdigit() and int(path.name.split("-")[-1]) < step),
+        key=lambda path: int(path.name.split("-")[-1]),
+        reverse=True,
+    )
+    kept = [path for path in older if (path / CHECKPOINT_COMPLETE).is_file()][: keep - 1]
+    for path in older:
+        if path not in kept and not (best and path.resolve() == Path(best).resolve()):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def resume_checkpoint(args) -> str | None:
@@ -229,6 +250,8 @@ class _StepHooks(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             (folder / CHECKPOINT_COMPLETE).write_text(f"global_step {state.global_step}\n")
+            if self.trainer.save_total_limit:
+                delete_old_checkpoints(args.output_dir, folder, self.trainer.save_total_limit, state.best_model_checkpoint)
 
 
 class NepaTrainer(Trainer):
@@ -241,6 +264,9 @@ class NepaTrainer(Trainer):
         # erasing rectangles and drop-path masks. Give each its own stream (process 0 keeps the seed); checkpoints
         # keep each process's RNG state, so a resumed run continues every stream exactly.
         seed_process(self.args.seed, self.args.process_index)
+        # Old checkpoints are deleted here once the new one is marked complete (`delete_old_checkpoints`), not by the
+        # Trainer, which deletes them before.
+        self.save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
         self.normalize = normalize
         self.batch_augment = batch_augment
         self.ema = ModelEMA(self.model, self.args.ema_decay) if self.args.use_ema else None
@@ -249,6 +275,7 @@ class NepaTrainer(Trainer):
         self._recorded: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.add_callback(self.nonfinite_guard)
         self.add_callback(_StepHooks(self))
+        self.add_callback(PreemptionCheckpoints(self.args.save_every_minutes))  # after _StepHooks marks checkpoints
 
     # --- optimisation ---------------------------------------------------------------------------
 
@@ -310,11 +337,8 @@ class NepaTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self.ema is not None:
-            self.ema.swap()
-            try:
+            with self.ema.applied():
                 metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_ema"))
-            finally:
-                self.ema.swap()
         return metrics
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

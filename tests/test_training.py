@@ -555,7 +555,7 @@ def test_schedule_warms_each_group_up_then_decays_by_half_cosine():
 # --------------------------------------------------------------------------------------------
 
 
-def test_ema_is_the_hand_computed_average_and_swap_is_reversible():
+def test_ema_is_the_hand_computed_average_and_applying_it_is_reversible():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))  # BatchNorm: an integer buffer too
     decay = 0.8
@@ -577,10 +577,9 @@ def test_ema_is_the_hand_computed_average_and_swap_is_reversible():
         torch.testing.assert_close(averaged[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    ema.swap()
-    for name in expected:
-        torch.testing.assert_close(model.state_dict()[name], averaged[name], rtol=0, atol=0)
-    ema.swap()
+    with ema.applied():
+        for name in expected:
+            torch.testing.assert_close(model.state_dict()[name], averaged[name], rtol=0, atol=0)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
     for name, tensor in ema.state_dict().items():

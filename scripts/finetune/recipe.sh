@@ -8,7 +8,9 @@
 # nepa_b_sft.sh and nepa_l_sft.sh set the per-model numbers.
 # Speed (docs/performance.md): fused AdamW, torch.compile (--torch_compile False turns it off), workers kept
 # between epochs.
-# Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS; extra flags pass through.
+# Checkpoints every epoch and every SAVE_EVERY_MINUTES (30), the newest 2 and the best kept.
+# Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS, SAVE_EVERY_MINUTES; extra
+# flags pass through.
 set -euo pipefail
 source "$(dirname "$0")/../common.sh"
 
@@ -37,7 +39,7 @@ launch train_finetune.py \
   --mixup 0.8 --cutmix 1.0 --mixup_prob 1.0 --mixup_switch_prob 0.5 --smoothing 0.1 \
   --crop_pct "$CROP_PCT" \
   --use_ema True --ema_decay 0.9999 \
-  --eval_strategy epoch --save_strategy epoch --save_total_limit 2 \
+  --eval_strategy epoch --save_strategy epoch --save_every_minutes "${SAVE_EVERY_MINUTES:-30}" --save_total_limit 2 \
   --metric_for_best_model ema_accuracy --greater_is_better True --load_best_model_at_end True \
   --bf16 True --torch_compile True --seed 1337 --logging_steps 100 \
   --ddp_find_unused_parameters False \

@@ -6,7 +6,10 @@
 # the model.
 # Speed (docs/performance.md): fused AdamW, torch.compile (--torch_compile False turns it off), workers kept
 # between epochs.
-# Overrides: DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS; extra flags pass through.
+# Checkpoints every 50,000 steps (as the release) and every SAVE_EVERY_MINUTES (30), the newest 2 kept; a stop signal
+# saves one too (README: multi-node).
+# Overrides: DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS, SAVE_EVERY_MINUTES; extra flags
+# pass through.
 set -euo pipefail
 source "$(dirname "$0")/../common.sh"
 
@@ -25,7 +28,7 @@ launch train_pretrain.py \
   --lr_scheduler_type cosine --warmup_steps 0.025 \
   --optim adamw_torch_fused --adam_beta1 0.9 --adam_beta2 0.95 --weight_decay 0.05 \
   --bf16 True --torch_compile True --seed 1337 \
-  --save_steps 50000 --logging_steps 100 \
+  --save_steps 50000 --save_every_minutes "${SAVE_EVERY_MINUTES:-30}" --save_total_limit 2 --logging_steps 100 \
   --ddp_find_unused_parameters False \
   $(dataloader_flags) \
   --report_to "$REPORT_TO" \

@@ -13,8 +13,9 @@
 # the recipe's 8 GPUs, but accumulation does not add to it, so 1 GPU reaches the total batch 16 with BatchNorm over 2
 # images. The script says so when that number is below 16.
 # nepa_b_ade20k.sh and nepa_l_ade20k.sh set the per-model numbers.
-# Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, STEPS, LR, LLRD, NUM_WORKERS; extra flags
-# pass through.
+# Checkpoints every 16,000 iterations and every SAVE_EVERY_MINUTES (30), the newest 2 kept.
+# Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, STEPS, LR, LLRD, NUM_WORKERS,
+# SAVE_EVERY_MINUTES; extra flags pass through.
 set -euo pipefail
 DATA_DIR=${DATA_DIR:-data/ade20k-hf}
 source "$(dirname "$0")/../common.sh"
@@ -52,7 +53,8 @@ launch train_segmentation.py \
   --decoder_hidden_size "$DECODER" --auxiliary_channels 256 --auxiliary_loss_weight 0.4 \
   --crop_size 504 --train_scale 2048 512 --ratio_range 0.5 2.0 --cat_max_ratio 0.75 --photometric True \
   --eval_scale 2048 512 --eval_stride 336 \
-  --eval_strategy steps --eval_steps 16000 --save_strategy steps --save_steps 16000 --save_total_limit 2 \
+  --eval_strategy steps --eval_steps 16000 --save_strategy steps --save_steps 16000 \
+  --save_every_minutes "${SAVE_EVERY_MINUTES:-30}" --save_total_limit 2 \
   --bf16 True --seed 0 --logging_steps 50 \
   $(dataloader_flags) \
   --report_to "$REPORT_TO" \
