@@ -71,6 +71,18 @@ def labels_flags(percent: float) -> list[str]:
     return [] if percent >= 100 else ["--labels_per_class", str(percent / 100)]
 
 
+def pretrain_argv(output_dir, steps: int, seed: int = 0, dataset: str = DATASET, config: str = PRETRAIN_CONFIG,
+                  config_overrides: str = "", logging_steps: int = 50) -> list[str]:  # fmt: skip
+    """train_pretrain.py's command line: NEPA pretraining of `config` (changed by `config_overrides`) for `steps`."""
+    return [
+        "--config_name", str(REPO / config), *(["--config_overrides", config_overrides] if config_overrides else []),
+        "--dataset_name", dataset, "--load_from_disk", "True",
+        "--output_dir", str(output_dir), "--do_train", "--max_steps", str(steps),
+        *flags(PRETRAIN),
+        "--seed", str(seed), "--save_strategy", "no", "--logging_steps", str(logging_steps),
+    ]  # fmt: skip
+
+
 def finetune_argv(classifier, output_dir, percent: float, seed: int, steps: int | None = None, dataset: str = DATASET) -> list[str]:
     """train_finetune.py's command line: fine-tune on `percent` % of the labels, evaluate on the whole test split."""
     steps = FINETUNE_STEPS[percent] if steps is None else steps
