@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import save_processor, write_config_folder
+from helpers import COMMON, save_processor, write_config_folder
 from image_folder import add_bad_images, make_image_folder
 from safetensors.torch import load_file
 from transformers import ViTImageProcessor
@@ -82,19 +82,10 @@ def classifier_3_labels(tmp_path_factory, pretrained_folder) -> Path:
 
 
 def common_args(output_dir: Path, **flags) -> list[str]:
-    values = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        learning_rate=1e-3,
-        logging_steps=1,
-        per_device_train_batch_size=4,
-    )
+    """COMMON, then these values and `flags` (a later flag wins, so `flags` may change COMMON's too)."""
+    values = dict(output_dir=output_dir, seed=0, learning_rate=1e-3, logging_steps=1, per_device_train_batch_size=4)
     values.update(flags)
-    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+    return [*COMMON, *(item for name, value in values.items() for item in (f"--{name}", str(value)))]
 
 
 def saved_dataset(path: Path) -> list[str]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image as PILImage
 from safetensors.torch import load_file
-from helpers import REPO, save_processor, small_fashion_mnist, tiny_config
+from helpers import COMMON, REPO, save_processor, small_fashion_mnist, tiny_config
 from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
 
 from models.vit_nepa import ViTNepaBackbone, ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining
@@ -482,7 +482,7 @@ def test_sliding_window_covers_the_image_and_averages_overlaps():
 SEG_FLAGS = [
     "--crop_size", "56", "--train_scale", "56", "56", "--ratio_range", "1", "1", "--photometric", "False",
     "--eval_scale", "56", "56", "--eval_stride", "56", "--decoder_hidden_size", "32", "--auxiliary_channels", "32",
-    "--use_cpu", "True", "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0",
+    "--save_strategy", "no", *COMMON,
 ]  # fmt: skip
 
 
