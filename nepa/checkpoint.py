@@ -1,4 +1,4 @@
-"""Loading saved folders, the one way every entry point does it.
+"""Saved folders: loading them, the one way every entry point does it, and finding the newest complete checkpoint.
 
 Models, configs and image processors load from local folders only, never from the Hugging Face Hub: a Hub id
 (the release's `SixAILab/nepa-*`) fails at once with the `hf download` command that makes it a local folder, so a
@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from transformers import AutoImageProcessor
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -53,3 +54,21 @@ def load_image_processor(image_processor_name: str | None, model_folder: str | P
     if image_processor_name:
         model_folder = local_folder(image_processor_name, "--image_processor_name")
     return AutoImageProcessor.from_pretrained(model_folder)
+
+
+CHECKPOINT_COMPLETE = "checkpoint_complete"  # written into checkpoint-N once every process has saved its part
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder that was completely written; half-written ones are skipped loudly."""
+    folders = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
+    folders = [path for path in folders if path.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[-1]), reverse=True):
+        if (folder / CHECKPOINT_COMPLETE).is_file():
+            return str(folder)
+        logger.warning(
+            "Skipping %s: it has no %s marker, so its writing was interrupted (a killed run?); it is not loaded.",
+            folder,
+            CHECKPOINT_COMPLETE,
+        )
+    return None

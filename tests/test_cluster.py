@@ -27,9 +27,10 @@ from test_reliability import (
 
 import train_pretrain
 from nepa.args import NepaTrainingArguments
+from nepa.checkpoint import CHECKPOINT_COMPLETE
 from nepa.ema import ModelEMA
+from nepa.nonfinite import NonFiniteLossGuard
 from nepa.preemption import PREEMPTED_EXIT_STATUS
-from nepa.trainer import CHECKPOINT_COMPLETE, NonFiniteLossGuard
 
 # Runs `train_pretrain.py` with its arguments; the process of rank SIGNAL_RANK (default 0) sends SIGNAL to itself, to
 # process SIGNAL_PID (its node's launcher), or with SIGNAL_GROUP=1 to its whole process group (data-loading workers

@@ -28,8 +28,9 @@ import init_nepa_cls_from_pretrain
 import train_finetune
 import train_pretrain
 from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
+from nepa.checkpoint import CHECKPOINT_COMPLETE
 from nepa.data import BadImageError, ImageDataset, PretrainTransform, collate_images
-from nepa.trainer import CHECKPOINT_COMPLETE, NonFiniteLossError
+from nepa.nonfinite import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -168,9 +169,9 @@ def test_killed_run_resumes_exactly_from_newest_complete_checkpoint(tmp_path, ti
 
     with pytest.raises(ValueError, match=f"{half_written} has no {CHECKPOINT_COMPLETE} marker"):
         train_pretrain.main([*args, "--resume_from_checkpoint", str(half_written)])
-    with caplog.at_level(logging.WARNING, logger="nepa.trainer"):
+    with caplog.at_level(logging.WARNING, logger="nepa"):
         train_pretrain.main(args)
-    messages = [record.getMessage() for record in caplog.records if record.name == "nepa.trainer"]
+    messages = [record.getMessage() for record in caplog.records if record.name.startswith("nepa.")]
     for skipped in (half_written, rewritten):
         assert any(message.startswith(f"Skipping {skipped}: it has no {CHECKPOINT_COMPLETE}") for message in messages)
     assert any(message.startswith(f"Resuming from {newest} ") for message in messages)

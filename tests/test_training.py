@@ -217,8 +217,9 @@ def test_trainers_override_public_trainer_methods_that_the_trainer_calls(tmp_pat
     EMA, the checkpoint marker or the non-finite guard would be bypassed silently) fails here."""
     from transformers import Trainer
 
+    from nepa.nonfinite import NonFiniteLossGuard
     from nepa.segmentation import SegmentationTrainer
-    from nepa.trainer import NepaTrainer, NonFiniteLossGuard, _StepHooks
+    from nepa.trainer import NepaTrainer, _StepHooks
 
     trainers = (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer)
     for trainer_class in (*trainers, eval_script.FeatureTrainer, SegmentationTrainer):
@@ -255,7 +256,8 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch, d
     fused optimiser (the default) the guard reads each optimiser step's flag only after that step, never while
     the step waits for it; on a GPU the flag reaches the host through a pinned copy and an event."""
     from nepa.data import collate_images
-    from nepa.trainer import NepaTrainer, NonFiniteLossGuard
+    from nepa.nonfinite import NonFiniteLossGuard
+    from nepa.trainer import NepaTrainer
 
     reads, settle = [], NonFiniteLossGuard.settle
 
@@ -297,7 +299,7 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch, d
 def test_host_copy_of_a_gpu_scalar_waits_for_its_own_point_of_the_stream():
     """`HostCopy` returns at once while the GPU is busy (its copy is queued behind the work), and `item()` then
     gives the value computed at that point, not one written later in the stream."""
-    from nepa.trainer import HostCopy
+    from nepa.nonfinite import HostCopy
 
     value = torch.zeros((), device="cuda")
     torch.cuda.synchronize()
@@ -309,6 +311,28 @@ def test_host_copy_of_a_gpu_scalar_waits_for_its_own_point_of_the_stream():
     assert copy.item() == 1.0
     torch.cuda.synchronize()
     assert value.item() == 2.0
+
+
+def test_fused_adamw_skips_its_update_when_found_inf_is_set():
+    """The guard skips a flagged step of a fused optimiser by setting `found_inf`, an attribute torch does not document
+    (checked on torch 2.14.1): set to 1, fused AdamW leaves the weights, its moments and its step count as they were;
+    set to 0 or removed, it steps. A torch upgrade that stops honouring it fails here."""
+    from nepa.nonfinite import fused_optimizer
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    assert fused_optimizer(optimizer) is optimizer and fused_optimizer(torch.optim.AdamW([weight])) is None
+    weight.grad = torch.ones(3)
+    optimizer.found_inf = torch.tensor(1.0)
+    optimizer.step()
+    state = optimizer.state[weight]
+    assert torch.equal(weight.detach(), torch.ones(3)) and state["step"].item() == 0 and not state["exp_avg"].any()
+    optimizer.found_inf = torch.tensor(0.0)
+    optimizer.step()
+    assert state["step"].item() == 1 and (weight.detach() < 1).all()
+    del optimizer.found_inf
+    optimizer.step()
+    assert state["step"].item() == 2
 
 
 def test_pretraining_parameter_groups(tmp_path):
