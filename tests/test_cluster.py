@@ -226,7 +226,7 @@ def test_sharded_set_ups_are_refused_while_the_ema_is_on(flags, environment, nam
 
 
 def test_activation_checkpointing_under_torch_compile_trains_as_without_it(tmp_path, tiny_model, tiny_dataset):
-    """`--activation_checkpointing True` with `--torch_compile True` (the README's recipe for 24-40 GB GPUs): the
+    """`--activation_checkpointing True` with `--torch_compile True` (docs/cluster.md's recipe for 24-40 GB GPUs): the
     layers' activations are rebuilt in the backward pass, and the run gives the losses of a plain one. Not its
     weights: compiled kernels sum in another order, and AdamW, which divides each gradient by its running size,
     turns the rounding of the small gradients behind LayerScale (1e-5 at start) into steps of about the learning
