@@ -10,11 +10,11 @@ the export prints (timm's config.json cannot carry it, and timm's default, 1e-6,
                               norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-12))
 
 The mapping is exact (tests/test_export_timm.py: features and logits within 1e-5 in float32, at the native
-size and at another one). Each NEPA piece and its Eva counterpart:
+size and at another one, in eval and in training mode). Each NEPA piece and its Eva counterpart:
 - RoPE: `rope_type="dinov3"` computes NEPA's table: patch centres in [-1, 1] per axis, periods
   `rope_theta ** (4 j / head_dim)`, y frequencies then x frequencies, rotate-half layout; the CLS token (Eva's
   one prefix token) is not rotated; shift / jitter / rescale of the coordinates apply in training only, drawn
-  in the same order, and are off in eval mode in both.
+  from the random stream in NEPA's order (the same seed gives the same features), and are off in eval mode.
 - QK-norm: `attn_type="rope"` (timm's `AttentionRope`, which keeps the key bias) applies LayerNorm per head to
   queries and keys before the rotation, as NEPA does; without learned affine weights they are exported as
   ones and zeros.

@@ -105,3 +105,19 @@ def test_a_folder_without_its_image_processor_is_refused(tmp_path):
     ViTNepaForImageClassification(tiny_config(num_labels=3, is_causal=False, add_pooling_layer=True)).save_pretrained(tmp_path / "nepa")
     with pytest.raises(SystemExit, match="no preprocessor_config.json"):
         export_timm.main(["--model_name_or_path", str(tmp_path / "nepa"), "--output_dir", str(tmp_path / "timm")])
+
+
+def test_training_mode_draws_the_same_rope_augmentation(tmp_path):
+    """Shift, jitter and rescale of the RoPE coordinates: the same draws, in the same order, from the same seed."""
+    config = tiny_config(num_labels=5, is_causal=False, add_pooling_layer=True, layerscale_value=0.5,
+                         pos_embed_shift=0.2, pos_embed_jitter=1.3, pos_embed_rescale=2.0)  # fmt: skip
+    nepa = randomised(ViTNepaForImageClassification(config))
+    eva = load_timm(export(nepa, tmp_path))
+    nepa.train(), eva.train()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        augmented = nepa.vit_nepa(pixels).last_hidden_state
+        torch.manual_seed(1)
+        torch.testing.assert_close(eva.forward_features(pixels), augmented, rtol=0, atol=ATOL)
+        assert (augmented - nepa.eval().vit_nepa(pixels).last_hidden_state).abs().max() > 1e-2  # the draws did something
