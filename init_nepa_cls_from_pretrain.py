@@ -8,6 +8,10 @@ mean pooling and drop path 0.1. Every backbone tensor is copied. New: fc_norm (o
 zero-initialised classifier, and QK-norm affine weights that the pretraining checkpoint lacks (ones).
 Anything else missing or left over is an error. Booleans take True / False (`--use_ema True`); a bare
 `--use_ema` means True. `--disable_layerscale` folds each LayerScale lambda into the dense layer before it.
+
+Every folder it saves loads in plain `transformers` with `trust_remote_code=True` (it carries the modelling
+code and an `auto_map`). `--add_code_only` adds the same to the local folder `--pretrained_model_id` (a
+released `SixAILab/nepa-*` download, say) and converts nothing.
 """
 
 import argparse
@@ -18,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 
-from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification
+from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, make_self_contained
 from nepa.args import add_bool_argument
 from nepa.ema import EMA_WEIGHTS_NAME
 
@@ -163,7 +167,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--local_dir", default=None, help="default: ./<pretrained folder name>-cls")
     add_bool_argument(parser, "--push_to_hub", "push to --new_model_id")
     parser.add_argument("--new_model_id", default=None)
+    add_bool_argument(parser, "--add_code_only", "only add the modelling code and auto_map to --pretrained_model_id")
     args = parser.parse_args(argv)
+    if args.add_code_only:
+        given = [f"--{name}" for name, value in vars(args).items()
+                 if name not in ("pretrained_model_id", "add_code_only") and value != parser.get_default(name)]
+        if given:
+            parser.error(f"--add_code_only changes --pretrained_model_id in place and converts nothing: leave out {' '.join(given)}.")
+        return args
     if not (args.save_local or args.push_to_hub):
         parser.error("nothing would be written: pass --save_local (and --local_dir) or --push_to_hub --new_model_id.")
     if args.push_to_hub and not args.new_model_id:
@@ -172,6 +183,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.add_code_only:
+        if not Path(args.pretrained_model_id).is_dir():
+            raise FileNotFoundError(
+                f"--add_code_only works on a local folder; {args.pretrained_model_id} is not one "
+                f"(`hf download {args.pretrained_model_id} --local-dir DIR` first)."
+            )
+        make_self_contained(args.pretrained_model_id)
+        print(f"added the modelling code and auto_map to {os.path.abspath(args.pretrained_model_id)}")
+        return
     model = convert(args)
     processor_source = resolve_folder(args.config_model_id, None) if args.config_model_id else None
     if processor_source is None or not (processor_source / "preprocessor_config.json").is_file():
