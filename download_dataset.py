@@ -259,9 +259,10 @@ def build_ade20k(archive: Path, cache_dir: str) -> tuple[DatasetDict, dict[int, 
 
 def list_images(split_dir: Path, class_names: list[str]) -> tuple[list[str], list[int]]:
     """Every file with an image extension under each class folder, with its label; none is opened here."""
-    paths, labels, ignored = [], [], []
+    paths, labels, ignored, empty = [], [], [], []
     for label, class_name in enumerate(class_names):
         class_dir = split_dir / class_name
+        found = len(paths)
         for path in sorted(class_dir.rglob("*")):
             if not path.is_file() or any(part.startswith(".") for part in path.relative_to(class_dir).parts):
                 continue
@@ -270,10 +271,17 @@ def list_images(split_dir: Path, class_names: list[str]) -> tuple[list[str], lis
                 labels.append(label)
             else:
                 ignored.append(path)
+        if len(paths) == found:
+            empty.append(class_name)
     if ignored:
         print(f"{split_dir}: ignored {len(ignored)} files without an image extension, for example {ignored[0]}")
     if not paths:
         raise DatasetBuildError(f"{split_dir} holds no image files ({sorted(IMAGE_EXTENSIONS)}) in its class folders")
+    if empty:
+        raise DatasetBuildError(
+            f"{split_dir} has class folders without image files ({sorted(IMAGE_EXTENSIONS)}): {empty}. "
+            f"Add images to them, or remove these classes from every split."
+        )
     return paths, labels
 
 
@@ -313,6 +321,11 @@ def build_imagefolder(source: Path, cache_dir: str) -> DatasetDict:
     split_dirs = {"train": source / "train", "validation": validation_dirs[0]}
 
     class_names = class_folders(split_dirs["train"])
+    if len(class_names) < 2:
+        raise DatasetBuildError(
+            f"{split_dirs['train']} holds one class folder ({class_names[0]}); a classifier needs at least two: "
+            f"put each class's images in a folder of its own, {split_dirs['train']}/<class>/."
+        )
     validation_classes = class_folders(split_dirs["validation"])
     if validation_classes != class_names:
         missing = sorted(set(class_names) - set(validation_classes))

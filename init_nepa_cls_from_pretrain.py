@@ -10,6 +10,10 @@ Anything else missing or left over is an error. Booleans take True / False (`--u
 `--use_ema` means True. `--disable_layerscale` folds each LayerScale lambda into the dense layer before it.
 Both folders are local, as everywhere in this project (`nepa.checkpoint`): a Hub id fails with the `hf download`
 command that fetches it.
+
+Every folder it saves loads in plain `transformers` with `trust_remote_code=True` (it carries the modelling
+code and an `auto_map`). `--add_code_only` adds the same to the local folder `--pretrained_model_id` (a
+released `SixAILab/nepa-*` download, say) and converts nothing.
 """
 
 import argparse
@@ -20,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 
-from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification
+from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, make_self_contained
 from nepa.args import add_bool_argument
 from nepa.checkpoint import local_folder
 from nepa.ema import EMA_WEIGHTS_NAME
@@ -150,7 +154,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--local_dir", default=None, help="default: ./<pretrained folder name>-cls")
     add_bool_argument(parser, "--push_to_hub", "push to --new_model_id")
     parser.add_argument("--new_model_id", default=None)
+    add_bool_argument(parser, "--add_code_only", "only add the modelling code and auto_map to --pretrained_model_id")
     args = parser.parse_args(argv)
+    if args.add_code_only:
+        given = [f"--{name}" for name, value in vars(args).items()
+                 if name not in ("pretrained_model_id", "add_code_only") and value != parser.get_default(name)]
+        if given:
+            parser.error(f"--add_code_only changes --pretrained_model_id in place and converts nothing: leave out {' '.join(given)}.")
+        return args
     if not (args.save_local or args.push_to_hub):
         parser.error("nothing would be written: pass --save_local (and --local_dir) or --push_to_hub --new_model_id.")
     if args.push_to_hub and not args.new_model_id:
@@ -159,6 +170,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.add_code_only:
+        make_self_contained(local_folder(args.pretrained_model_id, "--pretrained_model_id"))
+        print(f"added the modelling code and auto_map to {os.path.abspath(args.pretrained_model_id)}")
+        return
     model = convert(args)
     processor_source = Path(args.config_model_id) if args.config_model_id else None
     if processor_source is None or not (processor_source / "preprocessor_config.json").is_file():

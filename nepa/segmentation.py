@@ -19,6 +19,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from transformers.trainer_utils import EvalLoopOutput
 
+from models.vit_nepa import save_model_code
+
 from .data import BadImageError, ImageDataset, decode_rgb_tensor, open_pil, record_path
 from .optim import layer_decay_param_groups
 from .trainer import NepaTrainer
@@ -293,6 +295,11 @@ class SegmentationTrainer(NepaTrainer):
         # UperNet's loss is a mean over the batch's pixels, but its forward takes **kwargs, which makes the Trainer
         # believe it normalises by `num_items_in_batch` itself and skip the division by the accumulation steps.
         self.model_accepts_loss_kwargs = False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:  # UperNet's save_pretrained does not copy its backbone's code
+            save_model_code(output_dir or self.args.output_dir)
 
     def parameter_groups(self, model):
         num_layers = model.config.backbone_config.num_hidden_layers

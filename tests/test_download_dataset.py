@@ -73,6 +73,25 @@ def mismatch_classes(source):
     (source / "val" / "class_0").rename(source / "val" / "class_9")
 
 
+def keep_one_class(source):
+    for split in ("train", "val"):
+        shutil.rmtree(source / split / "class_1")
+
+
+def empty_train_class(source):
+    for image in (source / "train" / "class_1").iterdir():
+        image.unlink()
+
+
+def empty_val_class(source):
+    for image in (source / "val" / "class_0").iterdir():
+        image.rename(image.with_suffix(".txt"))
+
+
+def add_val_only_class(source):
+    shutil.copytree(source / "val" / "class_0", source / "val" / "class_new")
+
+
 def flatten_val(source):
     for class_dir in list((source / "val").iterdir()):
         for image in class_dir.iterdir():
@@ -89,6 +108,10 @@ def flatten_val(source):
         (add_validation_beside_val, ["both val/ and validation/"]),
         (mismatch_classes, ["missing there ['class_0']", "not in train ['class_9']"]),
         (flatten_val, ["no class folders"]),
+        (keep_one_class, ["one class folder (class_0)", "at least two"]),
+        (empty_train_class, ["train has class folders without image files", "['class_1']"]),
+        (empty_val_class, ["val has class folders without image files", "['class_0']"]),
+        (add_val_only_class, ["not in train ['class_new']"]),
     ],
 )
 def test_bad_layout_is_a_clear_error(tmp_path, damage, expected):

@@ -14,6 +14,7 @@ import pytest
 from helpers import COMMON, tiny_config, write_config_folder
 
 import eval as eval_script
+import export_timm
 import init_nepa_cls_from_pretrain
 import train_finetune
 import train_pretrain
@@ -182,6 +183,8 @@ def hub_id_commands(local: Path, output: Path) -> dict:
         "segmentation": (train_segmentation.main, ["--model_name_or_path", HUB_ID, "--do_train", *out], "--model_name_or_path"),
         "visualisation": (visualize.main, ["--model_name_or_path", HUB_ID, "--image", "cat.png", "--output_dir", str(output)], "--model_name_or_path"),
         "conversion": (init_nepa_cls_from_pretrain.main, ["--pretrained_model_id", HUB_ID, "--save_local", "--local_dir", str(output)], "--pretrained_model_id"),
+        "code only": (init_nepa_cls_from_pretrain.main, ["--pretrained_model_id", HUB_ID, "--add_code_only"], "--pretrained_model_id"),
+        "timm export": (export_timm.main, ["--model_name_or_path", HUB_ID, "--output_dir", str(output)], "--model_name_or_path"),
         "conversion config": (
             init_nepa_cls_from_pretrain.main,
             ["--pretrained_model_id", str(local), "--config_model_id", HUB_ID, "--save_local", "--local_dir", str(output)],

@@ -94,7 +94,11 @@ class ViTNepaConfig(BackboneConfigMixin, PretrainedConfig):
     ):
         kwargs.pop("num_prompt_token", None)  # carried by released files, always 0
         kwargs.pop("stage_names", None)  # derived from the depth below
+        kwargs.pop("auto_map", None)  # always the one below
         super().__init__(**kwargs)
+        # Where plain `transformers` (`trust_remote_code=True`) finds each class: in the two files that
+        # `save_pretrained` copies beside config.json.
+        self.auto_map = dict(AUTO_MAP)
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -163,6 +167,14 @@ class ViTNepaConfig(BackboneConfigMixin, PretrainedConfig):
         """The released NEPA-L/14 pretraining architecture (`configs/pretrain/nepa-large-patch14-224`); `kwargs` change it."""
         return cls(**{**NEPA_LARGE, **kwargs})
 
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_vit_nepa.ViTNepaConfig",
+    "AutoModel": "modeling_vit_nepa.ViTNepaModel",
+    "AutoModelForPreTraining": "modeling_vit_nepa.ViTNepaForPreTraining",
+    "AutoModelForImageClassification": "modeling_vit_nepa.ViTNepaForImageClassification",
+    "AutoBackbone": "modeling_vit_nepa.ViTNepaBackbone",
+}
 
 # What the released configs change from the defaults.
 NEPA_BASE = dict(patch_size=14, qk_norm=True, add_pooling_layer=True)

@@ -1,0 +1,142 @@
+"""The measurement behind scripts/finetune/custom.sh's small-data defaults (docs/recipes.md), in miniature.
+
+A "custom dataset" of a few thousand images is written as an image folder (Fashion-MNIST: --per_class training
+images of each class from its training split, --val_per_class from its test split) and goes the way custom.sh
+takes a user's folder: download_dataset.py --imagefolder, init_nepa_cls_from_pretrain.py --dataset_name (the
+class count from the data), train_finetune.py. The encoder is the demo's tiny ViT, NEPA-pretrained on all
+60,000 Fashion-MNIST training images (--pretrain_steps steps with scripts/miniature.py's settings). Each fine-tune
+runs in its own single-threaded process, --jobs at a time, and the table of top-1 on the validation folder
+(mean ± std over --seeds) is printed and written to OUTPUT/results.md.
+
+    python scripts/finetune/small_data_sweep.py --jobs 2
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from scripts import miniature  # noqa: E402
+
+# Augmentation strengths. "none": the whole image and a flip. "light": crops of at least 35 % of the image,
+# RandAugment at magnitude 5, label smoothing. "full": the ImageNet recipe's augmentation (recipe.sh).
+AUGMENTATION = {
+    "none": dict(crop_scale=(1.0, 1.0), aa="", reprob=0, mixup=0, cutmix=0, smoothing=0.0),
+    "light": dict(crop_scale=(0.35, 1.0), aa="rand-m5-mstd0.5-inc1", reprob=0, mixup=0, cutmix=0, smoothing=0.1),
+    "full": dict(crop_scale=(0.08, 1.0), aa="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
+}
+# What the sweep holds fixed: the release's fine-tuning structure (layer decay 0.65, frozen patch projection,
+# drop path 0.1, AdamW wd 0.05, bidirectional) at batch 64, warm-up 10 %, no EMA (a few thousand steps).
+FIXED = dict(
+    per_device_train_batch_size=64, llrd=0.65, freeze_embed=True, drop_path=0.1, weight_decay=0.05,
+    warmup_steps=0.1, use_ema=False, crop_pct=1.0, per_device_eval_batch_size=500,
+)
+
+
+def write_image_folder(root: Path, per_class: int, val_per_class: int) -> Path:
+    """PNG files in root/train/<class>/ and root/val/<class>/: the first images of each class of each split."""
+    import download_dataset
+    from PIL import Image
+
+    if (root / "val").is_dir():
+        return root
+    source = download_dataset.FASHION_MNIST_DEBIAN_DIR
+    names = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
+    for split, prefix, count in (("train", "train", per_class), ("val", "t10k", val_per_class)):
+        images = download_dataset.read_idx(source / f"{prefix}-images-idx3-ubyte.gz")
+        labels = download_dataset.read_idx(source / f"{prefix}-labels-idx1-ubyte.gz")
+        written = [0] * len(names)
+        for image, label in zip(images, labels):
+            if written[label] < count:
+                folder = root / split / names[label]
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).convert("RGB").save(folder / f"{written[label]:05d}.png")
+                written[label] += 1
+    return root
+
+
+def run(argv: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as output:
+        subprocess.run([sys.executable, *argv], cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, check=True)
+
+
+def finetune(classifier: Path, dataset: Path, output_dir: Path, aug: str, lr: float, epochs: int, seed: int) -> float:
+    results = output_dir / "eval_results.json"
+    if not results.is_file():
+        settings = {**FIXED, **AUGMENTATION[aug], "learning_rate": lr, "num_train_epochs": epochs, "seed": seed}
+        argv = [
+            "train_finetune.py", "--model_name_or_path", str(classifier), "--dataset_name", str(dataset),
+            "--load_from_disk", "True", "--output_dir", str(output_dir), "--do_train", "--do_eval",
+            "--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "0", "--save_strategy", "no",
+            "--logging_steps", "50", "--disable_tqdm", "True", *miniature.flags(settings),
+        ]  # fmt: skip
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run(argv, output_dir.parent / f"{output_dir.name}.log")
+    return json.loads(results.read_text())["eval_accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, default=REPO / "outputs" / "small-data-sweep")
+    parser.add_argument("--per_class", type=int, default=200)
+    parser.add_argument("--val_per_class", type=int, default=100)
+    parser.add_argument("--pretrain_steps", type=int, default=miniature.PRETRAIN_STEPS)
+    parser.add_argument("--augmentations", nargs="+", default=list(AUGMENTATION), choices=list(AUGMENTATION))
+    parser.add_argument("--learning_rates", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[10, 30])
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1)
+    args = parser.parse_args()
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+
+    images = write_image_folder(out / "images", args.per_class, args.val_per_class)
+    dataset = out / "images-hf"
+    if not dataset.is_dir():
+        run(["download_dataset.py", "--imagefolder", str(images), "--output_dir", str(dataset)], out / "dataset.log")
+    fashion = REPO / miniature.DATASET
+    if not fashion.is_dir():
+        run(["download_dataset.py", "--dataset", "fashion-mnist", "--output_dir", str(fashion)], out / "fashion.log")
+    encoder = out / "encoder"
+    if not (encoder / "model.safetensors").is_file():
+        run([
+            "train_pretrain.py", "--config_name", miniature.PRETRAIN_CONFIG, "--dataset_name", str(fashion),
+            "--load_from_disk", "True", "--output_dir", str(encoder), "--do_train", "--max_steps", str(args.pretrain_steps),
+            "--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "0", "--save_strategy", "no",
+            "--disable_tqdm", "True", "--seed", "0", *miniature.flags(miniature.PRETRAIN),
+        ], out / "encoder.log")  # fmt: skip
+    classifier = out / "classifier"
+    if not (classifier / "model.safetensors").is_file():
+        run([
+            "init_nepa_cls_from_pretrain.py", "--pretrained_model_id", str(encoder), "--config_model_id",
+            miniature.FINETUNE_CONFIG, "--dataset_name", str(dataset), "--save_local", "--local_dir", str(classifier),
+        ], out / "classifier.log")  # fmt: skip
+
+    runs = [
+        (aug, lr, epochs, seed)
+        for epochs in args.epochs for aug in args.augmentations for lr in args.learning_rates for seed in range(args.seeds)
+    ]  # fmt: skip
+    with ThreadPoolExecutor(args.jobs) as pool:
+        accuracies = list(pool.map(lambda r: finetune(classifier, dataset, out / "runs" / "-".join(map(str, r)), *r), runs))
+
+    table = {}
+    for (aug, lr, epochs, _), accuracy in zip(runs, accuracies):
+        table.setdefault((epochs, aug, lr), []).append(100 * accuracy)
+    lines = ["| epochs | augmentation | lr (batch 64) | top-1 (%) |", "|---|---|---|---|"]
+    for (epochs, aug, lr), values in table.items():
+        spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+        lines.append(f"| {epochs} | {aug} | {lr:g} | {statistics.mean(values):.1f}{spread} |")
+    print("\n".join(lines))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
