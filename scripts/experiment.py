@@ -20,7 +20,7 @@ class Stages:
     def run(self, kind: str, result: Path, function, *args):
         """`function(*args)` unless `result` exists; what it returns, or None when the stage is reused."""
         if result.exists() and not self.rerun:
-            print(f"reusing {result.parent} ({kind})", flush=True)
+            print(f"reusing {result} ({kind})", flush=True)
             return None
         command = " ".join(map(str, args[0])) if len(args) == 1 and isinstance(args[0], list) else ""
         print(f"==> {kind}: {command}", flush=True)
