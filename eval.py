@@ -161,12 +161,12 @@ def evaluate_knn(args, trainer_kwargs, training_args, train_dataset, classes) ->
 
 def train_probes(args, trainer_kwargs, training_args, train_dataset, classes) -> tuple[ProbeTrainer, dict]:
     encoder = load_frozen_encoder(args.model_name_or_path, args.is_causal)
-    set_seed(training_args.seed)  # the heads' initial weights
     lrs = args.probe_lrs or (LINEAR_LRS if args.protocol == "linear" else ATTENTIVE_LRS)
     grid = ProbeGrid(encoder, args.protocol, classes, lrs, args.linear_features, args.attentive_blocks)
     trainer_kwargs = {**trainer_kwargs, "train_dataset": train_dataset}
     trainer = ProbeTrainer(model=grid, args=training_args, min_lr=args.probe_min_lr, **trainer_kwargs)
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    trainer.save_state()  # trainer_state.json: the loss curve
     metrics = trainer.evaluate()
     if training_args.should_save:
         trainer.write_table(metrics, Path(training_args.output_dir) / "probe_heads.md")
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.is_causal = True if args.is_causal is None else args.is_causal
         training_args.use_ema = False  # the frozen encoder does not change, and the probes' heads keep no average
 
+    set_seed(training_args.seed)  # the training images' augmentation seeds (ImageDataset) and the heads' initial weights
     processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
     size = processor_image_size(processor, ViTNepaConfig.from_pretrained(args.model_name_or_path).patch_size)
     transform = EvalTransform(size, args.resize_size, args.crop_pct)
