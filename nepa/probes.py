@@ -5,7 +5,8 @@ probes trained together under the Trainer, one forward of the frozen encoder per
   the L2-normalised mean patch tokens on its device (fp16 on a GPU); every query is scored against every shard and
   each shard's top-k are merged, so no process holds the whole split.
 - Linear probe (DINOv2's protocol): a grid of learning rates x features (mean patch token, CLS token, the
-  concatenated mean tokens of the last 4 blocks), one linear head each, trained on augmented images.
+  concatenated mean tokens of the last 4 blocks), one linear head each, trained on augmented images; each head
+  standardises its feature first with a non-affine BatchNorm (MAE's linear probe).
 - Attentive probe (AIM's): the average of chosen blocks' patch tokens, a non-affine BatchNorm over the tokens, one
   learned query attending over them with key and value projections, a linear classifier; a grid of learning rates.
 
@@ -127,7 +128,8 @@ class KnnBank:
         when the shard holds fewer than k."""
         similarity = queries.to(self.features.dtype) @ self.features.T
         found = min(k, similarity.shape[1])
-        values, positions = similarity.float().topk(found, dim=1)
+        values, positions = similarity.topk(found, dim=1)  # in the bank's dtype: no float copy of all similarities
+        values = values.float()
         labels = self.labels[positions]
         if found < k:
             values = F.pad(values, (0, k - found), value=-math.inf)
@@ -189,14 +191,43 @@ def knn_evaluate(trainer: NepaTrainer, train_dataset, eval_dataset, num_classes:
 # --- probe heads --------------------------------------------------------------------------------------------------
 
 
+class FrozenFeatureNorm(nn.Module):
+    """A non-affine BatchNorm of frozen features (..., dim): in training, the statistics of the batch of every process
+    together (the features carry no gradient, so the statistics need none), kept as running estimates for evaluation.
+    Taken over all processes, they do not depend on how a batch is split, and neither does the probe."""
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-6):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            flat = features.detach().reshape(-1, features.shape[-1]).double()
+            sums = torch.cat([flat.sum(dim=0), flat.pow(2).sum(dim=0), flat.new_tensor([len(flat)])])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(sums)
+            dim, count = features.shape[-1], sums[-1]
+            mean = sums[:dim] / count
+            var = (sums[dim : 2 * dim] / count - mean.pow(2)).clamp_min(0)
+            self.running_mean.lerp_(mean.float(), self.momentum)
+            self.running_var.lerp_((var * count / (count - 1).clamp_min(1)).float(), self.momentum)
+            mean, var = mean.float(), var.float()
+        else:
+            mean, var = self.running_mean, self.running_var
+        return ((features.float() - mean) * torch.rsqrt(var + self.eps)).to(features.dtype)
+
+
 class AttentivePoolingHead(nn.Module):
-    """AIM's attentive probe: tokens through a non-affine BatchNorm (statistics over the batch's tokens), one learned
-    query attending over them with key and value projections (no query projection), then a linear classifier."""
+    """AIM's attentive probe: tokens through a non-affine BatchNorm (statistics over the batch's tokens, of every
+    process), one learned query attending over them with key and value projections (no query projection), then a
+    linear classifier."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_classes: int):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = nn.BatchNorm1d(hidden_size, affine=False, eps=1e-6)
+        self.norm = FrozenFeatureNorm(hidden_size)
         self.query = nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02)
         self.key = nn.Linear(hidden_size, hidden_size, bias=False)
         self.value = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -204,7 +235,7 @@ class AttentivePoolingHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, length, width = tokens.shape
-        tokens = self.norm(tokens.reshape(batch * length, width)).reshape(batch, length, width)
+        tokens = self.norm(tokens)
         heads = (batch, -1, self.num_heads, width // self.num_heads)
         query = self.query.expand(batch, -1, -1).reshape(heads).transpose(1, 2)
         key = self.key(tokens).reshape(heads).transpose(1, 2)
@@ -235,10 +266,11 @@ class ProbeGrid(nn.Module):
             self.features = tuple(dict.fromkeys(features))
             for feature in self.features:
                 for lr in lrs:
-                    head = nn.Linear(config.hidden_size * (4 if feature == "last4" else 1), num_classes)
-                    nn.init.normal_(head.weight, std=0.01)  # DINOv2's initialisation of its linear heads
-                    nn.init.zeros_(head.bias)
-                    heads.append(head)
+                    width = config.hidden_size * (4 if feature == "last4" else 1)
+                    linear = nn.Linear(width, num_classes)
+                    nn.init.normal_(linear.weight, std=0.01)  # DINOv2's initialisation of its linear heads
+                    nn.init.zeros_(linear.bias)
+                    heads.append(nn.Sequential(FrozenFeatureNorm(width), linear))  # MAE's probe: BatchNorm first
                     self.names.append(f"{feature}_lr{lr:g}")
                     self.lrs.append(lr)
                     self.inputs.append(feature)

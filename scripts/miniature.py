@@ -56,6 +56,27 @@ FINETUNE_STEPS = {1: 300, 10: 600, 100: 1200}
 # 28 px images have no border to crop away: evaluate on the whole image.
 EVAL = {"crop_pct": 1.0, "per_device_eval_batch_size": 512}
 
+# The frozen-encoder probes of eval.py (docs/miniature.md): short runs on crops of at least half the image, the
+# default learning-rate grids, no checkpoints. The attentive probe averages the last 2 of the 4 blocks (AIM: 6 of
+# 24, ViT-B here: 6 of 12) and takes no RandAugment (made for 100 epochs, not 5).
+PROBE_LINEAR = {
+    "num_train_epochs": 5,
+    "per_device_train_batch_size": 128,
+    "crop_scale": (0.5, 1.0),
+    "save_strategy": "no",
+}
+PROBE_ATTENTIVE = {
+    **PROBE_LINEAR,
+    "attentive_blocks": 2,
+    "aa": "",
+    "optim": "adamw_torch",
+    "weight_decay": 0.05,
+    "max_grad_norm": 3.0,
+    "warmup_steps": 0.05,
+    "probe_min_lr": 1e-5,
+}
+PROBES = {"knn": {}, "linear": PROBE_LINEAR, "attentive": PROBE_ATTENTIVE}
+
 
 def flags(settings: dict) -> list[str]:
     """{"crop_scale": (0.5, 1.0), "aa": ""} -> ["--crop_scale", "0.5", "1.0", "--aa", ""]."""

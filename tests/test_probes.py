@@ -151,9 +151,11 @@ def test_each_head_of_a_grid_trains_as_if_alone(tmp_path, encoder_dir, dataset_d
     grid = eval_script.main(eval_args(encoder_dir, dataset_dir, tmp_path / "grid", *common, "--probe_lrs", "0.1", "3.0"))
     assert grid["eval_last4_lr0.1_loss"] == pytest.approx(alone["eval_last4_lr0.1_loss"], abs=1e-6)
     weights = {name: load_file(tmp_path / name / "checkpoint-6" / "model.safetensors") for name in ("alone", "grid")}
-    for key in ("heads.0.weight", "heads.0.bias"):
+    head_0 = [key for key in weights["alone"] if key.startswith("heads.0.")]  # norm statistics, weight and bias
+    assert len(head_0) == 4
+    for key in head_0:
         torch.testing.assert_close(weights["grid"][key], weights["alone"][key], rtol=0, atol=1e-7)
-    assert not torch.allclose(weights["grid"]["heads.1.weight"], weights["grid"]["heads.0.weight"])
+    assert not torch.allclose(weights["grid"]["heads.1.1.weight"], weights["grid"]["heads.0.1.weight"])
 
 
 def test_killed_attentive_probe_resumes_from_its_checkpoint(tmp_path, encoder_dir, dataset_dir):
