@@ -13,7 +13,7 @@ Protocols (`--protocol`):
 - `linear`: DINOv2's linear probe: a grid of linear heads, `--probe_lrs` x `--linear_features` (mean patch token,
   CLS token, the last 4 blocks' mean tokens concatenated), trained together on one forward of the frozen encoder
   per batch, on RandomResizedCrop (`--crop_scale`) + flip; the Trainer's flags set the rest (`--num_train_epochs`,
-  `--per_device_train_batch_size`, `--optim` (`sgd --optim_args momentum=0.9` for DINOv2's), `--weight_decay`,
+  `--per_device_train_batch_size`, `--optim` (AdamW; `sgd --optim_args momentum=0.9` is DINOv2's), `--weight_decay`,
   `--lr_scheduler_type cosine`, `--warmup_steps`, `--max_grad_norm` (per head), `--bf16`; checkpoints and resume).
 - `attentive`: AIM's attentive probe on the average of the last `--attentive_blocks` blocks' patch tokens, one head
   per `--probe_lrs` value, trained like the linear grid on timm's RandAugment (`--aa`) crops.
@@ -53,15 +53,17 @@ from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint
 
 logger = logging.getLogger("eval")
 PROTOCOLS = ("finetuned", "knn", "linear", "attentive")
-# DINOv2's grid is 13 values from 1e-5 to 0.1 at batch 256 (SGD); these 8 cover the part of it our runs use.
-LINEAR_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
+# AdamW (the Trainer's default optimiser) on standardised features: the miniature's best heads were at 0.03 to 0.1
+# (docs/miniature.md); 8 values over two decades around them.
+LINEAR_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2)
 ATTENTIVE_LRS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3)  # AIMv2, Table A2 (arXiv 2411.14402)
 ATTENTIVE_AA = "rand-m9-mstd0.5-inc1"
 
 
 @dataclass
 class EvalTrainingArguments(NepaTrainingArguments):
-    """The probes' training defaults (DINOv2's linear probe, at a per-device batch of 128: 1024 on 8 GPUs)."""
+    """The probes' training defaults: DINOv2's linear-probe schedule (10 epochs, cosine, no clipping) at a per-device
+    batch of 128 (1024 on 8 GPUs), with the Trainer's AdamW."""
 
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Images per device per probe step."})
     num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs of the probes (DINOv2: 10; AIMv2's attentive probe: 100)."})

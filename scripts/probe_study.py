@@ -24,6 +24,7 @@ from scripts.demo import COMMON, PROBE_LABELS_PERCENT  # noqa: E402
 
 PROTOCOLS = {"knn": "k-NN", "linear": "linear (best head)", "attentive": "attentive"}
 ATTENTION = {"causal": "True", "bidirectional": "False"}
+ENCODERS = {"NEPA-pretrained": "pretrain", "random init": "random-init"}  # folders of scripts/demo.py
 
 
 def mean_std(values: list[float], scale: float = 100.0) -> str:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", default="outputs/probe_study")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS), help="run only these")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     demo, out = REPO / args.demo_dir, REPO / args.output_dir
-    encoders = {"NEPA-pretrained": demo / "pretrain", "random init": demo / "random-init"}
+    encoders = {name: demo / ENCODERS[name] for name in args.encoders}
     for folder in encoders.values():
         if not (folder / "model.safetensors").is_file():
             parser.error(f"{folder} has no encoder: run `python scripts/demo.py` first.")

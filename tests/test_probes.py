@@ -225,3 +225,40 @@ def test_help_explains_every_protocol(capsys):
     for phrase in ("finetuned: the classifier's predictions", "knn: weighted k-NN", "linear: a grid of linear heads",
                    "attentive: AIM's attentive probe", "--is_causal", "--attentive_blocks", "--probe_lrs"):  # fmt: skip
         assert phrase in text, phrase
+
+
+@pytest.mark.parametrize("size, name", [("b", "base"), ("l", "large")])
+@pytest.mark.parametrize("protocol", ["knn", "linear", "attentive"])
+def test_frozen_eval_scripts_launch_their_recipe(tmp_path, size, name, protocol):
+    """The command a script launches on one GPU, recorded by a stand-in for Python, parses and carries the recipe;
+    without the encoder folder the script says which `hf download` to run."""
+    stand_in, record = tmp_path / "python", tmp_path / "argv"
+    stand_in.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\nprintf "%s\\n" "$@" > {record}\n')
+    stand_in.chmod(0o755)
+    script = REPO / "scripts/eval" / f"nepa_{size}_{protocol}.sh"
+    env = {**ENV, "PYTHON": str(stand_in), "NPROC_PER_NODE": "1", "REPORT_TO": "none", "MODEL": str(tmp_path / "missing")}
+    missing = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert missing.returncode == 1 and f"hf download SixAILab/nepa-{name}-patch14-224 --local-dir" in missing.stderr
+    (tmp_path / "encoder").mkdir()
+    result = subprocess.run(["bash", str(script), "--use_cpu", "True"], env={**env, "MODEL": str(tmp_path / "encoder")}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    argv = record.read_text().splitlines()
+    assert argv[0] == "eval.py"
+    args, data_args, training_args = eval_script.parse_arguments(
+        (eval_script.EvalArguments, eval_script.DataArguments, eval_script.EvalTrainingArguments), argv[1:]
+    )
+    eval_script.check_protocol_flags(args, data_args, training_args)
+    assert args.protocol == protocol and args.is_causal and training_args.bf16
+    assert args.crop_pct == (0.875 if size == "b" else 0.95)
+    if protocol == "knn":
+        assert args.knn_k == [10, 20, 100, 200] and args.knn_temperature == 0.07
+        return
+    assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 1024
+    assert training_args.lr_scheduler_type == "cosine" and training_args.save_steps == 1000
+    if protocol == "linear":
+        assert training_args.num_train_epochs == 10 and training_args.max_grad_norm == 0
+    else:
+        assert training_args.num_train_epochs == 100 and training_args.warmup_steps == 0.05
+        assert training_args.optim == "adamw_torch_fused" and (training_args.adam_beta1, training_args.adam_beta2) == (0.9, 0.999)
+        assert training_args.weight_decay == 0.05 and training_args.max_grad_norm == 3.0 and args.probe_min_lr == 1e-5
+        assert args.attentive_blocks == [6] and args.aa == "rand-m9-mstd0.5-inc1" and list(data_args.crop_scale) == [0.08, 1.0]

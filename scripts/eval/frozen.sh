@@ -3,7 +3,7 @@
 #   knn        DINO's weighted k-NN, k = 10, 20 (eval_accuracy), 100 and 200 in one pass, T = 0.07; each GPU keeps its
 #              shard of the train features (fp16).
 #   linear     DINOv2's linear probe: 8 learning rates x 3 features (mean patch token, CLS, last 4 blocks' mean
-#              tokens), 10 epochs at total batch 1024, SGD (momentum 0.9, no weight decay), cosine, RandomResizedCrop + flip.
+#              tokens), 10 epochs at total batch 1024, AdamW without weight decay, cosine, RandomResizedCrop + flip.
 #   attentive  AIMv2's attentive probe (arXiv 2411.14402, Table A2): the last 6 blocks' tokens averaged, 7 learning
 #              rates, 100 epochs at total batch 1024, AdamW (0.9, 0.999), weight decay 0.05, clipping 3.0, 5 warm-up
 #              epochs, cosine to 1e-5, bicubic RandomResizedCrop (0.08, 1) + flip + RandAugment rand-m9-mstd0.5-inc1.
@@ -25,8 +25,7 @@ TOTAL_BATCH=${TOTAL_BATCH:-1024}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-128}
 case "$PROTOCOL" in
   knn) RECIPE=(--knn_k 10 20 100 200 --knn_temperature 0.07) ;;
-  linear) RECIPE=(--num_train_epochs 10 --optim sgd --optim_args momentum=0.9 --weight_decay 0 --max_grad_norm 0
-                  --warmup_steps 0) ;;
+  linear) RECIPE=(--num_train_epochs 10 --optim adamw_torch_fused --weight_decay 0 --max_grad_norm 0 --warmup_steps 0) ;;
   attentive) RECIPE=(--num_train_epochs 100 --optim adamw_torch_fused --adam_beta1 0.9 --adam_beta2 0.999
                      --weight_decay 0.05 --max_grad_norm 3.0 --warmup_steps 0.05 --probe_min_lr 1e-5
                      --attentive_blocks 6 --aa rand-m9-mstd0.5-inc1) ;;
