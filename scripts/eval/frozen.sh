@@ -34,7 +34,8 @@ esac
 if [ "$PROTOCOL" != knn ]; then
   RECIPE+=(--per_device_train_batch_size "$PER_DEVICE_BATCH" --lr_scheduler_type cosine
            --gradient_accumulation_steps "$(gradient_accumulation "$TOTAL_BATCH" "$PER_DEVICE_BATCH")"
-           --save_steps "${SAVE_STEPS:-1000}" --logging_steps 100 --ddp_find_unused_parameters False $(dataloader_flags))
+           --save_steps "${SAVE_STEPS:-1000}" --save_total_limit 2 --logging_steps 100 --ddp_find_unused_parameters False
+           $(dataloader_flags))
 else
   RECIPE+=(--dataloader_num_workers "${NUM_WORKERS:-10}")
 fi
