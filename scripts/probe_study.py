@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
     parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS), help="run only these")
+    parser.add_argument("--attention", nargs="+", default=list(ATTENTION), choices=list(ATTENTION), help="run only these")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
 
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     records = []
     for seed in range(args.seeds):
         for encoder_name, encoder in encoders.items():
-            for attention, is_causal in ATTENTION.items():
+            for attention in args.attention:
+                is_causal = ATTENTION[attention]
                 for protocol in args.protocols:
                     folder = out / f"seed{seed}" / f"{encoder.name}-{attention}-{protocol}"
                     result = folder / "eval_results.json"
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         "|---|---|" + "---|" * len(args.protocols),
     ]
     for encoder_name in encoders:
-        for attention in ATTENTION:
+        for attention in args.attention:
             lines.append(f"| {encoder_name} | {attention} | " + " | ".join(cell(encoder_name, attention, p) for p in args.protocols) + " |")
     lines += ["", "Seconds per run (mean ± std over all its runs): " + ", ".join(
         f"{PROTOCOLS[p]} {mean_std([r['seconds'] for r in records if r['protocol'] == p], 1.0)} s" for p in args.protocols)]  # fmt: skip
