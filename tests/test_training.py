@@ -193,9 +193,10 @@ def test_trainers_override_no_private_trainer_method():
     a private method cannot silently bypass normalisation, the EMA, the checkpoint marker or the non-finite guard."""
     from transformers import Trainer
 
+    from nepa.probes import ProbeTrainer
     from nepa.trainer import NepaTrainer
 
-    for trainer_class in (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer, eval_script.FeatureTrainer):
+    for trainer_class in (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer, ProbeTrainer):
         private = [name for name in vars(trainer_class) if name.startswith("_") and not name.startswith("__")]
         assert not private, f"{trainer_class.__name__} overrides private Trainer methods {private}"
     for hook in ("compute_loss", "training_step", "prediction_step", "create_optimizer", "create_scheduler", "train", "log"):
