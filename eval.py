@@ -3,26 +3,43 @@
     python eval.py --model_name_or_path outputs/nepa-b-sft --dataset_name data/imagenet-1k-hf \
         --load_from_disk True --output_dir outputs/eval-nepa-b
 
-`--protocol finetuned` (default) runs the classifier: `eval_accuracy` (top-1), `eval_top5`,
-`eval_loss`, and the same with `eval_ema_` when the folder has EMA weights. `--protocol knn` and
-`--protocol linear` judge any encoder (pretraining or classifier folder) on frozen features, the
-mean of its patch tokens: weighted k-NN on cosine similarity, or a linear classifier trained on the
-train split's features. Metrics are printed and written to `output_dir/eval_results.json`.
-Runs multi-GPU under torchrun like the training scripts.
+Protocols (`--protocol`):
+
+- `finetuned` (default): the classifier's predictions: `eval_accuracy` (top-1), `eval_top5`, `eval_loss`, and the
+  same with `eval_ema_` when the folder has EMA weights.
+- `knn`: DINO's weighted k-NN on the frozen encoder's mean patch token (cosine similarity, k = 20, T = 0.07; several
+  k in one pass with `--knn_k 10 20 100`, the first is `eval_accuracy`). Each process keeps only its shard of the
+  train split's features, on its device; the queries are scored against every shard.
+- `linear`: DINOv2's linear probe: a grid of linear heads, `--probe_lrs` x `--linear_features` (mean patch token,
+  CLS token, the last 4 blocks' mean tokens concatenated), trained together on one forward of the frozen encoder
+  per batch, on RandomResizedCrop (`--crop_scale`) + flip; the Trainer's flags set the rest (`--num_train_epochs`,
+  `--per_device_train_batch_size`, `--optim` (AdamW; `sgd --optim_args momentum=0.9` is DINOv2's), `--weight_decay`,
+  `--lr_scheduler_type cosine`, `--warmup_steps`, `--max_grad_norm` (per head), `--bf16`; checkpoints and resume).
+- `attentive`: AIM's attentive probe on the average of the last `--attentive_blocks` blocks' patch tokens, one head
+  per `--probe_lrs` value, trained like the linear grid on timm's RandAugment (`--aa`) crops.
+
+The probes report every head (`eval_<head>_accuracy`, `_top5`, `_loss`; the table in `output_dir/probe_heads.md`)
+and the best head's top-1 as `eval_accuracy`, named in `eval_best_head` (chosen on the validation split, as
+DINOv2 and AIM report). Every frozen protocol runs the encoder with causal attention (`--is_causal True`, the
+default: as NEPA pretrains it) or bidirectional (`--is_causal False`). Metrics are printed and written to `output_dir/eval_results.json`. Runs
+multi-GPU under torchrun like the training scripts; docs/recipes.md has the ImageNet recipes.
 """
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from transformers import set_seed
 
-from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaModel
-from models.vit_nepa.modeling_vit_nepa import mean_patch_tokens
+from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification
 from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, crop_pct_field, parse_arguments, resize_size_field
 from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
+    DEFAULT_CROP_RATIO,
+    DEFAULT_CROP_SCALE,
     EvalTransform,
+    FinetuneTransform,
+    PretrainTransform,
     get_split,
     image_dataset,
     load_image_dataset,
@@ -31,41 +48,96 @@ from nepa.data import (
     training_split,
 )
 from nepa.ema import EMA_WEIGHTS_NAME
-from nepa.metrics import accuracy_metrics, knn_predict, linear_probe_predict, scores_to_metrics, top5_indices
-from nepa.trainer import NepaTrainer, image_inputs
+from nepa.metrics import accuracy_metrics, top5_indices
+from nepa.probes import LINEAR_FEATURES, ProbeGrid, ProbeTrainer, knn_evaluate, load_frozen_encoder
+from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint
 
 logger = logging.getLogger("eval")
-PROTOCOLS = ("finetuned", "knn", "linear")
+PROTOCOLS = ("finetuned", "knn", "linear", "attentive")
+# AdamW (the Trainer's default optimiser) on standardised features: the miniature's best heads were at 0.03 to 0.1
+# (docs/miniature.md); 8 values over two decades around them.
+LINEAR_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2)
+ATTENTIVE_LRS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3)  # AIMv2, Table A2 (arXiv 2411.14402)
+ATTENTIVE_AA = "rand-m9-mstd0.5-inc1"
+
+
+@dataclass
+class EvalTrainingArguments(NepaTrainingArguments):
+    """The probes' training defaults: DINOv2's linear-probe schedule (10 epochs, cosine, no clipping) at a per-device
+    batch of 128 (1024 on 8 GPUs), with the Trainer's AdamW."""
+
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Images per device per probe step."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs of the probes (DINOv2: 10; AIMv2's attentive probe: 100)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "The probes' schedule; cosine ends at --probe_min_lr."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Clip each probe head's gradient norm to this (0: none, DINOv2's)."})
 
 
 @dataclass
 class EvalArguments:
-    model_name_or_path: str = field(metadata={"help": "A saved ViT-NEPA folder."})
+    model_name_or_path: str = field(metadata={"help": "A saved ViT-NEPA folder (a classifier, or any encoder for the frozen protocols)."})
     image_processor_name: str | None = field(default=None, metadata={"help": "Default: --model_name_or_path."})
     protocol: str = field(
         default="finetuned",
-        metadata={"help": "The classifier's predictions, or k-NN / a linear probe on frozen features.", "choices": PROTOCOLS},
+        metadata={
+            "help": "finetuned: the classifier's predictions. knn: weighted k-NN on frozen mean patch tokens, the train "
+            "split's features sharded across processes. linear: a grid of linear heads (--probe_lrs x --linear_features) "
+            "on frozen features of augmented images, trained under the Trainer. attentive: AIM's attentive probe (one "
+            "learned query over the averaged tokens of --attentive_blocks), one head per --probe_lrs value.",
+            "choices": PROTOCOLS,
+        },
     )
-    knn_k: int = field(default=20, metadata={"help": "Neighbours of the k-NN protocol."})
+    is_causal: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Frozen protocols: run the encoder with causal attention (True, the default: as NEPA pretrains it) or "
+            "bidirectional (False), whatever its config says. The finetuned protocol runs the classifier as configured."
+        },
+    )
+    knn_k: list[int] = field(default_factory=lambda: [20], metadata={"help": "Neighbours of the k-NN protocol; several in one pass, the first is eval_accuracy."})
     knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(cosine / T) of the k-NN protocol."})
-    linear_epochs: int = field(default=100, metadata={"help": "Epochs of the linear protocol's classifier."})
-    linear_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the linear protocol."})
+    probe_lrs: list[float] | None = field(
+        default=None,
+        metadata={"help": f"Learning rates of the probe heads (default: linear {list(LINEAR_LRS)}, attentive {list(ATTENTIVE_LRS)})."},
+    )
+    probe_min_lr: float = field(default=0.0, metadata={"help": "Where --lr_scheduler_type cosine ends, for every head (AIMv2: 1e-5)."})
+    linear_features: list[str] = field(
+        default_factory=lambda: list(LINEAR_FEATURES),
+        metadata={"help": "Features of the linear heads: mean (patch tokens), cls, last4 (the last 4 blocks' mean tokens, concatenated)."},
+    )
+    attentive_blocks: list[int] = field(
+        default_factory=lambda: [6],
+        metadata={"help": "Tokens of the attentive probe: K (average of the last K blocks) or FIRST LAST (blocks FIRST..LAST, 1-based)."},
+    )
+    aa: str | None = field(
+        default=None,
+        metadata={"help": f"timm RandAugment policy of the attentive probe's training images (default {ATTENTIVE_AA}; '' for none)."},
+    )
     crop_pct: float = crop_pct_field()
     resize_size: int | None = resize_size_field()
 
 
-class FeatureTrainer(NepaTrainer):
-    """`predict()` returns (mean patch token, label) for every image, gathered across processes."""
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        hidden = self.forward_without_grad(model, inputs).last_hidden_state
-        return None, mean_patch_tokens(hidden).float(), inputs["labels"]
+def check_protocol_flags(args: EvalArguments, data_args: DataArguments, training_args) -> None:
+    """Refuse the flags the chosen protocol would not use."""
+    probe = args.protocol in ("linear", "attentive")
+    if args.protocol == "finetuned" and args.is_causal is not None:
+        raise ValueError("--is_causal is for the frozen protocols; the finetuned protocol runs the classifier as configured.")
+    if args.protocol != "attentive" and args.aa is not None:
+        raise ValueError(f"--aa is the attentive probe's augmentation; --protocol {args.protocol} does not augment with it.")
+    crops = (list(data_args.crop_scale), list(data_args.crop_ratio)) != (list(DEFAULT_CROP_SCALE), list(DEFAULT_CROP_RATIO))
+    if not probe and crops:
+        raise ValueError(f"--crop_scale / --crop_ratio set the probes' training crops; --protocol {args.protocol} uses none.")
+    if not probe and args.probe_lrs is not None:
+        raise ValueError(f"--probe_lrs is for --protocol linear / attentive, not {args.protocol}.")
+    if probe and training_args.learning_rate != NepaTrainingArguments.learning_rate:
+        raise ValueError("--learning_rate does not apply to the probes, which train a grid: give --probe_lrs.")
+    if probe and args.probe_lrs is not None and not args.probe_lrs:
+        raise ValueError("--probe_lrs needs at least one learning rate.")
 
 
 def evaluate_classifier(args, trainer_kwargs, training_args) -> tuple[NepaTrainer, dict]:
     model = load_model(
         ViTNepaForImageClassification, args.model_name_or_path, "--model_name_or_path", "classifier",
-        "fine-tune it first, or judge the encoder with --protocol knn / linear.",
+        "fine-tune it first, or judge the encoder with --protocol knn / linear / attentive.",
     )  # fmt: skip
     ema_file = Path(args.model_name_or_path) / EMA_WEIGHTS_NAME
     training_args.use_ema = ema_file.is_file()
@@ -81,29 +153,37 @@ def evaluate_classifier(args, trainer_kwargs, training_args) -> tuple[NepaTraine
     return trainer, trainer.evaluate()
 
 
-def evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset, num_classes) -> tuple[NepaTrainer, dict]:
-    model = load_model(ViTNepaModel, args.model_name_or_path, "--model_name_or_path", "encoder", "pass a ViT-NEPA model folder.")
-    training_args.use_ema = False  # the features come from the saved weights; an EMA copy would only cost memory
-    trainer = FeatureTrainer(model=model, args=training_args, **trainer_kwargs)
-    train = trainer.predict(train_dataset)
-    query = trainer.predict(trainer_kwargs["eval_dataset"])
-    train_features, train_labels = torch.from_numpy(train.predictions), torch.from_numpy(train.label_ids).long()
-    query_features, query_labels = torch.from_numpy(query.predictions), torch.from_numpy(query.label_ids).long()
-    if args.protocol == "knn":
-        votes = knn_predict(train_features, train_labels, query_features, num_classes, args.knn_k, args.knn_temperature)
-        scores = (votes / votes.sum(dim=1, keepdim=True)).clamp_min(1e-12).log()
-    else:
-        scores = linear_probe_predict(
-            train_features, train_labels, query_features, num_classes, args.linear_epochs, args.linear_lr, seed=training_args.seed
-        )
-    return trainer, scores_to_metrics(scores, query_labels)
+def evaluate_knn(args, trainer_kwargs, training_args, train_dataset, classes) -> tuple[NepaTrainer, dict]:
+    encoder = load_frozen_encoder(args.model_name_or_path, args.is_causal)
+    trainer = NepaTrainer(model=encoder, args=training_args, **trainer_kwargs)
+    _, metrics = knn_evaluate(trainer, train_dataset, trainer_kwargs["eval_dataset"], classes, args.knn_k, args.knn_temperature)
+    return trainer, metrics
+
+
+def train_probes(args, trainer_kwargs, training_args, train_dataset, classes) -> tuple[ProbeTrainer, dict]:
+    encoder = load_frozen_encoder(args.model_name_or_path, args.is_causal)
+    lrs = args.probe_lrs or (LINEAR_LRS if args.protocol == "linear" else ATTENTIVE_LRS)
+    grid = ProbeGrid(encoder, args.protocol, classes, lrs, args.linear_features, args.attentive_blocks)
+    trainer_kwargs = {**trainer_kwargs, "train_dataset": train_dataset}
+    trainer = ProbeTrainer(model=grid, args=training_args, min_lr=args.probe_min_lr, **trainer_kwargs)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    trainer.save_state()  # trainer_state.json: the loss curve
+    metrics = trainer.evaluate()
+    if training_args.should_save:
+        trainer.write_table(metrics, Path(training_args.output_dir) / "probe_heads.md")
+    return trainer, metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, NepaTrainingArguments), argv)
+    args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, EvalTrainingArguments), argv)
     configure_logging(training_args)
+    check_protocol_flags(args, data_args, training_args)
     local_folder(args.model_name_or_path, "--model_name_or_path")
+    if args.protocol != "finetuned":
+        args.is_causal = True if args.is_causal is None else args.is_causal
+        training_args.use_ema = False  # the frozen encoder does not change, and the probes' heads keep no average
 
+    set_seed(training_args.seed)  # the training images' augmentation seeds (ImageDataset) and the heads' initial weights
     processor = load_image_processor(args.image_processor_name, args.model_name_or_path)
     size = processor_image_size(processor, ViTNepaConfig.from_pretrained(args.model_name_or_path).patch_size)
     transform = EvalTransform(size, args.resize_size, args.crop_pct)
@@ -115,9 +195,19 @@ def main(argv: list[str] | None = None) -> dict:
         trainer, metrics = evaluate_classifier(args, trainer_kwargs, training_args)
     else:
         train_split = training_split(dataset, data_args, training_args.seed)
-        train_dataset = image_dataset(train_split, transform, data_args)
         classes = num_classes(train_split, data_args.label_column_name)
-        trainer, metrics = evaluate_frozen_features(args, trainer_kwargs, training_args, train_dataset, classes)
+        if args.protocol == "knn":
+            train_transform, protocol = transform, evaluate_knn
+        elif args.protocol == "linear":
+            train_transform, protocol = PretrainTransform(size, data_args.crop_scale, data_args.crop_ratio), train_probes
+        else:
+            policy = ATTENTIVE_AA if args.aa is None else args.aa
+            train_transform = FinetuneTransform(size, policy, processor.image_mean, data_args.crop_scale, data_args.crop_ratio)
+            protocol = train_probes
+        train_dataset = image_dataset(train_split, train_transform, data_args)
+        trainer, metrics = protocol(args, trainer_kwargs, training_args, train_dataset, classes)
+    if args.protocol != "finetuned":
+        metrics["eval_attention"] = "causal" if args.is_causal else "bidirectional"
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics, combined=False)
     return metrics

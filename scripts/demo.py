@@ -97,15 +97,16 @@ def main(argv: list[str] | None = None) -> dict:
             "--save_local", "--local_dir", str(classifiers[row]),
         ])  # fmt: skip
 
-    columns = ["k-NN", "linear probe"] + [f"fine-tuned, {percent:g} % labels" for percent in args.label_percents]
+    columns = ["k-NN", "linear probe (best head)"] + [f"fine-tuned, {percent:g} % labels" for percent in args.label_percents]
     scores: dict[str, dict[str, list[float]]] = {row: {column: [] for column in columns} for row in encoders}
     for seed in range(args.seeds):  # seed by seed, so that an interrupted run has whole seeds to reuse
         for row, encoder in encoders.items():
-            for protocol, column in (("knn", "k-NN"), ("linear", "linear probe")):
+            for protocol, column in (("knn", "k-NN"), ("linear", "linear probe (best head)")):
                 folder = out / f"seed{seed}" / f"{protocol}-{encoder.name}"
                 stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [
                     "--model_name_or_path", str(encoder), "--protocol", protocol, *data,
                     *miniature.labels_flags(PROBE_LABELS_PERCENT), *miniature.flags(miniature.EVAL),
+                    *miniature.flags(miniature.PROBES[protocol]),
                     "--output_dir", str(folder), "--seed", str(seed), "--use_ema", "False", *COMMON,
                 ])  # fmt: skip
                 scores[row][column].append(accuracy(folder))

@@ -67,7 +67,7 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_them(tmp_path):
     ]  # fmt: skip
     results = demo.main(argv)
 
-    columns = ["k-NN", "linear probe", "fine-tuned, 10 % labels", "fine-tuned, 100 % labels"]
+    columns = ["k-NN", "linear probe (best head)", "fine-tuned, 10 % labels", "fine-tuned, 100 % labels"]
     for row in ("NEPA-pretrained", "random init"):
         assert list(results["scores"][row]) == columns
         assert all(len(values) == 2 and all(0 <= value <= 1 for value in values) for values in results["scores"][row].values())

@@ -34,7 +34,7 @@ from models.vit_nepa import ViTNepaForImageClassification, ViTNepaForPreTraining
 from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
 from nepa.data import BatchNormalize
 from nepa.ema import ModelEMA
-from nepa.metrics import accuracy_metrics, knn_predict, linear_probe_predict, top5_indices
+from nepa.metrics import accuracy_metrics, top5_indices
 from nepa.optim import group_warmup_steps, layer_decay_cosine_schedule, layer_decay_param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,11 +218,12 @@ def test_trainers_override_public_trainer_methods_that_the_trainer_calls(tmp_pat
     from transformers import Trainer
 
     from nepa.nonfinite import NonFiniteLossGuard
+    from nepa.probes import ProbeTrainer
     from nepa.segmentation import SegmentationTrainer
     from nepa.trainer import NepaTrainer, _StepHooks
 
     trainers = (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer)
-    for trainer_class in (*trainers, eval_script.FeatureTrainer, SegmentationTrainer):
+    for trainer_class in (*trainers, ProbeTrainer, SegmentationTrainer):
         private = [name for name in vars(trainer_class) if name.startswith("_") and not name.startswith("__")]
         assert not private, f"{trainer_class.__name__} overrides private Trainer methods {private}"
 
@@ -435,12 +436,22 @@ def test_finetune_with_the_releases_flags_keeps_an_ema_then_eval(tmp_path, class
         assert written[key] == pytest.approx(metrics[key], abs=1e-5), key
 
 
-@pytest.mark.parametrize("protocol", ["knn", "linear"])
+@pytest.mark.parametrize("protocol", ["knn", "linear", "attentive"])
 def test_frozen_feature_protocols_on_a_pretraining_folder(tmp_path, protocol, pretrained_dir, dataset_dir):
-    results = eval_script.main(eval_argv(pretrained_dir, dataset_dir, tmp_path / "eval", "--protocol", protocol))
+    two_blocks = {"linear": ["--linear_features", "mean", "cls"], "attentive": ["--attentive_blocks", "2"]}  # not last4 / 6
+    extra = {"knn": [], **{name: ["--num_train_epochs", "2", *flags] for name, flags in two_blocks.items()}}
+    results = eval_script.main(eval_argv(pretrained_dir, dataset_dir, tmp_path / "eval", "--protocol", protocol, *extra[protocol]))
     written = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
-    assert EVAL_KEYS <= set(written) and written == pytest.approx(results)
+    assert EVAL_KEYS <= set(written) and written == {key: pytest.approx(value) for key, value in results.items()}
     assert 0.0 <= written["eval_accuracy"] <= written["eval_top5"] == 1.0  # 3 classes: top-5 holds them all
+    assert written["eval_attention"] == "causal"
+    if protocol != "knn":  # every head is reported, and the best one is the headline
+        heads = [key[len("eval_") : -len("_accuracy")] for key in written if key.endswith("_accuracy") and key != "eval_accuracy"]
+        assert len(heads) == (2 * 8 if protocol == "linear" else 7)
+        assert written["eval_accuracy"] == max(written[f"eval_{head}_accuracy"] for head in heads)
+        assert written["eval_accuracy"] == written[f"eval_{written['eval_best_head']}_accuracy"]
+        table = (tmp_path / "eval" / "probe_heads.md").read_text().splitlines()
+        assert len(table) == 2 + len(heads) and table[2].startswith(f"| {written['eval_best_head']} |")
 
 
 def test_conversion_rejects_a_config_of_another_width(tmp_path, pretrained_dir):
@@ -468,7 +479,7 @@ def test_argparse_scripts_spell_booleans_as_the_training_scripts_do(capsys):
         init_nepa_cls_from_pretrain.parse_args([*base, "--save_local", "maybe"])
     with pytest.raises(SystemExit):
         parse_arguments((eval_script.EvalArguments,), ["--model_name_or_path", "unused", "--protocol", "knm"])
-    assert "invalid choice: 'knm' (choose from 'finetuned', 'knn', 'linear')" in capsys.readouterr().err
+    assert "invalid choice: 'knm' (choose from 'finetuned', 'knn', 'linear', 'attentive')" in capsys.readouterr().err
 
 
 def test_finetuning_config_comes_from_the_folder_and_flags_apply_only_when_given(tmp_path):
@@ -736,34 +747,6 @@ def test_accuracy_metrics_on_hand_made_logits():
     metrics = accuracy_metrics(EvalPrediction(predictions=top5.numpy(), label_ids=labels.numpy()))
     assert metrics == {"accuracy": 0.25, "top5": 0.75}
     assert top5_indices(logits[:, :3]).shape == (4, 3)  # fewer than 5 classes: all of them
-
-
-@pytest.fixture(scope="module")
-def gaussian_blobs():
-    """4 classes around orthogonal directions in 16-D, unit noise: separable by angle and by position."""
-    generator = torch.Generator().manual_seed(0)
-    centres = 4.0 * torch.eye(16)[:4]
-
-    def sample(per_class):
-        labels = torch.arange(4).repeat_interleave(per_class)
-        return centres[labels] + torch.randn(len(labels), 16, generator=generator), labels
-
-    return sample(500), sample(100)
-
-
-def test_knn_protocol_separates_gaussian_blobs(gaussian_blobs):
-    (train_x, train_y), (query_x, query_y) = gaussian_blobs
-    votes = knn_predict(train_x, train_y, query_x, num_classes=4)  # eval.py's defaults: k 20, T 0.07
-    assert votes.shape == (400, 4)
-    assert (votes.argmax(dim=1) == query_y).float().mean() > 0.95
-
-
-def test_linear_protocol_separates_gaussian_blobs(gaussian_blobs):
-    (train_x, train_y), (query_x, query_y) = gaussian_blobs
-    torch.manual_seed(0)  # the classifier's initialisation
-    logits = linear_probe_predict(train_x, train_y, query_x, num_classes=4)  # eval.py's defaults
-    assert logits.shape == (400, 4)
-    assert (logits.argmax(dim=1) == query_y).float().mean() > 0.95
 
 
 # --------------------------------------------------------------------------------------------

@@ -173,6 +173,7 @@ def probe_command(args, protocol: str, encoder: Path, output: Path, seed: int) -
         "--max_eval_samples", str(args.probe_eval_samples),
         "--per_device_eval_batch_size", "256",
         "--crop_pct", "1.0",  # 28 px images: no border to crop away
+        *miniature.flags(miniature.PROBES[protocol]),
         "--use_ema", "False",
         *common_flags(args, seed),
     ]  # fmt: skip

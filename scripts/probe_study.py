@@ -1,0 +1,111 @@
+"""The frozen-encoder protocols in miniature (docs/miniature.md): k-NN, the linear-probe grid (its best head) and
+the attentive probe, on the demo's two encoders (NEPA-pretrained, random init), with causal and with bidirectional
+attention, over seeds (each seed draws its own 10 % labelled subset and the probes' randomness). Every run is
+`eval.py` in this process with the settings of scripts/miniature.py, timed.
+
+    python scripts/demo.py                                  # makes outputs/demo/pretrain and outputs/demo/random-init
+    python scripts/probe_study.py --seeds 3 --threads 1     # -> outputs/probe_study/results.md
+
+A second run reuses every result that exists.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scripts import miniature  # noqa: E402
+from scripts.demo import COMMON, PROBE_LABELS_PERCENT  # noqa: E402
+
+PROTOCOLS = {"knn": "k-NN", "linear": "linear (best head)", "attentive": "attentive"}
+ATTENTION = {"causal": "True", "bidirectional": "False"}
+ENCODERS = {"NEPA-pretrained": "pretrain", "random init": "random-init"}  # folders of scripts/demo.py
+
+
+def mean_std(values: list[float], scale: float = 100.0) -> str:
+    if len(values) == 1:
+        return f"{scale * values[0]:.1f}"
+    return f"{scale * statistics.mean(values):.1f} ± {scale * statistics.stdev(values):.1f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo_dir", default="outputs/demo", help="where scripts/demo.py left its encoders")
+    parser.add_argument("--output_dir", default="outputs/probe_study")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS), help="run only these")
+    parser.add_argument("--attention", nargs="+", default=list(ATTENTION), choices=list(ATTENTION), help="run only these")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import eval as eval_script
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    demo, out = REPO / args.demo_dir, REPO / args.output_dir
+    encoders = {name: demo / ENCODERS[name] for name in args.encoders}
+    for folder in encoders.values():
+        if not (folder / "model.safetensors").is_file():
+            parser.error(f"{folder} has no encoder: run `python scripts/demo.py` first.")
+    data = ["--dataset_name", str(REPO / miniature.DATASET), "--load_from_disk", "True"]
+    records = []
+    for seed in range(args.seeds):
+        for encoder_name, encoder in encoders.items():
+            for attention in args.attention:
+                is_causal = ATTENTION[attention]
+                for protocol in args.protocols:
+                    folder = out / f"seed{seed}" / f"{encoder.name}-{attention}-{protocol}"
+                    result = folder / "eval_results.json"
+                    if not result.exists():
+                        print(f"==> seed {seed}, {encoder_name}, {attention}, {protocol}", flush=True)
+                        start = time.time()
+                        eval_script.main([
+                            "--model_name_or_path", str(encoder), "--protocol", protocol, "--is_causal", is_causal, *data,
+                            *miniature.labels_flags(PROBE_LABELS_PERCENT), *miniature.flags(miniature.EVAL),
+                            *miniature.flags(miniature.PROBES[protocol]),
+                            "--output_dir", str(folder), "--seed", str(seed), "--use_ema", "False", *COMMON,
+                        ])  # fmt: skip
+                        (folder / "seconds.json").write_text(json.dumps({"seconds": time.time() - start}))
+                    metrics = json.loads(result.read_text())
+                    seconds = json.loads((folder / "seconds.json").read_text())["seconds"]
+                    records.append(dict(seed=seed, encoder=encoder_name, attention=attention, protocol=protocol,
+                                        accuracy=metrics["eval_accuracy"], head=metrics.get("eval_best_head"), seconds=seconds))  # fmt: skip
+
+    def cell(encoder, attention, protocol, key="accuracy", scale=100.0) -> str:
+        values = [r[key] for r in records if (r["encoder"], r["attention"], r["protocol"]) == (encoder, attention, protocol)]
+        return mean_std(values, scale) if values else ""
+
+    lines = [
+        f"# Frozen-encoder protocols in miniature: Fashion-MNIST, {Path(miniature.PRETRAIN_CONFIG).name}",
+        "",
+        f"Probes fitted on {PROBE_LABELS_PERCENT} % of the labels, top-1 % on the 10,000 test images, "
+        f"mean ± std over {args.seeds} seeds.",
+        "",
+        "| encoder | attention | " + " | ".join(PROTOCOLS[p] for p in args.protocols) + " |",
+        "|---|---|" + "---|" * len(args.protocols),
+    ]
+    for encoder_name in encoders:
+        for attention in args.attention:
+            lines.append(f"| {encoder_name} | {attention} | " + " | ".join(cell(encoder_name, attention, p) for p in args.protocols) + " |")
+    lines += ["", "Seconds per run (mean ± std over all its runs): " + ", ".join(
+        f"{PROTOCOLS[p]} {mean_std([r['seconds'] for r in records if r['protocol'] == p], 1.0)} s" for p in args.protocols)]  # fmt: skip
+    heads = sorted({r["head"] for r in records if r["head"]})
+    lines += ["", "Best heads chosen: " + ", ".join(f"{h} ({sum(r['head'] == h for r in records)})" for h in heads), ""]
+    table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(records, indent=2))
+    print("\n" + table)
+    return {"records": records}
+
+
+if __name__ == "__main__":
+    main()
