@@ -25,7 +25,6 @@ sys.path.insert(0, str(REPO))
 from scripts import miniature  # noqa: E402
 from scripts.experiment import Stages, mean_std  # noqa: E402
 
-PROBE_LABELS_PERCENT = 10  # the probes' labelled subset
 COMMON = ["--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "1"]
 
 
@@ -82,7 +81,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not (Path(dataset) / "dataset_dict.json").exists():
         stages.run("dataset", Path(dataset) / "dataset_dict.json", download_dataset.main,
                    ["--dataset", "fashion-mnist", "--output_dir", dataset])  # fmt: skip
-    data = ["--dataset_name", dataset, "--load_from_disk", "True"]
 
     encoders = {"NEPA-pretrained": out / "pretrain", "random init": out / "random-init"}
     argv = miniature.pretrain_argv(encoders["NEPA-pretrained"], args.pretrain_steps, dataset=dataset)
@@ -103,12 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         for row, encoder in encoders.items():
             for protocol, column in (("knn", "k-NN"), ("linear", "linear probe (best head)")):
                 folder = out / f"seed{seed}" / f"{protocol}-{encoder.name}"
-                stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [
-                    "--model_name_or_path", str(encoder), "--protocol", protocol, *data,
-                    *miniature.labels_flags(PROBE_LABELS_PERCENT), *miniature.flags(miniature.EVAL),
-                    *miniature.flags(miniature.PROBES[protocol]),
-                    "--output_dir", str(folder), "--seed", str(seed), "--use_ema", "False", *COMMON,
-                ])  # fmt: skip
+                argv = miniature.probe_argv(encoder, folder, protocol, seed, dataset)
+                stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [*argv, *COMMON])
                 scores[row][column].append(accuracy(folder))
             for percent, column in zip(args.label_percents, columns[2:]):
                 folder = out / f"seed{seed}" / f"finetune{percent:g}-{encoder.name}"
@@ -121,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"# NEPA demo: Fashion-MNIST, {Path(miniature.PRETRAIN_CONFIG).name} on the CPU",
         "",
         f"NEPA pretraining {args.pretrain_steps} steps of {miniature.PRETRAIN['per_device_train_batch_size']} images; "
-        f"probes fitted on {PROBE_LABELS_PERCENT} % of the labels; top-1 on all test images; "
+        f"probes fitted on {miniature.PROBE_LABELS_PERCENT} % of the labels; top-1 on all test images; "
         + ("one seed." if args.seeds == 1 else f"mean ± std over {args.seeds} seeds (label subsets and fine-tuning)."),
         "",
         "| encoder | " + " | ".join(columns) + " |",

@@ -1,7 +1,8 @@
 """The miniature's settings, in one place: the tiny ViT (patch 7) on 28 px Fashion-MNIST, on the CPU.
 
-scripts/demo.py and scripts/ablations/run.py build their entry-point command lines from these, so the
-demo's table and the ablation tables are measured the same way. The fine-tuning settings were chosen by
+The experiment drivers under scripts/ (the demo, the ablation tables, the segmentation demo's pretraining, the
+probe study, the small-data sweep's pretraining) build their entry-point command lines from these
+(`pretrain_argv`, `probe_argv`, `finetune_argv`), so their tables are measured the same way. The fine-tuning settings were chosen by
 the sweep in docs/miniature.md (which also says how each was measured).
 """
 
@@ -79,6 +80,7 @@ PROBE_ATTENTIVE = {
     "probe_lrs": (5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2),
 }
 PROBES = {"knn": {}, "linear": PROBE_LINEAR, "attentive": PROBE_ATTENTIVE}
+PROBE_LABELS_PERCENT = 10  # the probes' labelled subset: 10 % of each class
 
 
 def flags(settings: dict) -> list[str]:
@@ -104,6 +106,17 @@ def pretrain_argv(output_dir, steps: int, seed: int = 0, dataset: str = DATASET,
         "--output_dir", str(output_dir), "--do_train", "--max_steps", str(steps),
         *flags(PRETRAIN),
         "--seed", str(seed), "--save_strategy", "no", "--logging_steps", str(logging_steps),
+    ]  # fmt: skip
+
+
+def probe_argv(encoder, output_dir, protocol: str, seed: int, dataset: str = DATASET) -> list[str]:
+    """eval.py's command line: a frozen-encoder probe of `encoder` fitted on PROBE_LABELS_PERCENT % of the labels,
+    scored on the whole test split."""
+    return [
+        "--model_name_or_path", str(encoder), "--protocol", protocol,
+        "--dataset_name", dataset, "--load_from_disk", "True",
+        *labels_flags(PROBE_LABELS_PERCENT), *flags(EVAL), *flags(PROBES[protocol]),
+        "--output_dir", str(output_dir), "--seed", str(seed), "--use_ema", "False",
     ]  # fmt: skip
 
 

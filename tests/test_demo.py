@@ -31,8 +31,9 @@ def test_a_stage_runs_once_and_is_timed_by_kind(tmp_path):
     assert Stages(rerun=True).run("probe", tmp_path / "a", stage, ["a"]) == "ran"
 
 
-def test_ablation_rows_pretrain_with_the_miniature_settings():
-    """scripts/ablations/run.py pretrains every row as the demo does (scripts/miniature.py), the row's switches aside."""
+def test_ablation_rows_pretrain_and_probe_with_the_miniature_settings():
+    """scripts/ablations/run.py pretrains and probes every row as the demo does (scripts/miniature.py), the row's
+    switches aside: probes fitted on the 10 % labelled subset and scored on the whole test split."""
     from scripts import miniature
     from scripts.ablations import run as ablations
 
@@ -49,6 +50,18 @@ def test_ablation_rows_pretrain_with_the_miniature_settings():
         parsed = getattr(training_args, name) if hasattr(training_args, name) else getattr(data_args, name)
         assert parsed == (list(value) if isinstance(value, tuple) else value), name
     assert model_args.config_overrides == "nepa_shift=false" and training_args.max_steps == 60 and training_args.seed == 1338
+
+    import eval as eval_script
+
+    probe = ablations.probe_command(args, "linear", Path("unused"), Path("unused"), 1338)
+    assert probe[1] == "eval.py"
+    eval_args, data_args, training_args = parse_arguments(
+        (eval_script.EvalArguments, DataArguments, eval_script.EvalTrainingArguments), probe[2:]
+    )
+    assert data_args.labels_per_class == miniature.PROBE_LABELS_PERCENT / 100
+    assert data_args.max_train_samples is None and data_args.max_eval_samples is None
+    assert eval_args.crop_pct == miniature.EVAL["crop_pct"] and training_args.num_train_epochs == miniature.PROBE_LINEAR["num_train_epochs"]
+    assert data_args.crop_scale == list(miniature.PROBE_LINEAR["crop_scale"]) and training_args.seed == 1338
 
 
 def test_mean_std_of_no_one_and_several_seeds():

@@ -5,17 +5,17 @@
     python scripts/ablations/run.py --table components     # LayerScale, RoPE, QK-norm, gated MLP
 
 Each row changes the base config (--config) only through `train_pretrain.py --config_overrides`,
-pretrains with the same seeds and step budget as every other row, then judges the encoder with
-`eval.py --protocol knn` and `--protocol linear` on frozen features and, with --finetune, the
-demo's fine-tuning protocol: 10 % of the labels (class-balanced, seeded), the settings of
-scripts/miniature.py, top-1 on the whole test split. --seeds N repeats every row with N seeds
-(pretraining, probes and fine-tune) and the table gives mean ± std. The table, beside the paper's
-ImageNet figures, goes to `<output_dir>/<table>.md` and is printed.
+and is measured as the demo measures its encoder, with the settings of scripts/miniature.py (the
+command lines of `miniature.pretrain_argv`, `probe_argv` and `finetune_argv`): pretraining for
+--max_steps with the same seeds as every other row, `eval.py --protocol knn` and `--protocol linear`
+on the frozen encoder fitted on 10 % of the labels (class-balanced, seeded) and, with --finetune, the
+demo's fine-tune on 10 % of the labels; every score is top-1 on the whole test split. --seeds N
+repeats every row with N seeds (pretraining, probes and fine-tune) and the table gives mean ± std.
+The table, beside the paper's ImageNet figures, goes to `<output_dir>/<table>.md` and is printed.
 
 A stage whose results exist is not run again (a failed pretraining counts as a result: its error is
-kept in `failed.txt`); --rerun starts the table's rows from scratch. The defaults (tiny ViT, 28 px
-Fashion-MNIST, 200 steps of 128 images) run the shift table, probes included, in well under an
-hour on a 2-core CPU.
+kept in `failed.txt`); --rerun starts the table's rows from scratch, and rows run with other
+settings (the miniature's included) are refused.
 """
 
 import argparse
@@ -100,8 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--finetune", action="store_true",
         help=f"fine-tune each row on {FINETUNE_PERCENT} %% of the labels ({miniature.FINETUNE_STEPS[FINETUNE_PERCENT]} steps, scripts/miniature.py)",
     )  # fmt: skip
-    parser.add_argument("--probe_train_samples", type=int, default=10000, help="feature bank of the probes")
-    parser.add_argument("--probe_eval_samples", type=int, default=2000, help="images the probes are scored on")
     parser.add_argument("--output_dir", default="outputs/ablations")
     parser.add_argument("--seed", type=int, default=1337, help="the first seed; --seeds N uses seed, seed + 1, ...")
     parser.add_argument("--seeds", type=int, default=1, help="runs of every row, for mean ± std")
@@ -151,10 +149,6 @@ def device_flags() -> list[str]:
     return flags + ([] if torch.cuda.is_available() else ["--use_cpu", "True"])
 
 
-def common_flags(args, seed: int) -> list[str]:
-    return ["--dataset_name", args.dataset, "--load_from_disk", "True", "--seed", str(seed), *device_flags()]
-
-
 def pretrain_command(args, overrides: dict, output: Path, seed: int) -> list[str]:
     """The miniature's pretraining (scripts/miniature.py) of the row's config, for --max_steps."""
     argv = miniature.pretrain_argv(
@@ -164,19 +158,8 @@ def pretrain_command(args, overrides: dict, output: Path, seed: int) -> list[str
 
 
 def probe_command(args, protocol: str, encoder: Path, output: Path, seed: int) -> list[str]:
-    return [
-        sys.executable, "eval.py",
-        "--model_name_or_path", str(encoder),
-        "--protocol", protocol,
-        "--output_dir", str(output),
-        "--max_train_samples", str(args.probe_train_samples),
-        "--max_eval_samples", str(args.probe_eval_samples),
-        "--per_device_eval_batch_size", "256",
-        "--crop_pct", "1.0",  # 28 px images: no border to crop away
-        *miniature.flags(miniature.PROBES[protocol]),
-        "--use_ema", "False",
-        *common_flags(args, seed),
-    ]  # fmt: skip
+    """The demo's probe (scripts/miniature.py): fitted on its labelled subset, scored on the whole test split."""
+    return [sys.executable, "eval.py", *miniature.probe_argv(encoder, output, protocol, seed, args.dataset), *device_flags()]
 
 
 def finetune_commands(args, encoder: Path, classifier: Path, output: Path, seed: int) -> list[list[str]]:
@@ -222,7 +205,9 @@ def run_row(args, stages: Stages, row_dir: Path, overrides: dict, env: dict) -> 
     # Settings that change a row's results; --finetune and more --seeds may be added to finished rows later.
     later = ("finetune", "seeds")
     settings = {key: value for key, value in vars(args).items() if key not in ("table", "rerun", "output_dir", "threads")}
-    settings["pretrain"] = json.loads(json.dumps(miniature.PRETRAIN))  # the miniature's settings, as the file holds them
+    # The miniature's settings the rows were run with, as the file holds them.
+    miniature_settings = dict(pretrain=miniature.PRETRAIN, probes=miniature.PROBES, probe_labels=miniature.PROBE_LABELS_PERCENT)
+    settings["miniature"] = json.loads(json.dumps(miniature_settings))
     settings_file = row_dir / "settings.json"
     previous = read_json(settings_file)
     changed = sorted(key for key in settings if previous and key not in later and previous.get(key) != settings[key])
