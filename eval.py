@@ -49,7 +49,7 @@ from nepa.data import (
 )
 from nepa.ema import EMA_WEIGHTS_NAME
 from nepa.metrics import accuracy_metrics, top5_indices
-from nepa.probes import LINEAR_FEATURES, ProbeGrid, ProbeTrainer, knn_evaluate, load_frozen_encoder
+from nepa.probes import ATTENTIVE_BLOCKS, LINEAR_FEATURES, ProbeGrid, ProbeTrainer, knn_evaluate, load_frozen_encoder
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint
 
 logger = logging.getLogger("eval")
@@ -105,7 +105,7 @@ class EvalArguments:
         metadata={"help": "Features of the linear heads: mean (patch tokens), cls, last4 (the last 4 blocks' mean tokens, concatenated)."},
     )
     attentive_blocks: list[int] = field(
-        default_factory=lambda: [6],
+        default_factory=lambda: list(ATTENTIVE_BLOCKS),
         metadata={"help": "Tokens of the attentive probe: K (average of the last K blocks) or FIRST LAST (blocks FIRST..LAST, 1-based)."},
     )
     aa: str | None = field(
