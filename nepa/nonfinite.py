@@ -3,9 +3,9 @@ does not wait for the GPU to find out.
 
 With a fused optimiser the guard skips a flagged step on the device by setting the optimiser's `found_inf`, the
 tensor `torch.amp.GradScaler` hands fused Adam/AdamW: `Adam.step()` reads it with `getattr(self, "found_inf", None)`,
-an attribute torch does not document. Checked on torch 2.14.1 (CPU and CUDA kernels);
-tests/test_training.py::test_fused_adamw_skips_its_update_when_found_inf_is_set fails if a torch upgrade stops
-honouring it.
+an attribute torch does not document. Checked on torch 2.14.1, whose `_fused_adam` hands it to the fused kernel
+of every device: tests/test_training.py::test_fused_adamw_skips_its_update_when_found_inf_is_set runs the CPU
+kernel (and the CUDA one where there is a GPU) and fails if a torch upgrade stops honouring it.
 """
 
 import json

@@ -314,21 +314,22 @@ def test_host_copy_of_a_gpu_scalar_waits_for_its_own_point_of_the_stream():
     assert value.item() == 2.0
 
 
-def test_fused_adamw_skips_its_update_when_found_inf_is_set():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_fused_adamw_skips_its_update_when_found_inf_is_set(device):
     """The guard skips a flagged step of a fused optimiser by setting `found_inf`, an attribute torch does not document
     (checked on torch 2.14.1): set to 1, fused AdamW leaves the weights, its moments and its step count as they were;
     set to 0 or removed, it steps. A torch upgrade that stops honouring it fails here."""
     from nepa.nonfinite import fused_optimizer
 
-    weight = torch.nn.Parameter(torch.ones(3))
+    weight = torch.nn.Parameter(torch.ones(3, device=device))
     optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
     assert fused_optimizer(optimizer) is optimizer and fused_optimizer(torch.optim.AdamW([weight])) is None
-    weight.grad = torch.ones(3)
-    optimizer.found_inf = torch.tensor(1.0)
+    weight.grad = torch.ones(3, device=device)
+    optimizer.found_inf = torch.tensor(1.0, device=device)
     optimizer.step()
     state = optimizer.state[weight]
-    assert torch.equal(weight.detach(), torch.ones(3)) and state["step"].item() == 0 and not state["exp_avg"].any()
-    optimizer.found_inf = torch.tensor(0.0)
+    assert (weight.detach() == 1).all() and state["step"].item() == 0 and not state["exp_avg"].any()
+    optimizer.found_inf = torch.tensor(0.0, device=device)
     optimizer.step()
     assert state["step"].item() == 1 and (weight.detach() < 1).all()
     del optimizer.found_inf
