@@ -58,7 +58,7 @@ FINETUNE_STEPS = {1: 300, 10: 600, 100: 1200}
 EVAL = {"crop_pct": 1.0, "per_device_eval_batch_size": 512}
 
 # The frozen-encoder probes of eval.py (docs/miniature.md): 2 epochs of the 10 % labelled subset (94 steps; what
-# the demo's time and a 3-seed comparison on a shared CPU can pay for), on crops of at least half the image, no
+# the demo's time and a 3-seed comparison on the 2-core CPU can pay for), on crops of at least half the image, no
 # checkpoints. The linear probe takes the default grid. The attentive probe averages the last 2 of the 4 blocks
 # (AIM: 6 of 24, ViT-B here: 6 of 12), takes no RandAugment (made for 100 epochs, not 2), and a grid 10x AIMv2's:
 # with AIMv2's, made for 100 epochs, the best head of both encoders was its largest rate, 2e-3.
