@@ -38,11 +38,11 @@ class DataArguments:
         },
     )
     crop_scale: list[float] = field(
-        default_factory=lambda: list(DEFAULT_CROP_SCALE),
+        default_factory=lambda: [*DEFAULT_CROP_SCALE],
         metadata={"help": "Training RandomResizedCrop: MIN MAX fraction of the image's area."},
     )
     crop_ratio: list[float] = field(
-        default_factory=lambda: list(DEFAULT_CROP_RATIO),
+        default_factory=lambda: [*DEFAULT_CROP_RATIO],
         metadata={"help": "Training RandomResizedCrop: MIN MAX aspect ratio."},
     )
     strict_images: bool = field(
