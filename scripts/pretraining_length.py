@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs/pretraining_length")
     parser.add_argument("--steps", type=int, nargs="+", default=[250, 1000, 2000], help="pretraining lengths judged")
     parser.add_argument(
-        "--collapse_steps", type=int, nargs="+", default=[250, 500, 1000],
+        "--collapse_steps", type=int, nargs="+", default=[250, 500],
         help="checkpoints of the no-stop-gradient pretraining whose k-NN probe is measured",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3, help="label subsets and fine-tuning seeds per encoder")
@@ -100,7 +100,8 @@ def pretrain_argv(args, output: Path, steps: list[int], stop_grad: bool) -> list
         "--config_name", str(REPO / miniature.PRETRAIN_CONFIG), *overrides,
         "--dataset_name", args.dataset, "--load_from_disk", "True",
         "--output_dir", str(output), "--do_train", "--max_steps", str(max(steps)), *miniature.flags(miniature.PRETRAIN),
-        "--logging_steps", "50", "--save_strategy", "steps", "--save_steps", str(save_every(steps)), "--seed", "0",
+        "--logging_steps", str(min(50, save_every(steps))), "--save_strategy", "steps", "--save_steps", str(save_every(steps)),
+        "--seed", "0",
         *demo.COMMON,
     ]  # fmt: skip
 
@@ -125,38 +126,37 @@ def probe(args, stages, encoder: Path, protocol: str, folder: Path, seed: int) -
     ])  # fmt: skip
 
 
-def evaluate(args, stages, name: str, encoder: Path, long: bool) -> None:
-    """The demo's judgement of one encoder, seed by seed; with `long`, also the long fine-tunes."""
+def evaluate(args, stages, encoders: dict[str, Path]) -> None:
+    """The demo's judgement of each encoder, seed by seed across the encoders (so that an interrupted run has
+    whole seeds), then the long fine-tunes of random init and the longest pretraining."""
     import init_nepa_cls_from_pretrain
     import train_finetune
 
     out = Path(args.output_dir)
-    classifier = out / "classifiers" / name
-    stages.run("conversion", classifier / "model.safetensors", init_nepa_cls_from_pretrain.main, [
-        "--pretrained_model_id", str(encoder), "--config_model_id", str(REPO / miniature.FINETUNE_CONFIG),
-        "--save_local", "--local_dir", str(classifier),
-    ])  # fmt: skip
-    runs = [(seed, percent, 1) for seed in range(args.seeds) for percent in (None, 1, 10)]
-    runs += [(seed, percent, args.long_factor) for seed in range(args.long_seeds) for percent in (1, 10)] if long else []
-    for seed, percent, factor in runs:
+    for name, encoder in encoders.items():
+        stages.run("conversion", out / "classifiers" / name / "model.safetensors", init_nepa_cls_from_pretrain.main, [
+            "--pretrained_model_id", str(encoder), "--config_model_id", str(REPO / miniature.FINETUNE_CONFIG),
+            "--save_local", "--local_dir", str(out / "classifiers" / name),
+        ])  # fmt: skip
+    long = [name for name in encoders if name in (RANDOM, f"steps{max(args.steps)}")]
+    runs = [(seed, name, 1) for seed in range(args.seeds) for name in encoders]
+    runs += [(seed, name, args.long_factor) for seed in range(args.long_seeds) for name in long]
+    for seed, name, factor in runs:
         folder = out / name / f"seed{seed}"
-        if percent is None:
+        if factor == 1:
             for protocol in ("knn", "linear"):
-                probe(args, stages, encoder, protocol, folder / protocol, seed)
-            continue
-        label = f"finetune{percent}" + ("-long" if factor > 1 else "")
-        argv = miniature.finetune_argv(
-            classifier, folder / label, percent, seed, factor * (args.finetune_steps or miniature.FINETUNE_STEPS[percent]), args.dataset
-        )
-        stages.run(f"fine-tuning, {percent} % labels, x{factor}", folder / label / "eval_results.json",
-                   train_finetune.main, [*argv, *demo.COMMON])  # fmt: skip
+                probe(args, stages, encoders[name], protocol, folder / protocol, seed)
+        for percent in (1, 10):
+            label = f"finetune{percent}" + ("-long" if factor > 1 else "")
+            steps = factor * (args.finetune_steps or miniature.FINETUNE_STEPS[percent])
+            argv = miniature.finetune_argv(out / "classifiers" / name, folder / label, percent, seed, steps, args.dataset)
+            stages.run(f"fine-tuning, {percent} % labels, x{factor}", folder / label / "eval_results.json",
+                       train_finetune.main, [*argv, *demo.COMMON])  # fmt: skip
 
 
 def seconds(folder: Path) -> float:
-    """Wall seconds of the stages under `folder` (pretraining: the Trainer's own runtime)."""
-    total = sum(float(path.read_text()) for path in folder.rglob("wall_seconds.txt"))
-    train = folder / "train_results.json"
-    return total + (json.loads(train.read_text())["train_runtime"] if train.exists() else 0.0)
+    """Wall seconds of the stages under `folder`."""
+    return sum(float(path.read_text()) for path in folder.rglob("wall_seconds.txt"))
 
 
 def log_curve(pretrain: Path, key: str) -> list[list[float]]:
@@ -169,6 +169,18 @@ def log_curve(pretrain: Path, key: str) -> list[list[float]]:
             history = json.loads(state.read_text())["log_history"]
             return [[entry["step"], entry[key]] for entry in history if key in entry]
     return []
+
+
+def layerscale(pretrain: Path) -> dict[int, float]:
+    """Mean |LayerScale lambda| of each checkpoint: how far the blocks have grown from the identity (init 1e-5)."""
+    from safetensors.torch import load_file
+
+    means = {}
+    for folder in pretrain.glob("checkpoint-*"):
+        if (folder / "trainer_state.json").exists():
+            scales = [v.abs().mean().item() for k, v in load_file(folder / "model.safetensors").items() if "lambda" in k]
+            means[int(folder.name.split("-")[1])] = statistics.mean(scales) if scales else None
+    return dict(sorted(means.items()))
 
 
 def collect(args) -> dict:
@@ -195,6 +207,7 @@ def collect(args) -> dict:
             "target_cosine": log_curve(out / run / "pretrain", "target_cosine"),
             "loss": log_curve(out / run / "pretrain", "loss"),
             "knn": knn,
+            "layerscale": layerscale(out / run / "pretrain"),
         }
     minutes = {
         "pretraining (stop-gradient)": seconds(out / "stopgrad" / "pretrain") / 60,
@@ -319,14 +332,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.part in ("all", "evaluate"):
         if not (out / RANDOM / "encoder" / "model.safetensors").exists():
             miniature.save_untrained_encoder(out / RANDOM / "encoder")
-        wanted = args.encoders or [RANDOM, *map(str, args.steps)]
-        for name in wanted:
+        encoders = {}
+        for name in args.encoders or [RANDOM, *map(str, args.steps)]:
             encoder = out / RANDOM / "encoder" if name == RANDOM else checkpoint(out / "stopgrad" / "pretrain", int(name))
             if encoder is None:
                 print(f"==> steps {name}: no checkpoint yet, skipped", flush=True)
-                continue
-            label = name if name == RANDOM else f"steps{name}"
-            evaluate(args, stages, label, encoder, long=name in (RANDOM, str(max(args.steps))))
+            else:
+                encoders[name if name == RANDOM else f"steps{name}"] = encoder
+        evaluate(args, stages, encoders)
     if args.part in ("all", "collapse"):
         for run, steps in (("nostopgrad", args.collapse_steps), ("stopgrad", [s for s in args.collapse_steps if s not in args.steps])):
             for step in steps:
