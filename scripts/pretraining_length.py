@@ -54,7 +54,7 @@ class TimedStages(demo.Stages):
         before = self.seconds.get(kind, 0.0)
         super().run(kind, result, function, argv)
         if self.seconds.get(kind, 0.0) != before:
-            (result.parent / "wall_seconds.txt").write_text(f"{self.seconds[kind] - before:.1f}\n")
+            (result.parent / "wall_seconds.txt").write_text(f"{self.seconds[kind] - before:.3f}\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -227,14 +227,18 @@ def collect(args) -> dict:
 
 
 def table(results: dict) -> str:
+    """The markdown table: mean ± std over the seeds each encoder has (the last column)."""
     factor = results["arguments"]["long_factor"]
     protocols = [p for p in PROTOCOLS + LONG_PROTOCOLS if any(p in e["scores"] for e in results["encoders"].values())]
-    lines = ["| encoder | " + " | ".join(LABELS[p].format(factor=factor) for p in protocols) + " |", "|---|" + "---|" * len(protocols)]
+    lines = [
+        "| encoder | " + " | ".join(LABELS[p].format(factor=factor) for p in protocols) + " | seeds |",
+        "|---|" + "---|" * (len(protocols) + 1),
+    ]
     for name, entry in results["encoders"].items():
         row = "random init" if name == RANDOM else f"NEPA, {entry['pretraining_steps']:,} steps"
-        cells = [demo.mean_std(entry["scores"][p]) if p in entry["scores"] else "" for p in protocols]
-        counts = [str(len(entry["scores"][p])) for p in protocols if p in entry["scores"]]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |" + ("" if len(set(counts)) <= 1 else " seeds " + "/".join(counts)))
+        cells = [demo.mean_std(entry["scores"][p]) if p in entry["scores"] else "-" for p in protocols]
+        seeds = "/".join(sorted({str(len(values)) for values in entry["scores"].values()})) or "-"
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {seeds} |")
     return "\n".join(lines)
 
 
