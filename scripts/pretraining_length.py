@@ -2,6 +2,7 @@
 
     python scripts/pretraining_length.py --threads 1          # everything, one stage after another
     python scripts/pretraining_length.py --plot               # docs/figures/pretraining_length.png
+    python scripts/pretraining_length.py --plot --results docs/figures/pretraining_length.json   # from the committed results
 
 One NEPA pretraining of the demo's model and settings (scripts/miniature.py) under one cosine schedule
 sized for the longest of --steps, saving a checkpoint every gcd(--steps) steps; the checkpoints at --steps
@@ -81,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--plot", action="store_true", help="draw --figure from <output_dir>/results.json and stop")
     parser.add_argument("--figure", default=str(FIGURE.relative_to(REPO)))
+    parser.add_argument(
+        "--results", default=None,
+        help="the results --plot draws (default: <output_dir>/results.json; the measured ones: docs/figures/pretraining_length.json)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.encoders and args.part != "evaluate":
         parser.error("--encoders chooses what --part evaluate judges; pass --part evaluate.")
@@ -218,7 +223,7 @@ def collect(args) -> dict:
         **{f"probes and fine-tunes of {name}": seconds(out / name) / 60 for name in encoders if (out / name).exists()},
     }
     results = {
-        "arguments": {key: value for key, value in vars(args).items() if key not in ("part", "encoders", "plot", "figure")},
+        "arguments": {key: value for key, value in vars(args).items() if key not in ("part", "encoders", "plot", "figure", "results")},
         "encoders": scores,
         "collapse": collapse,
         "minutes": minutes,
@@ -316,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.dataset = str((REPO / args.dataset).resolve())
     out = Path(args.output_dir)
     if args.plot:
-        results = json.loads((out / "results.json").read_text())
+        results = json.loads(Path(args.results or out / "results.json").read_text())
         plot(results, (REPO / args.figure).resolve())
         return results
     import torch
