@@ -98,14 +98,16 @@ def labels_flags(percent: float) -> list[str]:
 
 
 def pretrain_argv(output_dir, steps: int, seed: int = 0, dataset: str = DATASET, config: str = PRETRAIN_CONFIG,
-                  config_overrides: str = "", logging_steps: int = 50) -> list[str]:  # fmt: skip
-    """train_pretrain.py's command line: NEPA pretraining of `config` (changed by `config_overrides`) for `steps`."""
+                  config_overrides: str = "", logging_steps: int = 50, save_steps: int | None = None) -> list[str]:  # fmt: skip
+    """train_pretrain.py's command line: NEPA pretraining of `config` (changed by `config_overrides`) for `steps`,
+    saving a checkpoint every `save_steps` (None: the final weights only)."""
+    saving = ["--save_strategy", "steps", "--save_steps", str(save_steps)] if save_steps else ["--save_strategy", "no"]
     return [
         "--config_name", str(REPO / config), *(["--config_overrides", config_overrides] if config_overrides else []),
         "--dataset_name", dataset, "--load_from_disk", "True",
         "--output_dir", str(output_dir), "--do_train", "--max_steps", str(steps),
         *flags(PRETRAIN),
-        "--seed", str(seed), "--save_strategy", "no", "--logging_steps", str(logging_steps),
+        "--seed", str(seed), *saving, "--logging_steps", str(logging_steps),
     ]  # fmt: skip
 
 

@@ -1,0 +1,358 @@
+"""Does longer NEPA pretraining pay off in the miniature? Accuracy against pretraining length, and collapse.
+
+    python scripts/pretraining_length.py --threads 1          # everything, one stage after another
+    python scripts/pretraining_length.py --plot               # docs/figures/pretraining_length.png
+    python scripts/pretraining_length.py --plot --results docs/figures/pretraining_length.json   # from the committed results
+
+One NEPA pretraining of the demo's model and settings (scripts/miniature.py) under one cosine schedule
+sized for the longest of --steps, saving a checkpoint every gcd(--steps) steps; the checkpoints at --steps
+(and the untrained encoder, "random init") are each judged the demo's way (scripts/demo.py): k-NN and
+linear probes fitted on 10 % of the labels, fine-tuning on 1 % and 10 % (scripts/miniature.finetune_argv),
+--seeds label subsets and fine-tuning seeds. The longest pretraining and random init are also fine-tuned
+--long_factor times longer. A second pretraining without stop-gradient (its own cosine schedule, sized for
+the longest of --collapse_steps) gives the collapse curve: its logged target_cosine and the k-NN probe of
+its checkpoints, beside the stop-gradient run's.
+
+--part runs one share of the work, so that it can be spread over processes on a multi-core CPU:
+`pretrain` (the stop-gradient pretraining), `collapse` (the no-stop-gradient pretraining and its probes),
+`evaluate` (probes and fine-tunes of the --encoders whose weights exist; run it again as checkpoints
+appear). A stage whose result exists is reused. Every run collects what exists into
+<output_dir>/results.json; --plot draws the figure from that file alone.
+"""
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scripts import demo, miniature  # noqa: E402
+from scripts.experiment import Stages, mean_std  # noqa: E402
+
+FIGURE = REPO / "docs" / "figures" / "pretraining_length.png"
+RANDOM = "random-init"
+PROTOCOLS = ("knn", "linear", "finetune1", "finetune10")
+LONG_PROTOCOLS = ("finetune1-long", "finetune10-long")
+LABELS = {
+    "knn": "k-NN (10 % labels)",
+    "linear": "linear probe (10 % labels)",
+    "finetune1": "fine-tuned, 1 % labels",
+    "finetune10": "fine-tuned, 10 % labels",
+    "finetune1-long": "fine-tuned {factor}x longer, 1 % labels",
+    "finetune10-long": "fine-tuned {factor}x longer, 10 % labels",
+}
+
+
+class TimedStages(Stages):
+    """Stages that also leave each stage's wall time beside its result (stages run in several processes)."""
+
+    def run(self, kind: str, result: Path, function, argv: list[str]) -> None:
+        before = self.seconds.get(kind, 0.0)
+        super().run(kind, result, function, argv)
+        if self.seconds.get(kind, 0.0) != before:
+            (result.parent / "wall_seconds.txt").write_text(f"{self.seconds[kind] - before:.3f}\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=miniature.DATASET)
+    parser.add_argument("--output_dir", default="outputs/pretraining_length")
+    parser.add_argument("--steps", type=int, nargs="+", default=[250, 1000, 2000], help="pretraining lengths judged")
+    parser.add_argument(
+        "--collapse_steps", type=int, nargs="+", default=[250, 500],
+        help="checkpoints of the no-stop-gradient pretraining whose k-NN probe is measured",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=3, help="label subsets and fine-tuning seeds per encoder")
+    parser.add_argument(
+        "--finetune_steps", type=int, default=None,
+        help=f"steps of every fine-tune (default: the demo's per labelled fraction, {miniature.FINETUNE_STEPS})",
+    )  # fmt: skip
+    parser.add_argument("--long_factor", type=int, default=4, help="the long fine-tune's steps, in demo fine-tunes")
+    parser.add_argument("--long_seeds", type=int, default=3, help="seeds of the long fine-tune")
+    parser.add_argument("--part", choices=("all", "pretrain", "collapse", "evaluate"), default="all")
+    parser.add_argument(
+        "--encoders", nargs="+", default=None,
+        help=f"with --part evaluate: only these encoders ({RANDOM} and / or pretraining steps)",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--plot", action="store_true", help="draw --figure from <output_dir>/results.json and stop")
+    parser.add_argument("--figure", default=str(FIGURE.relative_to(REPO)))
+    parser.add_argument(
+        "--results", default=None,
+        help="the results --plot draws (default: <output_dir>/results.json; the measured ones: docs/figures/pretraining_length.json)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.encoders and args.part != "evaluate":
+        parser.error("--encoders chooses what --part evaluate judges; pass --part evaluate.")
+    known = {RANDOM, *map(str, args.steps)}
+    if args.encoders and not set(args.encoders) <= known:
+        parser.error(f"--encoders {sorted(set(args.encoders) - known)}: not {RANDOM} or one of --steps {args.steps}.")
+    return args
+
+
+def save_every(steps: list[int]) -> int:
+    return math.gcd(*steps)
+
+
+def pretrain_argv(args, output: Path, steps: list[int], stop_grad: bool) -> list[str]:
+    overrides = "" if stop_grad else "nepa_stop_grad=false"
+    every = save_every(steps)
+    argv = miniature.pretrain_argv(
+        output, max(steps), 0, args.dataset, config_overrides=overrides, logging_steps=min(50, every), save_steps=every
+    )
+    return [*argv, *demo.COMMON]
+
+
+def checkpoint(pretrain: Path, step: int) -> Path | None:
+    """The pretraining's weights at `step`, with the image processor the Trainer's checkpoints leave out."""
+    folder = pretrain / f"checkpoint-{step}"
+    if not (folder / "trainer_state.json").exists():  # written after the weights: the checkpoint is whole
+        return None
+    if not (folder / "preprocessor_config.json").exists():
+        shutil.copy(REPO / miniature.PRETRAIN_CONFIG / "preprocessor_config.json", folder)
+    return folder
+
+
+def probe(args, stages, encoder: Path, protocol: str, folder: Path, seed: int) -> None:
+    import eval as eval_script
+
+    argv = miniature.probe_argv(encoder, folder, protocol, seed, args.dataset)
+    stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [*argv, *demo.COMMON])
+
+
+def evaluate(args, stages, encoders: dict[str, Path]) -> None:
+    """The demo's judgement of each encoder, seed by seed across the encoders (so that an interrupted run has
+    whole seeds), then the long fine-tunes of random init and the longest pretraining."""
+    import init_nepa_cls_from_pretrain
+    import train_finetune
+
+    out = Path(args.output_dir)
+    for name, encoder in encoders.items():
+        stages.run("conversion", out / "classifiers" / name / "model.safetensors", init_nepa_cls_from_pretrain.main, [
+            "--pretrained_model_id", str(encoder), "--config_model_id", str(REPO / miniature.FINETUNE_CONFIG),
+            "--save_local", "--local_dir", str(out / "classifiers" / name),
+        ])  # fmt: skip
+    long = [name for name in encoders if name in (RANDOM, f"steps{max(args.steps)}")]
+    runs = [(seed, name, 1) for seed in range(args.seeds) for name in encoders]
+    runs += [(seed, name, args.long_factor) for seed in range(args.long_seeds) for name in long]
+    for seed, name, factor in runs:
+        folder = out / name / f"seed{seed}"
+        if factor == 1:
+            for protocol in ("knn", "linear"):
+                probe(args, stages, encoders[name], protocol, folder / protocol, seed)
+        for percent in (1, 10):
+            label = f"finetune{percent}" + ("-long" if factor > 1 else "")
+            steps = factor * (args.finetune_steps or miniature.FINETUNE_STEPS[percent])
+            argv = miniature.finetune_argv(out / "classifiers" / name, folder / label, percent, seed, steps, args.dataset)
+            stages.run(f"fine-tuning, {percent} % labels, x{factor}", folder / label / "eval_results.json",
+                       train_finetune.main, [*argv, *demo.COMMON])  # fmt: skip
+
+
+def seconds(folder: Path) -> float:
+    """Wall seconds of the stages under `folder`."""
+    return sum(float(path.read_text()) for path in folder.rglob("wall_seconds.txt"))
+
+
+def log_curve(pretrain: Path, key: str) -> list[list[float]]:
+    """[step, value] of a logged metric, from the newest trainer state (final, else the newest checkpoint)."""
+    states = [pretrain / "trainer_state.json"] + sorted(
+        pretrain.glob("checkpoint-*/trainer_state.json"), key=lambda path: -int(path.parent.name.split("-")[1])
+    )
+    for state in states:
+        if state.exists():
+            history = json.loads(state.read_text())["log_history"]
+            return [[entry["step"], entry[key]] for entry in history if key in entry]
+    return []
+
+
+def layerscale(pretrain: Path) -> dict[int, float]:
+    """Mean |LayerScale lambda| of each checkpoint: how far the blocks have grown from the identity (init 1e-5)."""
+    from safetensors.torch import load_file
+
+    means = {}
+    for folder in pretrain.glob("checkpoint-*"):
+        if (folder / "trainer_state.json").exists():
+            scales = [v.abs().mean().item() for k, v in load_file(folder / "model.safetensors").items() if "lambda" in k]
+            means[int(folder.name.split("-")[1])] = statistics.mean(scales) if scales else None
+    return dict(sorted(means.items()))
+
+
+def collect(args) -> dict:
+    out = Path(args.output_dir)
+    encoders = {RANDOM: 0, **{f"steps{step}": step for step in args.steps}}
+    scores = {}
+    for name, step in encoders.items():
+        found = {}
+        for protocol in PROTOCOLS + LONG_PROTOCOLS:
+            files = sorted((out / name).glob(f"seed*/{protocol}/eval_results.json"))
+            if files:
+                found[protocol] = [demo.accuracy(file.parent) for file in files]
+        scores[name] = {"pretraining_steps": step, "scores": found}
+    collapse = {}
+    for run in ("stopgrad", "nostopgrad"):
+        knn = {}
+        for step in sorted(set(args.collapse_steps) | (set(args.steps) if run == "stopgrad" else set())):
+            # the stop-gradient run's judged checkpoints have their k-NN already: seed 0's probe
+            judged = run == "stopgrad" and step in args.steps
+            folder = out / f"steps{step}" / "seed0" / "knn" if judged else out / run / f"knn-steps{step}"
+            if (folder / "eval_results.json").exists():
+                knn[step] = demo.accuracy(folder)
+        collapse[run] = {
+            "target_cosine": log_curve(out / run / "pretrain", "target_cosine"),
+            "loss": log_curve(out / run / "pretrain", "loss"),
+            "knn": knn,
+            "layerscale": layerscale(out / run / "pretrain"),
+        }
+    minutes = {
+        "pretraining (stop-gradient)": seconds(out / "stopgrad" / "pretrain") / 60,
+        "pretraining (no stop-gradient)": seconds(out / "nostopgrad" / "pretrain") / 60,
+        "collapse probes": sum(seconds(folder) for folder in (out / "nostopgrad").glob("knn-*")) / 60,
+        "conversions": seconds(out / "classifiers") / 60 if (out / "classifiers").exists() else 0.0,
+        **{f"probes and fine-tunes of {name}": seconds(out / name) / 60 for name in encoders if (out / name).exists()},
+    }
+    results = {
+        "arguments": {key: value for key, value in vars(args).items() if key not in ("part", "encoders", "plot", "figure", "results")},
+        "encoders": scores,
+        "collapse": collapse,
+        "minutes": minutes,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def table(results: dict) -> str:
+    """The markdown table: mean ± std over the seeds each encoder has (the last column)."""
+    factor = results["arguments"]["long_factor"]
+    protocols = [p for p in PROTOCOLS + LONG_PROTOCOLS if any(p in e["scores"] for e in results["encoders"].values())]
+    lines = [
+        "| encoder | " + " | ".join(LABELS[p].format(factor=factor) for p in protocols) + " | seeds |",
+        "|---|" + "---|" * (len(protocols) + 1),
+    ]
+    for name, entry in results["encoders"].items():
+        row = "random init" if name == RANDOM else f"NEPA, {entry['pretraining_steps']:,} steps"
+        cells = [f"{mean_std(entry['scores'][p])} %" if p in entry["scores"] else "-" for p in protocols]
+        seeds = "/".join(sorted({str(len(values)) for values in entry["scores"].values()})) or "-"
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {seeds} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, figure: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, cos, knn) = plt.subplots(1, 3, figsize=(16, 6.5), gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    factor = results["arguments"]["long_factor"]
+    pretrained = sorted((e for e in results["encoders"].values() if e["pretraining_steps"]), key=lambda e: e["pretraining_steps"])
+    random = results["encoders"][RANDOM]["scores"]
+    colours = dict(zip(PROTOCOLS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    for protocol, colour in colours.items():
+        points = [(e["pretraining_steps"], e["scores"][protocol]) for e in pretrained if protocol in e["scores"]]
+        if points:
+            steps = [step for step, _ in points]
+            mean = [100 * statistics.mean(values) for _, values in points]
+            std = [100 * statistics.stdev(values) if len(values) > 1 else 0.0 for _, values in points]
+            acc.plot(steps, mean, "o-", color=colour, label=LABELS[protocol])
+            acc.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=colour, alpha=0.2)
+        if protocol in random:
+            mean, values = 100 * statistics.mean(random[protocol]), random[protocol]
+            std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+            acc.axhline(mean, color=colour, linestyle="--", linewidth=1)
+            acc.axhspan(mean - std, mean + std, color=colour, alpha=0.08)
+    for protocol, colour in (("finetune1-long", "tab:green"), ("finetune10-long", "tab:red")):
+        # drawn at the longest pretraining, random init's a little to the right
+        for entry, marker, shift in ((pretrained[-1] if pretrained else None, "*", 1.0), (results["encoders"][RANDOM], "x", 1.1)):
+            if entry and protocol in entry["scores"]:
+                values = [100 * v for v in entry["scores"][protocol]]
+                step = shift * (pretrained[-1]["pretraining_steps"] if pretrained else 1)
+                label = f"{LABELS[protocol].format(factor=factor)} ({'NEPA' if marker == '*' else 'random init'})"
+                acc.errorbar(step, statistics.mean(values), yerr=statistics.stdev(values) if len(values) > 1 else 0,
+                             fmt=marker, color=colour, markersize=11, capsize=3, label=label)  # fmt: skip
+    acc.set_xlabel("NEPA pretraining steps (batch 128)")
+    acc.set_ylabel("top-1 on the 10,000 test images (%)")
+    acc.set_title("Accuracy against pretraining length\n(band: ± std over seeds; dashed: random init)")
+    acc.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    acc.grid(alpha=0.3)
+    for run, colour, label in (("stopgrad", "tab:blue", "stop-gradient (NEPA)"), ("nostopgrad", "tab:red", "no stop-gradient")):
+        curve = results["collapse"][run]
+        if curve["target_cosine"]:
+            cos.plot(*zip(*curve["target_cosine"]), color=colour, label=label)
+        if curve["knn"]:
+            knn.plot([int(step) for step in curve["knn"]], [100 * v for v in curve["knn"].values()], "o-", color=colour, label=label)
+    if "knn" in random:
+        knn.axhline(100 * statistics.mean(random["knn"]), color="gray", linestyle="--", label="random init")
+    cos.set_title("Collapse: mean pairwise cosine of the targets")
+    cos.set_xlabel("pretraining step")
+    cos.set_ylabel("target_cosine (training batches)")
+    cos.set_ylim(0, 1)
+    knn.set_title("k-NN of the checkpoints (10 % labels, seed 0)")
+    knn.set_xlabel("pretraining step")
+    knn.set_ylabel("top-1 (%)")
+    probed = sorted({int(step) for run in results["collapse"].values() for step in run["knn"]})
+    for axis, steps in ((acc, [e["pretraining_steps"] for e in pretrained]), (knn, probed)):
+        axis.set_xscale("log")
+        axis.set_xticks(steps, [f"{step:,}" for step in steps])
+        axis.minorticks_off()
+    for axis in (cos, knn):
+        axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=120)
+    print(f"written to {figure}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.output_dir = str((REPO / args.output_dir).resolve())
+    args.dataset = str((REPO / args.dataset).resolve())
+    out = Path(args.output_dir)
+    if args.plot:
+        results = json.loads(Path(args.results or out / "results.json").read_text())
+        plot(results, (REPO / args.figure).resolve())
+        return results
+    import torch
+
+    import train_pretrain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (Path(args.dataset) / "dataset_dict.json").exists():
+        raise SystemExit(f"{args.dataset} does not exist: build it with `python download_dataset.py --dataset fashion-mnist`.")
+    stages = TimedStages(rerun=False)
+    runs = {"stopgrad": (args.steps, True), "nostopgrad": (args.collapse_steps, False)}
+    for run, (steps, stop_grad) in runs.items():
+        if args.part in ("all", "pretrain" if stop_grad else "collapse"):
+            pretrain = out / run / "pretrain"
+            stages.run(f"{run} pretraining", pretrain / "model.safetensors", train_pretrain.main,
+                       pretrain_argv(args, pretrain, steps, stop_grad))  # fmt: skip
+    if args.part in ("all", "evaluate"):
+        if not (out / RANDOM / "encoder" / "model.safetensors").exists():
+            miniature.save_untrained_encoder(out / RANDOM / "encoder")
+        encoders = {}
+        for name in args.encoders or [RANDOM, *map(str, args.steps)]:
+            encoder = out / RANDOM / "encoder" if name == RANDOM else checkpoint(out / "stopgrad" / "pretrain", int(name))
+            if encoder is None:
+                print(f"==> steps {name}: no checkpoint yet, skipped", flush=True)
+            else:
+                encoders[name if name == RANDOM else f"steps{name}"] = encoder
+        evaluate(args, stages, encoders)
+    if args.part in ("all", "collapse"):
+        for run, steps in (("nostopgrad", args.collapse_steps), ("stopgrad", [s for s in args.collapse_steps if s not in args.steps])):
+            for step in steps:
+                encoder = checkpoint(out / run / "pretrain", step)
+                if encoder is not None:
+                    probe(args, stages, encoder, "knn", out / run / f"knn-steps{step}", 0)
+    results = collect(args)
+    print("\n" + table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""scripts/pretraining_length.py end to end at a tiny budget: the curve's results, the collapse run, the figure."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import small_fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import pretraining_length  # noqa: E402
+
+
+@pytest.mark.slow
+def test_pretraining_length_judges_each_checkpoint_and_plots(tmp_path):
+    dataset = small_fashion_mnist(tmp_path / "fashion-mnist", per_split=1000)
+    out = tmp_path / "curve"
+    argv = [
+        "--dataset", str(dataset), "--output_dir", str(out), "--steps", "2", "4", "--collapse_steps", "2", "4",
+        "--seeds", "1", "--finetune_steps", "2", "--long_factor", "2", "--long_seeds", "1", "--threads", "1",
+    ]  # fmt: skip
+    results = pretraining_length.main(argv)
+
+    # One pretraining per run, checkpoints at the judged steps, under one schedule sized for the longest.
+    for run, steps in (("stopgrad", [2, 4]), ("nostopgrad", [2, 4])):
+        state = json.loads((out / run / "pretrain" / "trainer_state.json").read_text())
+        assert state["max_steps"] == 4
+        assert all((out / run / "pretrain" / f"checkpoint-{step}" / "preprocessor_config.json").exists() for step in steps)
+    assert json.loads((out / "nostopgrad" / "pretrain" / "config.json").read_text())["nepa_stop_grad"] is False
+
+    encoders = results["encoders"]
+    assert {name: entry["pretraining_steps"] for name, entry in encoders.items()} == {"random-init": 0, "steps2": 2, "steps4": 4}
+    for name, entry in encoders.items():
+        long = {"finetune1-long", "finetune10-long"} if name != "steps2" else set()
+        assert set(entry["scores"]) == {"knn", "linear", "finetune1", "finetune10"} | long
+        assert all(len(values) == 1 for values in entry["scores"].values())
+    # The long fine-tune runs long_factor x the demo's steps.
+    state = json.loads((out / "steps4" / "seed0" / "finetune10-long" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+    for run in ("stopgrad", "nostopgrad"):
+        assert set(results["collapse"][run]["knn"]) == {2, 4}
+    assert results["collapse"]["nostopgrad"]["target_cosine"]
+    assert set(results["collapse"]["stopgrad"]["layerscale"]) == {2, 4}
+    assert all(minutes > 0 for minutes in results["minutes"].values())
+
+    again = pretraining_length.main(argv)  # every stage reused: no new wall times, the same scores
+    assert again["encoders"] == json.loads(json.dumps(results["encoders"]))
+    assert again["minutes"] == pytest.approx(results["minutes"])
+
+    figure = tmp_path / "curve.png"
+    pretraining_length.main(["--output_dir", str(out), "--plot", "--figure", str(figure)])
+    assert figure.stat().st_size > 10_000
