@@ -30,6 +30,7 @@ import PIL.Image
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
 from nepa.args import add_bool_argument
+from nepa.segmentation import IGNORE_INDEX
 
 IMAGENET_HUB = "ILSVRC/imagenet-1k"
 IMAGENET_REVISION = "4603483700ee984ea9debe3ddbfdeae86f6489eb"
@@ -182,10 +183,10 @@ def build_fashion_mnist_seg(
 
 
 def reduce_zero_label(mask_png: bytes) -> bytes:
-    """ADE20K's masks: 0 ("other objects") becomes 255 (ignored) and classes 1..150 become 0..149."""
+    """ADE20K's masks: 0 ("other objects") becomes IGNORE_INDEX (255) and classes 1..150 become 0..149."""
     with PIL.Image.open(io.BytesIO(mask_png)) as image:
         mask = np.array(image, dtype=np.int16)
-    return png_bytes(np.where(mask == 0, 255, mask - 1).astype(np.uint8))
+    return png_bytes(np.where(mask == 0, IGNORE_INDEX, mask - 1).astype(np.uint8))
 
 
 def ade20k_archive(archive: Path | None, download_dir: Path) -> Path:

@@ -29,10 +29,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoImageProcessor, set_seed
+from transformers import set_seed
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification
-from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
+from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, crop_pct_field, parse_arguments, resize_size_field
+from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
     DEFAULT_CROP_RATIO,
     DEFAULT_CROP_SCALE,
@@ -48,7 +49,7 @@ from nepa.data import (
 )
 from nepa.ema import EMA_WEIGHTS_NAME
 from nepa.metrics import accuracy_metrics, top5_indices
-from nepa.probes import LINEAR_FEATURES, ProbeGrid, ProbeTrainer, knn_evaluate, load_frozen_encoder
+from nepa.probes import ATTENTIVE_BLOCKS, LINEAR_FEATURES, ProbeGrid, ProbeTrainer, knn_evaluate, load_frozen_encoder
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint
 
 logger = logging.getLogger("eval")
@@ -104,15 +105,15 @@ class EvalArguments:
         metadata={"help": "Features of the linear heads: mean (patch tokens), cls, last4 (the last 4 blocks' mean tokens, concatenated)."},
     )
     attentive_blocks: list[int] = field(
-        default_factory=lambda: [6],
+        default_factory=lambda: list(ATTENTIVE_BLOCKS),
         metadata={"help": "Tokens of the attentive probe: K (average of the last K blocks) or FIRST LAST (blocks FIRST..LAST, 1-based)."},
     )
     aa: str | None = field(
         default=None,
         metadata={"help": f"timm RandAugment policy of the attentive probe's training images (default {ATTENTIVE_AA}; '' for none)."},
     )
-    crop_pct: float = field(default=0.875, metadata={"help": "Resize the shorter side to size / crop_pct, centre-crop."})
-    resize_size: int | None = field(default=None, metadata={"help": "Resize to this instead (overrides crop_pct)."})
+    crop_pct: float = crop_pct_field()
+    resize_size: int | None = resize_size_field()
 
 
 def check_protocol_flags(args: EvalArguments, data_args: DataArguments, training_args) -> None:
@@ -134,12 +135,10 @@ def check_protocol_flags(args: EvalArguments, data_args: DataArguments, training
 
 
 def evaluate_classifier(args, trainer_kwargs, training_args) -> tuple[NepaTrainer, dict]:
-    model, info = ViTNepaForImageClassification.from_pretrained(args.model_name_or_path, output_loading_info=True)
-    if info["missing_keys"]:
-        raise ValueError(
-            f"{args.model_name_or_path} has no trained classifier (missing {sorted(info['missing_keys'])[:4]}): "
-            f"fine-tune it first, or judge the encoder with --protocol knn / linear / attentive."
-        )
+    model = load_model(
+        ViTNepaForImageClassification, args.model_name_or_path, "--model_name_or_path", "classifier",
+        "fine-tune it first, or judge the encoder with --protocol knn / linear / attentive.",
+    )  # fmt: skip
     ema_file = Path(args.model_name_or_path) / EMA_WEIGHTS_NAME
     training_args.use_ema = ema_file.is_file()
     trainer = NepaTrainer(
@@ -179,17 +178,13 @@ def main(argv: list[str] | None = None) -> dict:
     args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, EvalTrainingArguments), argv)
     configure_logging(training_args)
     check_protocol_flags(args, data_args, training_args)
-    if not Path(args.model_name_or_path).is_dir():
-        raise FileNotFoundError(
-            f"{args.model_name_or_path} is not a local folder. Released checkpoints: "
-            f"`hf download {args.model_name_or_path} --local-dir DIR` where there is network, then --model_name_or_path DIR."
-        )
+    local_folder(args.model_name_or_path, "--model_name_or_path")
     if args.protocol != "finetuned":
         args.is_causal = True if args.is_causal is None else args.is_causal
         training_args.use_ema = False  # the frozen encoder does not change, and the probes' heads keep no average
 
     set_seed(training_args.seed)  # the training images' augmentation seeds (ImageDataset) and the heads' initial weights
-    processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
+    processor = load_image_processor(args.image_processor_name, args.model_name_or_path)
     size = processor_image_size(processor, ViTNepaConfig.from_pretrained(args.model_name_or_path).patch_size)
     transform = EvalTransform(size, args.resize_size, args.crop_pct)
     dataset = load_image_dataset(data_args)

@@ -44,6 +44,7 @@ from timm.layers import LayerNorm
 from transformers import AutoConfig, AutoImageProcessor
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaModel
+from nepa.checkpoint import load_model, local_folder
 
 # A registered Eva variant whose every argument the export sets (model_args); the name only picks the class.
 TIMM_ARCHITECTURE = "vit_base_patch16_dinov3"
@@ -171,8 +172,9 @@ def load_nepa(folder: str) -> ViTNepaModel | ViTNepaForImageClassification:
         )
     classifier = "ViTNepaForImageClassification" in (config.architectures or [])
     check_exportable(config, classifier)
-    model_class = ViTNepaForImageClassification if classifier else ViTNepaModel
-    return model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    model_class, tensors = (ViTNepaForImageClassification, "classifier") if classifier else (ViTNepaModel, "encoder")
+    instead = "check that config.json matches the saved tensors."
+    return load_model(model_class, folder, "--model_name_or_path", tensors, instead, dtype=torch.float32).eval()
 
 
 def timm_pretrained_cfg(config: ViTNepaConfig, num_classes: int, folder: str) -> dict:
@@ -222,14 +224,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model_name_or_path", required=True, help="a local NEPA folder (classifier, fine-tuned or encoder)")
     parser.add_argument("--output_dir", required=True, help="where to write the timm folder")
     args = parser.parse_args(argv)
-    if not Path(args.model_name_or_path).is_dir():
-        raise SystemExit(
-            f"error: {args.model_name_or_path} is not a local folder; for a released model run "
-            f"`hf download {args.model_name_or_path} --local-dir DIR` where there is network and pass DIR."
-        )
     try:
-        output = export(args.model_name_or_path, args.output_dir)
-    except ValueError as error:
+        output = export(local_folder(args.model_name_or_path, "--model_name_or_path"), args.output_dir)
+    except (OSError, ValueError) as error:  # FileNotFoundError is an OSError
         raise SystemExit(f"error: {error}") from error
     eps = json.loads((output / "config.json").read_text())["layer_norm_eps"]
     print(f"wrote {os.path.abspath(output)}; load it with")

@@ -8,6 +8,8 @@ mean pooling and drop path 0.1. Every backbone tensor is copied. New: fc_norm (o
 zero-initialised classifier, and QK-norm affine weights that the pretraining checkpoint lacks (ones).
 Anything else missing or left over is an error. Booleans take True / False (`--use_ema True`); a bare
 `--use_ema` means True. `--disable_layerscale` folds each LayerScale lambda into the dense layer before it.
+Both folders are local, as everywhere in this project (`nepa.checkpoint`): a Hub id fails with the `hf download`
+command that fetches it.
 
 Every folder it saves loads in plain `transformers` with `trust_remote_code=True` (it carries the modelling
 code and an `auto_map`). `--add_code_only` adds the same to the local folder `--pretrained_model_id` (a
@@ -24,6 +26,7 @@ from transformers import AutoImageProcessor
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, make_self_contained
 from nepa.args import add_bool_argument
+from nepa.checkpoint import local_folder
 from nepa.ema import EMA_WEIGHTS_NAME
 
 # Fields that fix the shape of the backbone's tensors: they must agree between the two configs.
@@ -39,22 +42,6 @@ ARCHITECTURE_FIELDS = (
     "use_rope",
 )
 PREFIX = "vit_nepa."
-
-
-def resolve_folder(model_id: str, revision: str | None) -> Path:
-    """A local folder as is; a Hub id is downloaded (and fails with the offline recipe when it can't be)."""
-    if Path(model_id).is_dir():
-        return Path(model_id)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model_id, revision=revision))
-    except Exception as error:
-        raise FileNotFoundError(
-            f"{model_id} is not a local folder and could not be fetched from the Hugging Face Hub "
-            f"({type(error).__name__}). Where there is network, run `hf download {model_id} --local-dir DIR` "
-            f"and pass --pretrained_model_id DIR."
-        ) from error
 
 
 def dataset_label_names(dataset_name: str, label_column: str) -> list[str]:
@@ -73,7 +60,7 @@ def dataset_label_names(dataset_name: str, label_column: str) -> list[str]:
 
 def target_config(args, pretrained_config: ViTNepaConfig) -> ViTNepaConfig:
     if args.config_model_id:
-        config = ViTNepaConfig.from_pretrained(resolve_folder(args.config_model_id, None))
+        config = ViTNepaConfig.from_pretrained(local_folder(args.config_model_id, "--config_model_id"))
     else:
         # The fine-tuning architecture of the released configs: bidirectional, mean-pooled, drop path 0.1 (ViT-B's).
         changes = {"is_causal": False, "add_pooling_layer": True, "drop_path_prob": 0.1}
@@ -108,7 +95,7 @@ def fold_layerscale(state: dict[str, torch.Tensor], num_layers: int) -> None:
 
 
 def convert(args) -> ViTNepaForImageClassification:
-    folder = resolve_folder(args.pretrained_model_id, args.pretrained_revision)
+    folder = local_folder(args.pretrained_model_id, "--pretrained_model_id", args.pretrained_revision)
     pretrained_config = ViTNepaConfig.from_pretrained(folder)
     weights_file = folder / (EMA_WEIGHTS_NAME if args.use_ema else "model.safetensors")
     if not weights_file.is_file():
@@ -155,9 +142,9 @@ def convert(args) -> ViTNepaForImageClassification:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained_model_id", required=True, help="a pretraining output folder, or a Hub id")
-    parser.add_argument("--pretrained_revision", default=None, help="Hub revision of --pretrained_model_id")
-    parser.add_argument("--config_model_id", default=None, help="fine-tuning config folder (default: pretrained, bidirectional)")
+    parser.add_argument("--pretrained_model_id", required=True, help="a local pretraining folder (a Hub id gets the hf download to run)")
+    parser.add_argument("--pretrained_revision", default=None, help="the Hub revision --pretrained_model_id was downloaded at")
+    parser.add_argument("--config_model_id", default=None, help="a local fine-tuning config folder (default: pretrained, bidirectional)")
     parser.add_argument("--num_labels", type=int, default=None, help="number of classes (generic label names)")
     parser.add_argument("--dataset_name", default=None, help="a download_dataset.py folder: take its class names")
     parser.add_argument("--label_column_name", default="label")
@@ -184,18 +171,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     if args.add_code_only:
-        if not Path(args.pretrained_model_id).is_dir():
-            raise FileNotFoundError(
-                f"--add_code_only works on a local folder; {args.pretrained_model_id} is not one "
-                f"(`hf download {args.pretrained_model_id} --local-dir DIR` first)."
-            )
-        make_self_contained(args.pretrained_model_id)
+        make_self_contained(local_folder(args.pretrained_model_id, "--pretrained_model_id"))
         print(f"added the modelling code and auto_map to {os.path.abspath(args.pretrained_model_id)}")
         return
     model = convert(args)
-    processor_source = resolve_folder(args.config_model_id, None) if args.config_model_id else None
+    processor_source = Path(args.config_model_id) if args.config_model_id else None
     if processor_source is None or not (processor_source / "preprocessor_config.json").is_file():
-        processor_source = resolve_folder(args.pretrained_model_id, args.pretrained_revision)
+        processor_source = Path(args.pretrained_model_id)
     processor = AutoImageProcessor.from_pretrained(processor_source)
 
     if args.save_local:

@@ -16,12 +16,21 @@ its newest complete checkpoint.
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from transformers import AutoImageProcessor, SchedulerType, set_seed
+from transformers import SchedulerType, set_seed
 
 from models.vit_nepa import ViTNepaForImageClassification
-from nepa.args import DataArguments, NepaTrainingArguments, config_overrides_field, configure_logging, load_config, parse_arguments
+from nepa.args import (
+    DataArguments,
+    NepaTrainingArguments,
+    config_overrides_field,
+    configure_logging,
+    crop_pct_field,
+    load_config,
+    parse_arguments,
+    resize_size_field,
+)
+from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
     BatchAugment,
     EvalTransform,
@@ -60,8 +69,8 @@ class FinetuneArguments:
     )
     llrd: float = field(default=0.65, metadata={"help": "Layer-wise lr decay (1 = none)."})
     head_lr: float | None = field(default=1e-3, metadata={"help": "Learning rate of the classifier and the final norm (fc_norm gets --learning_rate)."})
-    crop_pct: float = field(default=0.875, metadata={"help": "Eval: resize the shorter side to size / crop_pct, centre-crop."})
-    resize_size: int | None = field(default=None, metadata={"help": "Eval: resize to this instead (overrides crop_pct)."})
+    crop_pct: float = crop_pct_field()
+    resize_size: int | None = resize_size_field()
     aa: str | None = field(default="rand-m9-mstd0.5-inc1", metadata={"help": "timm RandAugment policy ('' for none)."})
     reprob: float = field(default=0.25, metadata={"help": "Random erasing probability."})
     mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0 = off)."})
@@ -98,27 +107,12 @@ class FinetuneTrainingArguments(NepaTrainingArguments):
 
 
 def load_classifier(args: FinetuneArguments) -> ViTNepaForImageClassification:
-    if not Path(args.model_name_or_path).is_dir():  # models load from local folders only, never from the Hub
-        revision = f" --revision {args.model_revision}" if args.model_revision else ""
-        raise FileNotFoundError(
-            f"--model_name_or_path {args.model_name_or_path} is not a local folder. Where there is network, run "
-            f"`hf download {args.model_name_or_path}{revision} --local-dir DIR` and pass --model_name_or_path DIR."
-        )
-    if args.model_revision:
-        logger.warning(
-            "--model_revision %s names a Hub revision; %s is a local folder, so whatever it holds is loaded.",
-            args.model_revision,
-            args.model_name_or_path,
-        )
-    config = load_config(args.model_name_or_path, args.config_overrides, drop_path_prob=args.drop_path, is_causal=args.is_causal)
-    model, info = ViTNepaForImageClassification.from_pretrained(args.model_name_or_path, config=config, output_loading_info=True)
-    missing = info["missing_keys"]
-    if missing:
-        raise ValueError(
-            f"{args.model_name_or_path} lacks {len(missing)} classifier tensors ({', '.join(sorted(missing)[:4])}): "
-            f"it is a pretraining checkpoint. Convert it first with init_nepa_cls_from_pretrain.py."
-        )
-    return model
+    folder = local_folder(args.model_name_or_path, "--model_name_or_path", args.model_revision)
+    config = load_config(folder, args.config_overrides, drop_path_prob=args.drop_path, is_causal=args.is_causal)
+    return load_model(
+        ViTNepaForImageClassification, folder, "--model_name_or_path", "classifier",
+        "it is a pretraining checkpoint. Convert it first with init_nepa_cls_from_pretrain.py.", config=config,
+    )  # fmt: skip
 
 
 def freeze(model: ViTNepaForImageClassification, args: FinetuneArguments) -> None:
@@ -179,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Everything that can be wrong with the arguments fails here, before the images are read.
     model = load_classifier(args)
     freeze(model, args)
-    processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
+    processor = load_image_processor(args.image_processor_name, args.model_name_or_path)
     size = processor_image_size(processor, model.config.patch_size)
     checkpoint = resume_checkpoint(training_args)
     dataset = load_image_dataset(data_args)

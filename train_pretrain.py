@@ -11,10 +11,11 @@ newest complete checkpoint in `output_dir`.
 import logging
 from dataclasses import dataclass, field
 
-from transformers import AutoImageProcessor, set_seed
+from transformers import set_seed
 
 from models.vit_nepa import ViTNepaForPreTraining
 from nepa.args import DataArguments, NepaTrainingArguments, config_overrides_field, configure_logging, load_config, parse_arguments
+from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
     EvalTransform,
     PretrainTransform,
@@ -46,10 +47,12 @@ class ModelArguments:
 def build_model(model_args: ModelArguments) -> ViTNepaForPreTraining:
     if not (model_args.config_name or model_args.model_name_or_path):
         raise ValueError("pass --config_name (train from scratch) or --model_name_or_path (continue from weights).")
-    source = model_args.model_name_or_path or model_args.config_name
+    flag = "--model_name_or_path" if model_args.model_name_or_path else "--config_name"
+    source = local_folder(model_args.model_name_or_path or model_args.config_name, flag)
     config = load_config(source, model_args.config_overrides)
     if model_args.model_name_or_path:
-        return ViTNepaForPreTraining.from_pretrained(model_args.model_name_or_path, config=config)
+        instead = "continue from a folder train_pretrain.py saved, or start from --config_name."
+        return load_model(ViTNepaForPreTraining, source, flag, "pretraining", instead, config=config)
     return ViTNepaForPreTraining(config)
 
 
@@ -83,9 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.labels_per_class is not None:
         raise ValueError("--labels_per_class picks labelled images for fine-tuning; pretraining uses no labels.")
     model = build_model(model_args)
-    processor = AutoImageProcessor.from_pretrained(
-        model_args.image_processor_name or model_args.model_name_or_path or model_args.config_name
-    )
+    processor = load_image_processor(model_args.image_processor_name, model_args.model_name_or_path or model_args.config_name)
     size = processor_image_size(processor, model.config.patch_size)
     checkpoint = resume_checkpoint(training_args)
 

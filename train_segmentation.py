@@ -19,11 +19,12 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, UperNetConfig, UperNetForSemanticSegmentation, set_seed
+from transformers import AutoConfig, UperNetConfig, UperNetForSemanticSegmentation, set_seed
 
 from models.vit_nepa import ViTNepaBackbone
 from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
-from nepa.data import BatchNormalize, get_split, load_image_dataset
+from nepa.checkpoint import load_image_processor, load_model, local_folder
+from nepa.data import get_split, image_dataset, load_image_dataset
 from nepa.segmentation import (
     IGNORE_INDEX,
     SegmentationDataset,
@@ -33,7 +34,7 @@ from nepa.segmentation import (
     collate_segmentation,
     read_id2label,
 )
-from nepa.trainer import resume_checkpoint, train_and_evaluate
+from nepa.trainer import image_inputs, resume_checkpoint, train_and_evaluate
 
 logger = logging.getLogger("train_segmentation")
 
@@ -87,10 +88,10 @@ def refuse_unused_data_flags(data_args: DataArguments) -> None:
             raise ValueError(f"--{name} is not used by train_segmentation.py: {instead}. Leave it out.")
 
 
-def build_model(args: SegmentationArguments, id2label: dict[int, str] | None) -> UperNetForSemanticSegmentation:
-    model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
+def build_model(args: SegmentationArguments, model_type: str, id2label: dict[int, str] | None) -> UperNetForSemanticSegmentation:
+    flag = "--model_name_or_path"
     if model_type == "upernet":
-        model = UperNetForSemanticSegmentation.from_pretrained(args.model_name_or_path)
+        model = load_model(UperNetForSemanticSegmentation, args.model_name_or_path, flag, "segmentation", "save it again.")
         if id2label is not None and len(id2label) != model.config.num_labels:
             raise ValueError(
                 f"{args.model_name_or_path} predicts {model.config.num_labels} classes but the dataset has {len(id2label)}."
@@ -106,13 +107,8 @@ def build_model(args: SegmentationArguments, id2label: dict[int, str] | None) ->
     overrides = dict(is_causal=args.is_causal, drop_path_prob=args.drop_path)
     if args.out_indices is not None:
         overrides["out_indices"] = args.out_indices
-    backbone, info = ViTNepaBackbone.from_pretrained(args.model_name_or_path, output_loading_info=True, **overrides)
-    missing = [key for key in info["missing_keys"] if not key.startswith("neck.")]
-    if missing:
-        raise ValueError(
-            f"{args.model_name_or_path} lacks {len(missing)} encoder tensors ({', '.join(sorted(missing)[:4])}): "
-            f"it is not a NEPA encoder checkpoint."
-        )
+    instead = "it is not a NEPA encoder checkpoint."
+    backbone = load_model(ViTNepaBackbone, args.model_name_or_path, flag, "encoder", instead, optional=("neck.",), **overrides)
     config = UperNetConfig(
         backbone_config=backbone.config,
         num_labels=len(id2label),
@@ -135,10 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Everything that can be wrong with the arguments fails here, before the images are read.
     refuse_unused_data_flags(data_args)
-    if not training_args.do_train and AutoConfig.from_pretrained(args.model_name_or_path).model_type != "upernet":
+    model_type = AutoConfig.from_pretrained(local_folder(args.model_name_or_path, "--model_name_or_path")).model_type
+    if not training_args.do_train and model_type != "upernet":
         raise ValueError(f"{args.model_name_or_path} is an encoder, not a segmentation model: evaluate it after --do_train.")
     id2label = read_id2label(data_args.dataset_name) if data_args.load_from_disk else None
-    model = build_model(args, id2label)
+    model = build_model(args, model_type, id2label)
     patch_size = model.config.backbone_config.patch_size
     if args.crop_size % patch_size:
         below, above = args.crop_size // patch_size * patch_size, (args.crop_size // patch_size + 1) * patch_size
@@ -157,30 +154,27 @@ def main(argv: list[str] | None = None) -> dict:
             "2 on each of 8 GPUs. Use more GPUs or a larger --per_device_train_batch_size to reach %d or more.",
             batchnorm_images, training_args.per_device_train_batch_size, training_args.world_size, MIN_BATCHNORM_IMAGES,
         )
-    processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path)
+    processor = load_image_processor(args.image_processor_name, args.model_name_or_path)
     checkpoint = resume_checkpoint(training_args)
 
     dataset = load_image_dataset(data_args)
-    columns = dict(image_column=data_args.image_column_name, label_column=data_args.label_column_name, strict=data_args.strict_images)
     train_dataset = eval_dataset = None
     if training_args.do_train:
         transform = SegmentationTrainTransform(
             args.train_scale, args.ratio_range, args.crop_size, processor.image_mean, args.cat_max_ratio, args.photometric
         )
-        train_dataset = SegmentationDataset(get_split(dataset, "train", data_args.max_train_samples, training_args.seed), transform, **columns)
+        train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
+        train_dataset = image_dataset(train_split, transform, data_args, dataset_class=SegmentationDataset)
     if training_args.do_eval:
         eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
-        eval_dataset = SegmentationDataset(eval_split, SegmentationEvalTransform(args.eval_scale), **columns)
+        eval_dataset = image_dataset(eval_split, SegmentationEvalTransform(args.eval_scale), data_args, dataset_class=SegmentationDataset)
     backbone = sum(p.numel() for p in model.backbone.parameters())
     logger.info("UperNet with a %.1fM-parameter ViT-NEPA backbone, %.1fM parameters in all", backbone / 1e6, model.num_parameters() / 1e6)
 
     trainer = SegmentationTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collate_segmentation,
-        normalize=BatchNormalize(processor.image_mean, processor.image_std),
+        **image_inputs(processor, train_dataset, eval_dataset, collate_segmentation),
         layer_decay=args.llrd,
         crop_size=args.crop_size,
         eval_stride=args.eval_stride,

@@ -32,6 +32,7 @@ from transformers import AutoImageProcessor, ViTImageProcessor  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from models.vit_nepa import ViTNepaModel  # noqa: E402
+from nepa import checkpoint  # noqa: E402
 from nepa.data import BadImageError, open_rgb_pil  # noqa: E402
 
 CURVE_METRICS = ("loss", "learning_rate", "target_cosine", "grad_norm", "eval_loss", "eval_accuracy", "eval_ema_accuracy")
@@ -39,26 +40,9 @@ CURVE_METRICS = ("loss", "learning_rate", "target_cosine", "grad_norm", "eval_lo
 
 def load_model(path: str | Path) -> ViTNepaModel:
     """The ViT-NEPA encoder of a saved pretraining, classifier or bare-encoder folder, in eval mode."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(
-            f"--model_name_or_path {path!r} is not a local folder. visualize.py never reaches the Hub: download a "
-            f"released checkpoint first, e.g. `hf download SixAILab/nepa-base-patch14-224 --local-dir DIR`, and pass DIR."
-        )
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{folder} has no config.json: pass a folder saved by save_pretrained (or a checkpoint-N folder).")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type != "vit_nepa":
-        raise ValueError(f"{config_file} has model_type {model_type!r}, not 'vit_nepa': this is not a ViT-NEPA checkpoint.")
     # Head folders store the encoder as `vit_nepa.*`; base_model_prefix strips it, and the head weights are ignored.
-    model, info = ViTNepaModel.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
-    if info["missing_keys"]:
-        raise ValueError(
-            f"{folder} does not hold a complete ViT-NEPA encoder; missing weights: {sorted(info['missing_keys'])}. "
-            f"Check that config.json matches the saved tensors."
-        )
-    return model.eval()
+    instead = "check that config.json matches the saved tensors."
+    return checkpoint.load_model(ViTNepaModel, path, "--model_name_or_path", "encoder", instead, dtype=torch.float32).eval()
 
 
 def load_image_processor(folder: str | Path, config) -> ViTImageProcessor:
@@ -296,7 +280,7 @@ def main(argv=None) -> list[Path]:
             for image in args.image:
                 written.append(visualize_image(model, processor, image, args.output_dir, **choices))
                 print(f"wrote {written[-1]}")
-    except ValueError as error:
+    except (OSError, ValueError) as error:  # FileNotFoundError is an OSError
         raise SystemExit(f"error: {error}") from error
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -25,17 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining  # noqa: E402
 
-# The released architecture: QK-norm, LayerScale 1e-5, RoPE, GELU MLP; only the size varies.
+# The released architecture (QK-norm, LayerScale 1e-5, RoPE, GELU MLP, patch 14) at three sizes: the released
+# NEPA-B and NEPA-L, and a ViT-S of it at 112 px for the CPU.
 SIZES = {
-    "vit-s-112": dict(
-        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14, image_size=112
+    "vit-s-112": lambda **kwargs: ViTNepaConfig.nepa_base(
+        hidden_size=384, num_attention_heads=6, intermediate_size=1536, image_size=112, **kwargs
     ),
-    "vit-b-224": dict(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=14, image_size=224
-    ),
-    "vit-l-224": dict(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=14, image_size=224
-    ),
+    "vit-b-224": ViTNepaConfig.nepa_base,
+    "vit-l-224": ViTNepaConfig.nepa_large,
 }
 # Per-device batch of the recipe scripts on an 80 GB GPU (scripts/pretrain/nepa_*.sh, scripts/finetune/recipe.sh).
 RECIPE_GPU_BATCH = {("vit-b-224", "pretrain"): 256, ("vit-b-224", "finetune"): 128,
@@ -55,7 +52,7 @@ SWITCH = {"off": False, "on": True}
 
 
 def build_config(model: str, size: str) -> ViTNepaConfig:
-    return ViTNepaConfig(**SIZES[size], **MODELS[model][1], qk_norm=True, layerscale_value=1e-5)
+    return SIZES[size](**MODELS[model][1])
 
 
 def training_flops_per_image(config: ViTNepaConfig, with_classifier: bool) -> float:

@@ -14,6 +14,8 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
+from .data import DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE
+
 
 @dataclass
 class DataArguments:
@@ -36,11 +38,11 @@ class DataArguments:
         },
     )
     crop_scale: list[float] = field(
-        default_factory=lambda: [0.08, 1.0],
+        default_factory=lambda: [*DEFAULT_CROP_SCALE],
         metadata={"help": "Training RandomResizedCrop: MIN MAX fraction of the image's area."},
     )
     crop_ratio: list[float] = field(
-        default_factory=lambda: [3 / 4, 4 / 3],
+        default_factory=lambda: [*DEFAULT_CROP_RATIO],
         metadata={"help": "Training RandomResizedCrop: MIN MAX aspect ratio."},
     )
     strict_images: bool = field(
@@ -73,6 +75,16 @@ def config_overrides_field():
         default=None,
         metadata={"help": "Comma-separated key=value config changes (JSON values), e.g. 'nepa_shift=false,qk_norm=false'."},
     )
+
+
+def crop_pct_field():
+    """The `--crop_pct` field of an entry point that evaluates on centre crops."""
+    return field(default=0.875, metadata={"help": "Evaluation: resize the shorter side to size / crop_pct, centre-crop."})
+
+
+def resize_size_field():
+    """The `--resize_size` field beside `--crop_pct`."""
+    return field(default=None, metadata={"help": "Evaluation: resize the shorter side to this instead (overrides crop_pct)."})
 
 
 def parse_config_overrides(text: str | None) -> dict:

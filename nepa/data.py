@@ -39,11 +39,17 @@ class BadImageError(ValueError):
         self.path = path
 
 
-def read_image_bytes(record: dict) -> tuple[bytes, str]:
-    """The raw bytes of an image record `{"bytes", "path"}`, and the path that names it in errors."""
+def record_path(record: dict) -> str:
+    """The path that names an image record `{"bytes", "path"}` in errors and logs."""
     path = record.get("path") or "<embedded bytes>"
     if path.startswith("file://"):  # download_dataset.py names files by URI; the log shows them as plain paths
         path = url2pathname(urlparse(path).path)
+    return path
+
+
+def read_image_bytes(record: dict) -> tuple[bytes, str]:
+    """The raw bytes of an image record `{"bytes", "path"}`, and the path that names it in errors."""
+    path = record_path(record)
     data = record.get("bytes")
     if data is None:
         if not record.get("path"):
@@ -72,19 +78,29 @@ def decode_rgb_tensor(record: dict) -> torch.Tensor:
     return image
 
 
-def open_rgb_pil(record: dict) -> Image.Image:
-    """Decode `{"bytes", "path"}` to an RGB PIL image; raise `BadImageError` if it won't decode."""
+@contextmanager
+def open_pil(record: dict):
+    """`with open_pil(record) as image:` the decoded PIL image of `{"bytes", "path"}`, in its own mode; what
+    Pillow raises while it is open becomes a `BadImageError` naming the file."""
     data, path = read_image_bytes(record)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: keep the top 8 bits
-                image = image.point(lambda value: value / 256).convert("L")
-            return image.convert("RGB")
+            yield image
     except UnidentifiedImageError as error:
         raise BadImageError(path, "not an image format Pillow or torchvision can read") from error
+    except BadImageError:
+        raise
     except (OSError, ValueError, SyntaxError) as error:  # PIL's decoders raise all three
         raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+
+
+def open_rgb_pil(record: dict) -> Image.Image:
+    """Decode `{"bytes", "path"}` to an RGB PIL image; raise `BadImageError` if it won't decode."""
+    with open_pil(record) as image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: keep the top 8 bits
+            image = image.point(lambda value: value / 256).convert("L")
+        return image.convert("RGB")
 
 
 # --- transforms: record -> uint8 tensor (3, size, size) -------------------------------------------
@@ -314,7 +330,7 @@ def load_image_dataset(data_args) -> datasets.DatasetDict:
         for split, folder in (("train", data_args.train_dir), ("validation", data_args.validation_dir)):
             if folder:
                 if not Path(folder).is_dir():
-                    raise FileNotFoundError(f"--{split if split == 'train' else 'validation'}_dir {folder} is not a directory.")
+                    raise FileNotFoundError(f"--{split}_dir {folder} is not a directory.")
                 data_files[split] = str(Path(folder) / "**")
         return datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=data_args.cache_dir)
     if not data_args.dataset_name:
@@ -405,7 +421,7 @@ def check_labels_fit(split: datasets.Dataset, label_column: str, num_labels: int
         )
 
 
-def image_dataset(split: datasets.Dataset, transform, data_args, labels: bool = True) -> ImageDataset:
-    """`ImageDataset` of a split with the columns and strictness that `DataArguments` name."""
+def image_dataset(split: datasets.Dataset, transform, data_args, labels: bool = True, dataset_class=ImageDataset) -> ImageDataset:
+    """`ImageDataset` (or a subclass) of a split with the columns and strictness that `DataArguments` name."""
     label_column = data_args.label_column_name if labels else None
-    return ImageDataset(split, transform, data_args.image_column_name, label_column, data_args.strict_images)
+    return dataset_class(split, transform, data_args.image_column_name, label_column, data_args.strict_images)

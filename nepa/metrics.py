@@ -12,15 +12,17 @@ def top5_indices(logits: torch.Tensor, labels: torch.Tensor | None = None) -> to
     return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
 
 
+def top1_top5_hits(top5, labels):
+    """Whether each label is the first of its `top5` classes, and whether it is among them: numpy arrays or torch
+    tensors, `labels` shaped as `top5` without its last axis."""
+    hits = top5 == labels[..., None]
+    return hits[..., 0], hits.any(-1)
+
+
 def accuracy_metrics(eval_prediction) -> dict[str, float]:
     """`compute_metrics` over the top-5 indices: top-1 `accuracy` and `top5`."""
-    top5, labels = eval_prediction.predictions, eval_prediction.label_ids
-    labels = np.asarray(labels).reshape(-1, 1)
-    top5 = np.asarray(top5)
-    return {
-        "accuracy": float((top5[:, :1] == labels).mean()),
-        "top5": float((top5 == labels).any(axis=1).mean()),
-    }
+    top1, top5 = top1_top5_hits(np.asarray(eval_prediction.predictions), np.asarray(eval_prediction.label_ids).reshape(-1))
+    return {"accuracy": float(top1.mean()), "top5": float(top5.mean())}
 
 
 @torch.no_grad()

@@ -26,18 +26,19 @@ from transformers import TrainerCallback
 
 from models.vit_nepa import ViTNepaModel
 
+from .checkpoint import load_model
 from .data import collate_images
+from .metrics import top1_top5_hits, top5_indices
 from .trainer import NepaTrainer
 
 LINEAR_FEATURES = ("mean", "cls", "last4")
+ATTENTIVE_BLOCKS = (6,)  # AIM's: the last 6 blocks' tokens, averaged
 
 
 def load_frozen_encoder(path: str, is_causal: bool) -> ViTNepaModel:
     """The encoder of any saved ViT-NEPA folder (pretraining or classifier), frozen, with causal or bidirectional
     attention whatever its config says (`is_causal` is read when the attention layers are built)."""
-    model, info = ViTNepaModel.from_pretrained(path, is_causal=is_causal, output_loading_info=True)
-    if info["missing_keys"]:
-        raise ValueError(f"{path} lacks encoder weights: {sorted(info['missing_keys'])[:4]}")
+    model = load_model(ViTNepaModel, path, "--model_name_or_path", "encoder", "pass a ViT-NEPA model folder.", is_causal=is_causal)
     return model.requires_grad_(False).eval()
 
 
@@ -162,12 +163,10 @@ class KnnBank:
             for k in ks:
                 votes = torch.zeros(len(all_labels), self.num_classes, dtype=torch.float64, device=args.device)
                 votes.scatter_add_(1, neighbour_labels[:, :k], (values[:, :k].double() / temperature).exp())
-                top5 = votes.topk(min(5, self.num_classes), dim=1).indices
+                top1, top5 = top1_top5_hits(top5_indices(votes), all_labels)
                 probabilities = votes / votes.sum(dim=1, keepdim=True)
                 nll = -probabilities.gather(1, all_labels[:, None]).clamp_min(1e-12).log()
-                totals[k] += torch.stack(
-                    [(top5[:, 0] == all_labels).sum(), (top5 == all_labels[:, None]).any(dim=1).sum(), nll.sum()]
-                ).double()
+                totals[k] += torch.stack([top1.sum(), top5.sum(), nll.sum()]).double()
         metrics = {}
         for k in ks:
             accuracy, top5, loss = (totals[k] / count).tolist()
@@ -249,7 +248,7 @@ class ProbeGrid(nn.Module):
     (feature, learning rate), "attentive" one attentive head per learning rate. `forward` returns the heads' logits
     (batch, heads, classes) and the sum of their cross-entropies."""
 
-    def __init__(self, encoder: ViTNepaModel, protocol: str, num_classes: int, lrs, features=LINEAR_FEATURES, blocks=(6,)):
+    def __init__(self, encoder: ViTNepaModel, protocol: str, num_classes: int, lrs, features=LINEAR_FEATURES, blocks=ATTENTIVE_BLOCKS):
         super().__init__()
         config = encoder.config
         self.encoder = encoder
@@ -332,7 +331,7 @@ def top5_and_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     """`preprocess_logits_for_metrics` of a grid: each head's 5 best classes and negative log-likelihood per image,
     not (images x heads x classes) logits."""
     nll = F.cross_entropy(logits.float().transpose(1, 2), labels[:, None].expand(-1, logits.shape[1]), reduction="none")
-    return logits.topk(min(5, logits.shape[-1]), dim=-1).indices, nll
+    return top5_indices(logits), nll
 
 
 class ProbeTrainer(NepaTrainer):
@@ -378,8 +377,7 @@ class ProbeTrainer(NepaTrainer):
 
     def head_metrics(self, prediction) -> dict:
         (top5, nll), labels = prediction.predictions, np.asarray(prediction.label_ids)
-        top1 = (top5[:, :, 0] == labels[:, None]).mean(axis=0)
-        top5 = (top5 == labels[:, None, None]).any(axis=2).mean(axis=0)
+        top1, top5 = (hits.mean(axis=0) for hits in top1_top5_hits(top5, labels[:, None]))
         loss = nll.mean(axis=0)
         metrics = {}
         for index, name in enumerate(self.grid.names):

@@ -7,7 +7,6 @@ PNG (one class index per pixel), and an `id2label.json` beside the splits. Pixel
 count in neither the loss nor the metrics.
 """
 
-import io
 import json
 import math
 from pathlib import Path
@@ -16,14 +15,13 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from transformers.trainer_utils import EvalLoopOutput
 
 from models.vit_nepa import save_model_code
 
-from .data import BadImageError, ImageDataset, read_image_bytes, decode_rgb_tensor
+from .data import BadImageError, ImageDataset, decode_rgb_tensor, open_pil, record_path
 from .optim import layer_decay_param_groups
 from .trainer import NepaTrainer
 
@@ -36,14 +34,12 @@ ID2LABEL_FILE = "id2label.json"
 
 def decode_mask(record: dict) -> torch.Tensor:
     """A label PNG -> uint8 (H, W) of class indices (palette PNGs give their palette indices)."""
-    data, path = read_image_bytes(record)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.mode not in ("L", "P"):
-                raise BadImageError(path, f"a label mask must be a single-channel 8-bit image (mode L or P), not {image.mode}")
-            return torch.from_numpy(np.array(image, dtype=np.uint8))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+    with open_pil(record) as image:
+        if image.mode not in ("L", "P"):
+            raise BadImageError(
+                record_path(record), f"a label mask must be a single-channel 8-bit image (mode L or P), not {image.mode}"
+            )
+        return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 
 def keep_ratio_size(height: int, width: int, scale: tuple[int, int], ratio: float = 1.0) -> list[int]:
@@ -199,8 +195,7 @@ class SegmentationDataset(ImageDataset):
     def example(self, row: dict) -> dict:
         image, mask = decode_rgb_tensor(row[self.image_column]), decode_mask(row[self.label_column])
         if image.shape[-2:] != mask.shape:
-            path = row[self.label_column].get("path") or "<embedded bytes>"
-            raise BadImageError(path, f"mask {tuple(mask.shape)} and image {tuple(image.shape[-2:])} differ in size")
+            raise BadImageError(record_path(row[self.label_column]), f"mask {tuple(mask.shape)} and image {tuple(image.shape[-2:])} differ in size")
         image, mask = self.transform(image, mask)
         return {"pixel_values": image, "labels": mask}
 

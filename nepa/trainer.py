@@ -7,7 +7,7 @@
 - a non-finite loss (in any process) stops the run without applying that optimiser step (or, with
   `skip_nonfinite_loss`, drops the step's update in every process), so NaN never reaches the weights or a
   checkpoint; it is counted on the device, and the CPU never waits for it per micro-step, nor, with a fused
-  optimiser (Transformers' default AdamW), per optimiser step (`NonFiniteLossGuard`);
+  optimiser (Transformers' default AdamW), per optimiser step (`nepa/nonfinite.py`);
 - checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
   newest marked one; `--save_total_limit` deletes old checkpoints only after the new one is marked;
 - a stop signal (SIGTERM / SIGUSR1) saves a checkpoint after the current optimiser step and exits to be requeued,
@@ -21,7 +21,6 @@
 It overrides only public `Trainer` methods and callback hooks; no private one is needed.
 """
 
-import json
 import logging
 import os
 import random
@@ -35,34 +34,14 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .checkpoint import CHECKPOINT_COMPLETE, last_complete_checkpoint
 from .data import BatchAugment, BatchNormalize, collate_images
 from .ema import EMA_WEIGHTS_NAME, ModelEMA
+from .nonfinite import NonFiniteLossGuard
 from .optim import pretraining_param_groups
 from .preemption import PreemptionCheckpoints
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_COMPLETE = "checkpoint_complete"
-SKIPPED_STEPS_NAME = "skipped_steps.json"  # in a checkpoint: the non-finite steps skipped so far, when any
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` folder that was completely written; half-written ones are skipped loudly."""
-    folders = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
-    folders = [path for path in folders if path.name.split("-")[-1].isdigit()]
-    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[-1]), reverse=True):
-        if (folder / CHECKPOINT_COMPLETE).is_file():
-            return str(folder)
-        logger.warning(
-            "Skipping %s: it has no %s marker, so its writing was interrupted (a killed run?); it is not loaded.",
-            folder,
-            CHECKPOINT_COMPLETE,
-        )
-    return None
 
 
 def delete_old_checkpoints(output_dir: str, newest: Path, keep: int, best: str | None) -> None:
@@ -117,116 +96,6 @@ def seed_process(seed: int, rank: int) -> None:
     torch.manual_seed(words[4] << 32 | words[5])  # and every accelerator's generator
 
 
-def fused_optimizer(optimizer) -> torch.optim.Optimizer | None:
-    """The torch optimiser behind the Trainer's (accelerate wraps it) if it is a fused one, which honours a
-    `found_inf` tensor by skipping its update on the device, as it does for `torch.amp.GradScaler`."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return inner if inner.defaults.get("fused") else None
-
-
-class HostCopy:
-    """A scalar on the device, copied to the host when the device's stream reaches this point. `item()` then waits for
-    that point only; the tensor's own `.item()` would wait for all the work queued after it too (the next step's)."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.host, self.ready = tensor, None  # the CPU computes synchronously: nothing to wait for
-        if tensor.is_cuda:
-            self.host = torch.empty((), dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-
-    def item(self) -> float:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.host.item()
-
-
-class NonFiniteLossGuard(TrainerCallback):
-    """Keeps a NaN/inf loss from reaching the weights without making the CPU wait for the GPU every micro-step.
-
-    Each micro-step adds its count of non-finite losses to a tensor on the device (`observe`). Before the optimiser
-    step the count is summed across processes on the device (DDP has already spread one process's NaN gradients to
-    all, so all must decide alike) into a flag, and then:
-    - a fused optimiser (`adamw_torch_fused`, the Trainer's default AdamW) gets the flag as `found_inf` and skips
-      the step's update on the device; the flag is read later (`settle`), once the GPU has long computed it: at the
-      next optimiser step, the next log line, before a checkpoint is marked complete, and at the end of training;
-    - any other optimiser needs the flag on the host at once (one read per optimiser step); a flagged step's
-      gradients are dropped, and AdamW leaves parameters without gradients and their state untouched.
-    A flagged step stops the run with `NonFiniteLossError`, or, with `skip_nonfinite_loss`, counts in
-    `skipped_steps` (saved with each checkpoint, so a resumed run goes on counting) and training goes on; its forward
-    passes may have written NaN into buffers (BatchNorm running statistics), so with `skip_nonfinite_loss` the
-    buffers are copied at the start of every step and a flagged step's are restored from that copy, on the device."""
-
-    def __init__(self, trainer: "NepaTrainer"):
-        self.trainer = trainer
-        self.count: torch.Tensor | None = None  # non-finite losses since the last optimiser step, on the device
-        self.pending: tuple[int, HostCopy] | None = None  # (step, flag) not read yet
-        self.skipped_steps = 0
-        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its value at the step's start)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if args.skip_nonfinite_loss:
-            self.buffers = [(buffer, buffer.clone()) for buffer in self.trainer.model.buffers()]
-
-    def observe(self, loss: torch.Tensor) -> None:
-        nonfinite = (~torch.isfinite(loss.detach())).sum()
-        self.count = nonfinite if self.count is None else self.count + nonfinite
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.settle(args)
-        count, self.count = self.count, None
-        if count is None:
-            return
-        if args.world_size > 1:
-            count = self.trainer.accelerator.reduce(count, reduction="sum")
-        flag = (count > 0).float()
-        self.pending = (state.global_step + 1, HostCopy(flag))
-        for buffer, start in self.buffers:
-            buffer.copy_(torch.where(flag > 0, start, buffer))
-        optimizer = fused_optimizer(self.trainer.optimizer)
-        if optimizer is not None:
-            optimizer.found_inf = flag
-        elif self.settle(args):
-            self.trainer.model.zero_grad(set_to_none=True)
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        optimizer = fused_optimizer(self.trainer.optimizer)
-        if optimizer is not None and hasattr(optimizer, "found_inf"):
-            del optimizer.found_inf  # this step's flag only
-
-    def on_save(self, args, state, control, **kwargs):
-        self.settle(args)  # before `_StepHooks.on_save` marks the checkpoint complete
-        if args.should_save and self.skipped_steps:
-            folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            (folder / SKIPPED_STEPS_NAME).write_text(json.dumps({"skipped_steps": self.skipped_steps}) + "\n")
-
-    def load(self, checkpoint: str) -> None:
-        """The skipped-step count of a checkpoint being resumed."""
-        path = Path(checkpoint, SKIPPED_STEPS_NAME)
-        self.skipped_steps = json.loads(path.read_text())["skipped_steps"] if path.is_file() else 0
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.settle(args)
-
-    def settle(self, args) -> bool:
-        """Read the pending flag, if any: stop the run, or count the dropped step (True)."""
-        if self.pending is None:
-            return False
-        (step, flag), self.pending = self.pending, None
-        if not flag.item():
-            return False
-        if not args.skip_nonfinite_loss:
-            checkpoint = last_complete_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} (in at least one process): stopped, and its optimiser step was not "
-                f"applied, so no NaN reached the weights. The last good checkpoint is {checkpoint}. "
-                f"Lower the learning rate or use bf16 instead of fp16; --skip_nonfinite_loss True drops such steps."
-            )
-        logger.warning("non-finite loss at step %d: dropped this step's update.", step)
-        self.skipped_steps += 1
-        return True
-
-
 class _StepHooks(TrainerCallback):
     def __init__(self, trainer: "NepaTrainer"):
         self.trainer = trainer
@@ -256,7 +125,30 @@ class _StepHooks(TrainerCallback):
 
 class NepaTrainer(Trainer):
     """Expects `NepaTrainingArguments` (`use_ema`, `ema_decay`, `skip_nonfinite_loss`) and batches of uint8
-    pixels, which it normalises on the device (and augments with `batch_augment` in training)."""
+    pixels, which it normalises on the device (and augments with `batch_augment` in training).
+
+    One optimiser step, in the order `Trainer` runs it (transformers 5.23, `Trainer._run_epoch`), and where each
+    part lives:
+
+    1. step begins: `NonFiniteLossGuard.on_step_begin` copies the model's buffers (with `--skip_nonfinite_loss`);
+    2. for each of the `--gradient_accumulation_steps` micro-batches, `training_step`:
+       a. prepare the batch: `compute_loss` -> `prepare_batch` (normalise, `batch_augment`);
+       b. forward and loss: `compute_loss` (`Trainer.compute_loss`, or a subclass's: NEPA's, segmentation's);
+       c. backward: `Trainer.training_step`;
+       d. non-finite count: `NonFiniteLossGuard.observe`, added up on the device;
+    3. clip the gradients to `--max_grad_norm`: `Trainer`;
+    4. step or skip: `NonFiniteLossGuard.on_pre_optimizer_step` sums the count over processes and flags the step
+       (a fused optimiser skips it on the device through `found_inf`; another's gradients are dropped), then the
+       optimiser steps, and `on_optimizer_step` clears the flag; the scheduler steps and the gradients are zeroed;
+    5. EMA: `_StepHooks.on_step_end` updates it (`nepa.ema.ModelEMA`);
+    6. stop signal or timed checkpoint: `PreemptionCheckpoints.on_step_end` asks for a save (`nepa.preemption`);
+    7. log: `log` adds the `record()`ed scalars, the skipped-step count and `images_per_second`; the guard reads
+       its flag here at the latest;
+    8. evaluate: `evaluate`, and again with the EMA's weights;
+    9. save: `Trainer` writes checkpoint-N (`save_model` adds the EMA); then, in callback order, the guard
+       (`skipped_steps.json`), `_StepHooks.on_save` (marker, old checkpoints deleted) and `PreemptionCheckpoints`
+       (exit after a stop signal).
+    """
 
     def __init__(self, *args, normalize: BatchNormalize, batch_augment: BatchAugment | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -371,10 +263,10 @@ class NepaTrainer(Trainer):
         return result
 
 
-def image_inputs(processor, train_dataset=None, eval_dataset=None) -> dict:
+def image_inputs(processor, train_dataset=None, eval_dataset=None, data_collator=collate_images) -> dict:
     """The `NepaTrainer` arguments every entry point passes: its datasets, uint8 collation, the processor's normalisation."""
     normalize = BatchNormalize(processor.image_mean, processor.image_std)
-    return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collate_images, normalize=normalize)
+    return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=data_collator, normalize=normalize)
 
 
 def use_saved_ema(trainer: NepaTrainer, weights_folder: str | None) -> None:

@@ -15,7 +15,6 @@ second run reuses every stage whose results exist (--rerun starts over).
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,38 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts import miniature  # noqa: E402
+from scripts.experiment import Stages, mean_std  # noqa: E402
 
-PROBE_LABELS_PERCENT = 10  # the probes' labelled subset
 COMMON = ["--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "1"]
-
-
-class Stages:
-    """Runs stages unless their result file exists, and adds up the wall time of each kind of stage."""
-
-    def __init__(self, rerun: bool):
-        self.rerun = rerun
-        self.seconds: dict[str, float] = {}
-
-    def run(self, kind: str, result: Path, function, argv: list[str]) -> None:
-        if result.exists() and not self.rerun:
-            print(f"==> {kind}: reusing {result.parent}", flush=True)
-            return
-        print(f"==> {kind}: {' '.join(argv)}", flush=True)
-        start = time.time()
-        function(argv)
-        elapsed = time.time() - start
-        self.seconds[kind] = self.seconds.get(kind, 0.0) + elapsed
-        print(f"<== {kind}: {elapsed / 60:.1f} min", flush=True)
 
 
 def accuracy(folder: Path) -> float:
     return json.loads((folder / "eval_results.json").read_text())["eval_accuracy"]
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f} %"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f} %"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,14 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not (Path(dataset) / "dataset_dict.json").exists():
         stages.run("dataset", Path(dataset) / "dataset_dict.json", download_dataset.main,
                    ["--dataset", "fashion-mnist", "--output_dir", dataset])  # fmt: skip
-    data = ["--dataset_name", dataset, "--load_from_disk", "True"]
 
     encoders = {"NEPA-pretrained": out / "pretrain", "random init": out / "random-init"}
-    stages.run("NEPA pretraining", encoders["NEPA-pretrained"] / "model.safetensors", train_pretrain.main, [
-        "--config_name", str(REPO / miniature.PRETRAIN_CONFIG), *data,
-        "--output_dir", str(encoders["NEPA-pretrained"]), "--do_train", "--max_steps", str(args.pretrain_steps),
-        *miniature.flags(miniature.PRETRAIN), "--logging_steps", "50", "--save_strategy", "no", "--seed", "0", *COMMON,
-    ])  # fmt: skip
+    argv = miniature.pretrain_argv(encoders["NEPA-pretrained"], args.pretrain_steps, dataset=dataset)
+    stages.run("NEPA pretraining", encoders["NEPA-pretrained"] / "model.safetensors", train_pretrain.main, [*argv, *COMMON])
     if not (encoders["random init"] / "model.safetensors").exists() or args.rerun:
         miniature.save_untrained_encoder(encoders["random init"])
 
@@ -131,12 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         for row, encoder in encoders.items():
             for protocol, column in (("knn", "k-NN"), ("linear", "linear probe (best head)")):
                 folder = out / f"seed{seed}" / f"{protocol}-{encoder.name}"
-                stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [
-                    "--model_name_or_path", str(encoder), "--protocol", protocol, *data,
-                    *miniature.labels_flags(PROBE_LABELS_PERCENT), *miniature.flags(miniature.EVAL),
-                    *miniature.flags(miniature.PROBES[protocol]),
-                    "--output_dir", str(folder), "--seed", str(seed), "--use_ema", "False", *COMMON,
-                ])  # fmt: skip
+                argv = miniature.probe_argv(encoder, folder, protocol, seed, dataset)
+                stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [*argv, *COMMON])
                 scores[row][column].append(accuracy(folder))
             for percent, column in zip(args.label_percents, columns[2:]):
                 folder = out / f"seed{seed}" / f"finetune{percent:g}-{encoder.name}"
@@ -149,13 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"# NEPA demo: Fashion-MNIST, {Path(miniature.PRETRAIN_CONFIG).name} on the CPU",
         "",
         f"NEPA pretraining {args.pretrain_steps} steps of {miniature.PRETRAIN['per_device_train_batch_size']} images; "
-        f"probes fitted on {PROBE_LABELS_PERCENT} % of the labels; top-1 on all test images; "
+        f"probes fitted on {miniature.PROBE_LABELS_PERCENT} % of the labels; top-1 on all test images; "
         + ("one seed." if args.seeds == 1 else f"mean ± std over {args.seeds} seeds (label subsets and fine-tuning)."),
         "",
         "| encoder | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
-    lines += [f"| {row} | " + " | ".join(mean_std(scores[row][column]) for column in columns) + " |" for row in encoders]
+    lines += [f"| {row} | " + " | ".join(f"{mean_std(scores[row][column])} %" for column in columns) + " |" for row in encoders]
     lines += ["", "| stage | minutes |", "|---|---|"]
     lines += [f"| {kind} | {seconds / 60:.1f} |" for kind, seconds in stages.seconds.items()]
     lines += [f"| total (this run) | {total / 60:.1f} |", ""]

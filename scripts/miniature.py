@@ -1,7 +1,8 @@
 """The miniature's settings, in one place: the tiny ViT (patch 7) on 28 px Fashion-MNIST, on the CPU.
 
-scripts/demo.py and scripts/ablations/run.py build their entry-point command lines from these, so the
-demo's table and the ablation tables are measured the same way. The fine-tuning settings were chosen by
+The experiment drivers under scripts/ (the demo, the ablation tables, the segmentation demo's pretraining, the
+probe study, the small-data sweep's pretraining) build their entry-point command lines from these
+(`pretrain_argv`, `probe_argv`, `finetune_argv`), so their tables are measured the same way. The fine-tuning settings were chosen by
 the sweep in docs/miniature.md (which also says how each was measured).
 """
 
@@ -57,7 +58,7 @@ FINETUNE_STEPS = {1: 300, 10: 600, 100: 1200}
 EVAL = {"crop_pct": 1.0, "per_device_eval_batch_size": 512}
 
 # The frozen-encoder probes of eval.py (docs/miniature.md): 2 epochs of the 10 % labelled subset (94 steps; what
-# the demo's time and a 3-seed comparison on a shared CPU can pay for), on crops of at least half the image, no
+# the demo's time and a 3-seed comparison on the 2-core CPU can pay for), on crops of at least half the image, no
 # checkpoints. The linear probe takes the default grid. The attentive probe averages the last 2 of the 4 blocks
 # (AIM: 6 of 24, ViT-B here: 6 of 12), takes no RandAugment (made for 100 epochs, not 2), and a grid 10x AIMv2's:
 # with AIMv2's, made for 100 epochs, the best head of both encoders was its largest rate, 2e-3.
@@ -79,6 +80,7 @@ PROBE_ATTENTIVE = {
     "probe_lrs": (5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2),
 }
 PROBES = {"knn": {}, "linear": PROBE_LINEAR, "attentive": PROBE_ATTENTIVE}
+PROBE_LABELS_PERCENT = 10  # the probes' labelled subset: 10 % of each class
 
 
 def flags(settings: dict) -> list[str]:
@@ -93,6 +95,31 @@ def flags(settings: dict) -> list[str]:
 def labels_flags(percent: float) -> list[str]:
     """The labelled subset of `percent` % of each class (100: the whole train split)."""
     return [] if percent >= 100 else ["--labels_per_class", str(percent / 100)]
+
+
+def pretrain_argv(output_dir, steps: int, seed: int = 0, dataset: str = DATASET, config: str = PRETRAIN_CONFIG,
+                  config_overrides: str = "", logging_steps: int = 50, save_steps: int | None = None) -> list[str]:  # fmt: skip
+    """train_pretrain.py's command line: NEPA pretraining of `config` (changed by `config_overrides`) for `steps`,
+    saving a checkpoint every `save_steps` (None: the final weights only)."""
+    saving = ["--save_strategy", "steps", "--save_steps", str(save_steps)] if save_steps else ["--save_strategy", "no"]
+    return [
+        "--config_name", str(REPO / config), *(["--config_overrides", config_overrides] if config_overrides else []),
+        "--dataset_name", dataset, "--load_from_disk", "True",
+        "--output_dir", str(output_dir), "--do_train", "--max_steps", str(steps),
+        *flags(PRETRAIN),
+        "--seed", str(seed), *saving, "--logging_steps", str(logging_steps),
+    ]  # fmt: skip
+
+
+def probe_argv(encoder, output_dir, protocol: str, seed: int, dataset: str = DATASET) -> list[str]:
+    """eval.py's command line: a frozen-encoder probe of `encoder` fitted on PROBE_LABELS_PERCENT % of the labels,
+    scored on the whole test split."""
+    return [
+        "--model_name_or_path", str(encoder), "--protocol", protocol,
+        "--dataset_name", dataset, "--load_from_disk", "True",
+        *labels_flags(PROBE_LABELS_PERCENT), *flags(EVAL), *flags(PROBES[protocol]),
+        "--output_dir", str(output_dir), "--seed", str(seed), "--use_ema", "False",
+    ]  # fmt: skip
 
 
 def finetune_argv(classifier, output_dir, percent: float, seed: int, steps: int | None = None, dataset: str = DATASET) -> list[str]:

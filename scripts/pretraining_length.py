@@ -26,13 +26,13 @@ import math
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts import demo, miniature  # noqa: E402
+from scripts.experiment import Stages, mean_std  # noqa: E402
 
 FIGURE = REPO / "docs" / "figures" / "pretraining_length.png"
 RANDOM = "random-init"
@@ -48,8 +48,8 @@ LABELS = {
 }
 
 
-class TimedStages(demo.Stages):
-    """demo.Stages that also leaves each stage's wall time beside its result (stages run in several processes)."""
+class TimedStages(Stages):
+    """Stages that also leave each stage's wall time beside its result (stages run in several processes)."""
 
     def run(self, kind: str, result: Path, function, argv: list[str]) -> None:
         before = self.seconds.get(kind, 0.0)
@@ -100,15 +100,12 @@ def save_every(steps: list[int]) -> int:
 
 
 def pretrain_argv(args, output: Path, steps: list[int], stop_grad: bool) -> list[str]:
-    overrides = [] if stop_grad else ["--config_overrides", "nepa_stop_grad=false"]
-    return [
-        "--config_name", str(REPO / miniature.PRETRAIN_CONFIG), *overrides,
-        "--dataset_name", args.dataset, "--load_from_disk", "True",
-        "--output_dir", str(output), "--do_train", "--max_steps", str(max(steps)), *miniature.flags(miniature.PRETRAIN),
-        "--logging_steps", str(min(50, save_every(steps))), "--save_strategy", "steps", "--save_steps", str(save_every(steps)),
-        "--seed", "0",
-        *demo.COMMON,
-    ]  # fmt: skip
+    overrides = "" if stop_grad else "nepa_stop_grad=false"
+    every = save_every(steps)
+    argv = miniature.pretrain_argv(
+        output, max(steps), 0, args.dataset, config_overrides=overrides, logging_steps=min(50, every), save_steps=every
+    )
+    return [*argv, *demo.COMMON]
 
 
 def checkpoint(pretrain: Path, step: int) -> Path | None:
@@ -124,12 +121,8 @@ def checkpoint(pretrain: Path, step: int) -> Path | None:
 def probe(args, stages, encoder: Path, protocol: str, folder: Path, seed: int) -> None:
     import eval as eval_script
 
-    stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [
-        "--model_name_or_path", str(encoder), "--protocol", protocol, "--dataset_name", args.dataset,
-        "--load_from_disk", "True", *miniature.labels_flags(demo.PROBE_LABELS_PERCENT), *miniature.flags(miniature.EVAL),
-        *miniature.flags(miniature.PROBES[protocol]),
-        "--output_dir", str(folder), "--seed", str(seed), "--use_ema", "False", *demo.COMMON,
-    ])  # fmt: skip
+    argv = miniature.probe_argv(encoder, folder, protocol, seed, args.dataset)
+    stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [*argv, *demo.COMMON])
 
 
 def evaluate(args, stages, encoders: dict[str, Path]) -> None:
@@ -242,7 +235,7 @@ def table(results: dict) -> str:
     ]
     for name, entry in results["encoders"].items():
         row = "random init" if name == RANDOM else f"NEPA, {entry['pretraining_steps']:,} steps"
-        cells = [demo.mean_std(entry["scores"][p]) if p in entry["scores"] else "-" for p in protocols]
+        cells = [f"{mean_std(entry['scores'][p])} %" if p in entry["scores"] else "-" for p in protocols]
         seeds = "/".join(sorted({str(len(values)) for values in entry["scores"].values()})) or "-"
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {seeds} |")
     return "\n".join(lines)

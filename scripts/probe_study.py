@@ -11,7 +11,6 @@ A second run reuses every result that exists.
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,17 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts import miniature  # noqa: E402
-from scripts.demo import COMMON, PROBE_LABELS_PERCENT  # noqa: E402
+from scripts.demo import COMMON  # noqa: E402
+from scripts.experiment import mean_std  # noqa: E402
 
 PROTOCOLS = {"knn": "k-NN", "linear": "linear (best head)", "attentive": "attentive"}
 ATTENTION = {"causal": "True", "bidirectional": "False"}
 ENCODERS = {"NEPA-pretrained": "pretrain", "random init": "random-init"}  # folders of scripts/demo.py
-
-
-def mean_std(values: list[float], scale: float = 100.0) -> str:
-    if len(values) == 1:
-        return f"{scale * values[0]:.1f}"
-    return f"{scale * statistics.mean(values):.1f} ± {scale * statistics.stdev(values):.1f}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,7 +49,6 @@ def main(argv: list[str] | None = None) -> dict:
     for folder in encoders.values():
         if not (folder / "model.safetensors").is_file():
             parser.error(f"{folder} has no encoder: run `python scripts/demo.py` first.")
-    data = ["--dataset_name", str(REPO / miniature.DATASET), "--load_from_disk", "True"]
     records = []
     for seed in range(args.seeds):
         for encoder_name, encoder in encoders.items():
@@ -67,12 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
                     if not result.exists():
                         print(f"==> seed {seed}, {encoder_name}, {attention}, {protocol}", flush=True)
                         start = time.time()
-                        eval_script.main([
-                            "--model_name_or_path", str(encoder), "--protocol", protocol, "--is_causal", is_causal, *data,
-                            *miniature.labels_flags(PROBE_LABELS_PERCENT), *miniature.flags(miniature.EVAL),
-                            *miniature.flags(miniature.PROBES[protocol]),
-                            "--output_dir", str(folder), "--seed", str(seed), "--use_ema", "False", *COMMON,
-                        ])  # fmt: skip
+                        argv = miniature.probe_argv(encoder, folder, protocol, seed, str(REPO / miniature.DATASET))
+                        eval_script.main([*argv, "--is_causal", is_causal, *COMMON])
                         (folder / "seconds.json").write_text(json.dumps({"seconds": time.time() - start}))
                     metrics = json.loads(result.read_text())
                     seconds = json.loads((folder / "seconds.json").read_text())["seconds"]
@@ -86,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         f"# Frozen-encoder protocols in miniature: Fashion-MNIST, {Path(miniature.PRETRAIN_CONFIG).name}",
         "",
-        f"Probes fitted on {PROBE_LABELS_PERCENT} % of the labels, top-1 % on the 10,000 test images, "
+        f"Probes fitted on {miniature.PROBE_LABELS_PERCENT} % of the labels, top-1 % on the 10,000 test images, "
         f"mean ± std over {args.seeds} seeds.",
         "",
         "| encoder | attention | " + " | ".join(PROTOCOLS[p] for p in args.protocols) + " |",

@@ -12,8 +12,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 
-# The test models are tiny: a second thread costs more in synchronisation than it gains, many times
-# over on a busy machine.
+# The one place the tests pin torch to one thread (nothing they run changes it): the test models are tiny, and a
+# second thread costs more in synchronisation than it gains, many times over on a busy machine.
 torch.set_num_threads(1)
 
 # A small released-format classifier with its inputs and expected outputs (see tests/fixtures/README.md).

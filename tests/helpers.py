@@ -1,14 +1,10 @@
 """What the tests share: tiny model configs and folders, and datasets built from local files only."""
 
-import contextlib
-import io
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
-from PIL import Image as PILImage
 from safetensors.torch import load_file
 from transformers import ViTImageProcessor
 
@@ -18,6 +14,8 @@ from models.vit_nepa import ViTNepaConfig
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 16
+# The flags every in-process training or evaluation run of the tests passes: CPU, no logging services, no workers.
+COMMON = ["--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "True"]
 
 
 def tiny_config(**overrides) -> ViTNepaConfig:
@@ -37,6 +35,7 @@ def tiny_config(**overrides) -> ViTNepaConfig:
 
 
 def save_processor(folder: Path, size: int = IMAGE_SIZE) -> None:
+    """A `size` x `size` resize with mean = std = 0.5, so that pixels map to [-1, 1]."""
     processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor.save_pretrained(folder)
 
@@ -56,12 +55,6 @@ def build_image_dataset(root: Path, num_classes: int = 3, per_class: int = 8, va
     return download_dataset.main(["--imagefolder", str(source), "--output_dir", str(root / "dataset")])
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    PILImage.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def build_reference_dataset(fixture_dir: Path, output_dir: Path) -> Path:
     """The fixture's input images as PNGs, labelled with the argmax of its expected logits, in both splits.
 
@@ -72,22 +65,10 @@ def build_reference_dataset(fixture_dir: Path, output_dir: Path) -> Path:
     labels = expected["logits"].argmax(dim=-1).tolist()
     num_classes = expected["logits"].shape[-1]
     features = Features({"image": Image(), "label": ClassLabel(names=[f"LABEL_{i}" for i in range(num_classes)])})
-    images = [{"bytes": png_bytes(image.permute(1, 2, 0).numpy()), "path": None} for image in pixels]
+    images = [{"bytes": download_dataset.png_bytes(image.permute(1, 2, 0).numpy()), "path": None} for image in pixels]
     split = Dataset.from_dict({"image": images, "label": labels}, features=features)
     DatasetDict(train=split, validation=split).save_to_disk(str(output_dir))
     return Path(output_dir)
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """Run torch on one thread: on a small shared machine, two threads fighting other processes make these
-    tiny models' kernels about ten times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def small_fashion_mnist(folder: Path, per_split: int = 300) -> Path:

@@ -27,9 +27,10 @@ from test_reliability import (
 
 import train_pretrain
 from nepa.args import NepaTrainingArguments
+from nepa.checkpoint import CHECKPOINT_COMPLETE
 from nepa.ema import ModelEMA
+from nepa.nonfinite import NonFiniteLossGuard
 from nepa.preemption import PREEMPTED_EXIT_STATUS
-from nepa.trainer import CHECKPOINT_COMPLETE, NonFiniteLossGuard
 
 # Runs `train_pretrain.py` with its arguments; the process of rank SIGNAL_RANK (default 0) sends SIGNAL to itself, to
 # process SIGNAL_PID (its node's launcher), or with SIGNAL_GROUP=1 to its whole process group (data-loading workers
@@ -225,7 +226,7 @@ def test_sharded_set_ups_are_refused_while_the_ema_is_on(flags, environment, nam
 
 
 def test_activation_checkpointing_under_torch_compile_trains_as_without_it(tmp_path, tiny_model, tiny_dataset):
-    """`--activation_checkpointing True` with `--torch_compile True` (the README's recipe for 24-40 GB GPUs): the
+    """`--activation_checkpointing True` with `--torch_compile True` (docs/cluster.md's recipe for 24-40 GB GPUs): the
     layers' activations are rebuilt in the backward pass, and the run gives the losses of a plain one. Not its
     weights: compiled kernels sum in another order, and AdamW, which divides each gradient by its running size,
     turns the rounding of the small gradients behind LayerScale (1e-5 at start) into steps of about the learning

@@ -1,4 +1,5 @@
-"""scripts/demo.py end to end at a tiny budget: every stage runs in one process and the table comes out."""
+"""scripts/demo.py end to end at a tiny budget: every stage runs in one process and the table comes out; the
+runner every experiment driver shares (scripts/experiment.py)."""
 
 import json
 import sys
@@ -11,6 +12,63 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 import demo  # noqa: E402
+from scripts.experiment import Stages, mean_std  # noqa: E402
+
+
+def test_a_stage_runs_once_and_is_timed_by_kind(tmp_path):
+    calls = []
+
+    def stage(argv):
+        calls.append(argv)
+        (tmp_path / argv[0]).write_text("done")
+        return "ran"
+
+    stages = Stages()
+    assert stages.run("probe", tmp_path / "a", stage, ["a"]) == "ran"
+    assert stages.run("probe", tmp_path / "b", stage, ["b"]) == "ran"
+    assert stages.run("probe", tmp_path / "a", stage, ["a"]) is None  # its result exists
+    assert calls == [["a"], ["b"]] and list(stages.seconds) == ["probe"]
+    assert Stages(rerun=True).run("probe", tmp_path / "a", stage, ["a"]) == "ran"
+
+
+def test_ablation_rows_pretrain_and_probe_with_the_miniature_settings():
+    """scripts/ablations/run.py pretrains and probes every row as the demo does (scripts/miniature.py), the row's
+    switches aside: probes fitted on the 10 % labelled subset and scored on the whole test split."""
+    from scripts import miniature
+    from scripts.ablations import run as ablations
+
+    import train_pretrain
+    from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
+
+    args = ablations.parse_args(["--table", "shift", "--max_steps", "60"])
+    command = ablations.pretrain_command(args, {"nepa_shift": False}, Path("unused"), 1338)
+    assert command[1] == "train_pretrain.py"
+    model_args, data_args, training_args = parse_arguments(
+        (train_pretrain.ModelArguments, DataArguments, NepaTrainingArguments), command[2:]
+    )
+    for name, value in miniature.PRETRAIN.items():
+        parsed = getattr(training_args, name) if hasattr(training_args, name) else getattr(data_args, name)
+        assert parsed == (list(value) if isinstance(value, tuple) else value), name
+    assert model_args.config_overrides == "nepa_shift=false" and training_args.max_steps == 60 and training_args.seed == 1338
+
+    import eval as eval_script
+
+    probe = ablations.probe_command(args, "linear", Path("unused"), Path("unused"), 1338)
+    assert probe[1] == "eval.py"
+    eval_args, data_args, training_args = parse_arguments(
+        (eval_script.EvalArguments, DataArguments, eval_script.EvalTrainingArguments), probe[2:]
+    )
+    assert data_args.labels_per_class == miniature.PROBE_LABELS_PERCENT / 100
+    assert data_args.max_train_samples is None and data_args.max_eval_samples is None
+    assert eval_args.crop_pct == miniature.EVAL["crop_pct"] and training_args.num_train_epochs == miniature.PROBE_LINEAR["num_train_epochs"]
+    assert data_args.crop_scale == list(miniature.PROBE_LINEAR["crop_scale"]) and training_args.seed == 1338
+
+
+def test_mean_std_of_no_one_and_several_seeds():
+    assert mean_std([]) == "-"
+    assert mean_std([0.5]) == "50.0"  # one seed: no spread to show
+    assert mean_std([0.5, 0.7]) == "60.0 ± 14.1"
+    assert mean_std([-0.61234, -0.61236], scale=1, digits=4) == "-0.6123 ± 0.0000"
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Image, Value
-from helpers import build_image_dataset, one_torch_thread, write_config_folder
+from helpers import COMMON, build_image_dataset, write_config_folder
 from PIL import Image as PILImage
 
 import init_nepa_cls_from_pretrain
@@ -17,14 +17,6 @@ import train_pretrain
 from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
 from nepa.args import DataArguments, parse_arguments
 from nepa.data import FinetuneTransform, PretrainTransform, labelled_subset
-
-COMMON = ["--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "True"]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
 
 
 def unbalanced_split() -> Dataset:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config
+from helpers import save_processor, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
@@ -20,7 +20,6 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
-    ViTImageProcessor,
     pipeline,
 )
 
@@ -648,8 +647,7 @@ def saved_classifier(tmp_path):
     with torch.no_grad():  # a zero-mean random head gives near-uniform scores; make them distinct
         model.classifier.weight.normal_(std=1.0)
     model.save_pretrained(tmp_path)
-    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor.save_pretrained(tmp_path)
+    save_processor(tmp_path, 32)
     return model, tmp_path
 
 

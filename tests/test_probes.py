@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_image_dataset, one_torch_thread, write_config_folder
+from helpers import COMMON, build_image_dataset, write_config_folder
 from safetensors.torch import load_file
 from transformers import ViTImageProcessor
 
 import eval as eval_script
 from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
+from nepa.checkpoint import CHECKPOINT_COMPLETE
 from nepa.probes import KnnBank, load_frozen_encoder, pooled_features
-from nepa.trainer import CHECKPOINT_COMPLETE
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -50,12 +50,6 @@ KNN_FLAGS = ["--protocol", "knn", "--knn_k", "20", "5", "--max_train_samples", "
 LINEAR_FLAGS = ["--protocol", "linear", "--num_train_epochs", "2", "--probe_lrs", "0.01", "0.1", "1.0", "--max_grad_norm", "1.0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory) -> Path:
     """An untrained 4-block ViT-NEPA saved as a pretraining output (16 px images, 16 patches)."""
@@ -76,8 +70,7 @@ def dataset_dir(tmp_path_factory) -> Path:
 def eval_args(encoder: Path, dataset: Path, output_dir: Path, *extra: str) -> list[str]:
     return [
         "--model_name_or_path", str(encoder), "--dataset_name", str(dataset), "--load_from_disk", "True",
-        "--output_dir", str(output_dir), "--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "0",
-        "--disable_tqdm", "True", "--seed", "0", "--per_device_eval_batch_size", "4", "--crop_pct", "1.0", *extra,
+        "--output_dir", str(output_dir), *COMMON, "--seed", "0", "--per_device_eval_batch_size", "4", "--crop_pct", "1.0", *extra,
     ]  # fmt: skip
 
 

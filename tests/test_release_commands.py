@@ -9,12 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
-from helpers import tiny_config
+from helpers import COMMON, tiny_config, write_config_folder
 
 import eval as eval_script
+import export_timm
+import init_nepa_cls_from_pretrain
 import train_finetune
 import train_pretrain
+import train_segmentation
+import visualize
 from models.vit_nepa import ViTNepaForImageClassification, ViTNepaForPreTraining
 from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
 from nepa.data import BatchNormalize
@@ -86,9 +91,9 @@ def evaluate(name: str) -> list[str]:
     ]  # fmt: skip
 
 
-# Here bf16 needs --use_cpu. The release's commands run under torchrun (--ddp_backend makes accelerate expect a
-# process group), so they are parsed in one torchrun process on the CPU, where gloo stands in for NCCL.
-HERE = ["--use_cpu", "True"]
+# Here bf16 needs --use_cpu (one of the tests' COMMON flags). The release's commands run under torchrun (--ddp_backend
+# makes accelerate expect a process group), so they are parsed in one torchrun process on the CPU, where gloo stands in
+# for NCCL.
 ARGUMENTS = {
     "pretrain": (train_pretrain.ModelArguments, DataArguments, NepaTrainingArguments),
     "finetune": (train_finetune.FinetuneArguments, DataArguments, train_finetune.FinetuneTrainingArguments),
@@ -105,11 +110,12 @@ COMMANDS = {
 PARSE_ALL = """
 import dataclasses, json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
-from test_release_commands import ARGUMENTS, COMMANDS, HERE
+from helpers import COMMON
+from test_release_commands import ARGUMENTS, COMMANDS
 from nepa.args import parse_arguments
 parsed = {}
 for name, (kind, argv) in COMMANDS.items():
-    argv = ["gloo" if value == "nccl" else value for value in argv] + HERE
+    argv = ["gloo" if value == "nccl" else value for value in argv] + COMMON
     parsed[name] = [vars(arguments) for arguments in parse_arguments(ARGUMENTS[kind], argv)]
 print("PARSED " + json.dumps(parsed, default=str))
 """
@@ -163,9 +169,45 @@ def test_release_model_id_asks_for_a_local_download():
         train_finetune.load_classifier(args)
 
 
+HUB_ID = "SixAILab/nepa-base-patch14-224"
+
+
+def hub_id_commands(local: Path, output: Path) -> dict:
+    """Each entry point given the Hub id for one of its folders (and local folders for the others): (main, argv, flag)."""
+    out = ["--output_dir", str(output), *COMMON]
+    return {
+        "pretraining config": (train_pretrain.main, ["--config_name", HUB_ID, *out], "--config_name"),
+        "pretraining processor": (train_pretrain.main, ["--config_name", str(local), "--image_processor_name", HUB_ID, *out], "--image_processor_name"),
+        "fine-tuning": (train_finetune.main, ["--model_name_or_path", HUB_ID, *out], "--model_name_or_path"),
+        "evaluation": (eval_script.main, ["--model_name_or_path", HUB_ID, *out], "--model_name_or_path"),
+        "segmentation": (train_segmentation.main, ["--model_name_or_path", HUB_ID, "--do_train", *out], "--model_name_or_path"),
+        "visualisation": (visualize.main, ["--model_name_or_path", HUB_ID, "--image", "cat.png", "--output_dir", str(output)], "--model_name_or_path"),
+        "conversion": (init_nepa_cls_from_pretrain.main, ["--pretrained_model_id", HUB_ID, "--save_local", "--local_dir", str(output)], "--pretrained_model_id"),
+        "code only": (init_nepa_cls_from_pretrain.main, ["--pretrained_model_id", HUB_ID, "--add_code_only"], "--pretrained_model_id"),
+        "timm export": (export_timm.main, ["--model_name_or_path", HUB_ID, "--output_dir", str(output)], "--model_name_or_path"),
+        "conversion config": (
+            init_nepa_cls_from_pretrain.main,
+            ["--pretrained_model_id", str(local), "--config_model_id", HUB_ID, "--save_local", "--local_dir", str(output)],
+            "--config_model_id",
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("command", list(hub_id_commands(Path(), Path())))
+def test_every_entry_point_answers_a_hub_id_with_the_download_to_run_and_never_reaches_the_hub(command, tmp_path, monkeypatch):
+    local = write_config_folder(tmp_path / "local")
+    ViTNepaForPreTraining(tiny_config(image_size=16, patch_size=4)).save_pretrained(local)
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: downloads.append(args))
+    main, argv, flag = hub_id_commands(local, tmp_path / "out")[command]
+    with pytest.raises((FileNotFoundError, SystemExit), match=f"hf download {HUB_ID} --local-dir DIR` and pass {flag} DIR"):
+        main(argv)
+    assert not downloads
+
+
 def learning_rates(trainer_class, model, argv, steps=40, **kwargs) -> list[list[float]]:
     """The learning rate of every parameter group at every step, from the trainer's own optimiser and schedule."""
-    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *HERE, "--report_to", "none", *argv])
+    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *COMMON, *argv])
     normalize = BatchNormalize([0.5] * 3, [0.5] * 3)
     trainer = trainer_class(model=model, args=args, normalize=normalize, **kwargs)
     trainer.create_optimizer_and_scheduler(steps)
@@ -203,8 +245,8 @@ def test_warmup_ratio_and_warmup_steps_together_are_refused():
 
 def test_fsdp_with_ema_is_refused_with_the_way_out():
     with pytest.raises(ValueError, match="--fsdp with --use_ema True .* Pass --use_ema False"):
-        parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *HERE, "--fsdp", "full_shard"])
-    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *HERE, "--fsdp", "full_shard", "--use_ema", "False"])
+        parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *COMMON, "--fsdp", "full_shard"])
+    (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", "unused", *COMMON, "--fsdp", "full_shard", "--use_ema", "False"])
     assert args.fsdp and not args.use_ema
 
 

@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import write_config_folder
+from helpers import COMMON, save_processor, write_config_folder
 from image_folder import add_bad_images, make_image_folder
 from safetensors.torch import load_file
 from transformers import ViTImageProcessor
@@ -28,8 +28,9 @@ import init_nepa_cls_from_pretrain
 import train_finetune
 import train_pretrain
 from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
+from nepa.checkpoint import CHECKPOINT_COMPLETE
 from nepa.data import BadImageError, ImageDataset, PretrainTransform, collate_images
-from nepa.trainer import CHECKPOINT_COMPLETE, NonFiniteLossError
+from nepa.nonfinite import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -82,19 +83,10 @@ def classifier_3_labels(tmp_path_factory, pretrained_folder) -> Path:
 
 
 def common_args(output_dir: Path, **flags) -> list[str]:
-    values = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        learning_rate=1e-3,
-        logging_steps=1,
-        per_device_train_batch_size=4,
-    )
+    """COMMON, then these values and `flags` (a later flag wins, so `flags` may change COMMON's too)."""
+    values = dict(output_dir=output_dir, seed=0, learning_rate=1e-3, logging_steps=1, per_device_train_batch_size=4)
     values.update(flags)
-    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+    return [*COMMON, *(item for name, value in values.items() for item in (f"--{name}", str(value)))]
 
 
 def saved_dataset(path: Path) -> list[str]:
@@ -177,9 +169,9 @@ def test_killed_run_resumes_exactly_from_newest_complete_checkpoint(tmp_path, ti
 
     with pytest.raises(ValueError, match=f"{half_written} has no {CHECKPOINT_COMPLETE} marker"):
         train_pretrain.main([*args, "--resume_from_checkpoint", str(half_written)])
-    with caplog.at_level(logging.WARNING, logger="nepa.trainer"):
+    with caplog.at_level(logging.WARNING, logger="nepa"):
         train_pretrain.main(args)
-    messages = [record.getMessage() for record in caplog.records if record.name == "nepa.trainer"]
+    messages = [record.getMessage() for record in caplog.records if record.name.startswith("nepa.")]
     for skipped in (half_written, rewritten):
         assert any(message.startswith(f"Skipping {skipped}: it has no {CHECKPOINT_COMPLETE}") for message in messages)
     assert any(message.startswith(f"Resuming from {newest} ") for message in messages)
@@ -351,7 +343,7 @@ def patch_not_dividing_image(tmp_path, model, dataset, pretrained, classifier):
 
 def processor_size_not_multiple_of_patch(tmp_path, model, dataset, pretrained, classifier):
     config = write_tiny_model(tmp_path / "model")
-    ViTImageProcessor(size={"height": 18, "width": 18}).save_pretrained(config)
+    save_processor(config, 18)
     return train_pretrain.main, ["--config_name", str(config), *no_data(tmp_path)]
 
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image as PILImage
 from safetensors.torch import load_file
-from helpers import REPO, one_torch_thread, small_fashion_mnist, tiny_config
-from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation, ViTImageProcessor
+from helpers import COMMON, REPO, save_processor, small_fashion_mnist, tiny_config
+from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
 
 from models.vit_nepa import ViTNepaBackbone, ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining
 from models.vit_nepa.configuration_vit_nepa import default_out_indices
@@ -482,7 +482,7 @@ def test_sliding_window_covers_the_image_and_averages_overlaps():
 SEG_FLAGS = [
     "--crop_size", "56", "--train_scale", "56", "56", "--ratio_range", "1", "1", "--photometric", "False",
     "--eval_scale", "56", "56", "--eval_stride", "56", "--decoder_hidden_size", "32", "--auxiliary_channels", "32",
-    "--use_cpu", "True", "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0",
+    "--save_strategy", "no", *COMMON,
 ]  # fmt: skip
 
 
@@ -508,19 +508,18 @@ def tiny_encoder(tmp_path_factory) -> Path:
         patch_size=4, qk_norm=True, layerscale_value=0.1, out_indices=[0, 1, 2, 3],
     )  # fmt: skip
     ViTNepaForPreTraining(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    save_processor(folder, 28)
     return folder
 
 
 def test_tiny_model_overfits_eight_canvases(eight_canvases, tiny_encoder, tmp_path):
-    with one_torch_thread():
-        metrics = train_segmentation.main([
-            "--model_name_or_path", str(tiny_encoder), "--dataset_name", str(eight_canvases), "--load_from_disk", "True",
-            "--output_dir", str(tmp_path / "seg"), "--do_train", "--do_eval", "--max_steps", "150",
-            "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--llrd", "1.0", "--warmup_steps", "10",
-            "--lr_scheduler_type", "constant_with_warmup",
-            "--weight_decay", "0.0", "--drop_path", "0.0", "--logging_steps", "50", "--seed", "0", *SEG_FLAGS,
-        ])  # fmt: skip
+    metrics = train_segmentation.main([
+        "--model_name_or_path", str(tiny_encoder), "--dataset_name", str(eight_canvases), "--load_from_disk", "True",
+        "--output_dir", str(tmp_path / "seg"), "--do_train", "--do_eval", "--max_steps", "150",
+        "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--llrd", "1.0", "--warmup_steps", "10",
+        "--lr_scheduler_type", "constant_with_warmup",
+        "--weight_decay", "0.0", "--drop_path", "0.0", "--logging_steps", "50", "--seed", "0", *SEG_FLAGS,
+    ])  # fmt: skip
     assert metrics["eval_mean_iou"] > 0.9, metrics
 
 
@@ -534,10 +533,9 @@ def segmentation_args(encoder: Path, dataset: Path, output_dir: Path, *flags: st
 
 def test_resumed_run_ends_where_the_uninterrupted_one_does(eight_canvases, tiny_encoder, tmp_path):
     flags = ("--do_train", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--warmup_steps", "1")
-    with one_torch_thread():
-        train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "whole", *flags))
-        shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-        train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "resumed", *flags))
+    train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "whole", *flags))
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "resumed", *flags))
     whole_history = json.loads((tmp_path / "whole" / "trainer_state.json").read_text())["log_history"]
     history = json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]  # steps 1-2 from the checkpoint
@@ -552,7 +550,7 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(eight_canvases, tiny_
 def test_gradient_accumulation_averages_the_loss(eight_canvases, tiny_encoder, tmp_path, caplog):
     """Two accumulated half batches log the mean of their losses (not the sum, which UperNet's **kwargs invites);
     the start-up warns that BatchNorm sees 2 images."""
-    with one_torch_thread(), caplog.at_level(logging.WARNING, logger="train_segmentation"):
+    with caplog.at_level(logging.WARNING, logger="train_segmentation"):
         train_segmentation.main(segmentation_args(
             tiny_encoder, eight_canvases, tmp_path / "accumulated", "--do_train", "--max_steps", "1",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--learning_rate", "0",
@@ -578,10 +576,9 @@ def test_skipped_nonfinite_step_leaves_no_nan_in_batchnorm_and_its_count_survive
     monkeypatch.setattr(UperNetForSemanticSegmentation, "forward", nan_pixels_in_first_step)
     flags = ("--do_train", "--do_eval", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
              "--skip_nonfinite_loss", "True", "--eval_strategy", "steps", "--eval_steps", "2")  # fmt: skip
-    with one_torch_thread():
-        metrics = train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "whole", *flags))
-        shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-        train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "resumed", *flags))
+    metrics = train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "whole", *flags))
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "resumed", *flags))
     for weights in ("checkpoint-2/model.safetensors", "model.safetensors"):
         for name, tensor in load_file(tmp_path / "whole" / weights).items():
             assert torch.isfinite(tensor.float()).all(), f"{weights}: {name}"
@@ -605,15 +602,14 @@ def test_bf16_runs_training_evaluation_and_evaluation_alone_in_bf16(eight_canvas
         return logits
 
     monkeypatch.setattr(UperNetHead, "forward", recording_forward)
-    with one_torch_thread():
-        run = "trained"
-        trained = train_segmentation.main(segmentation_args(
-            tiny_encoder, eight_canvases, tmp_path / "bf16", "--do_train", "--do_eval", "--max_steps", "2", "--bf16", "True",
-        ))  # fmt: skip
-        run = "evaluated"
-        evaluated = train_segmentation.main(
-            segmentation_args(tmp_path / "bf16", eight_canvases, tmp_path / "eval", "--do_eval", "--bf16", "True")
-        )
+    run = "trained"
+    trained = train_segmentation.main(segmentation_args(
+        tiny_encoder, eight_canvases, tmp_path / "bf16", "--do_train", "--do_eval", "--max_steps", "2", "--bf16", "True",
+    ))  # fmt: skip
+    run = "evaluated"
+    evaluated = train_segmentation.main(
+        segmentation_args(tmp_path / "bf16", eight_canvases, tmp_path / "eval", "--do_eval", "--bf16", "True")
+    )
     assert dtypes == {(run, kind): {torch.bfloat16} for run, kind in [("trained", "train"), ("trained", "eval"), ("evaluated", "eval")]}
     for key in ("eval_mean_iou", "eval_pixel_accuracy", "eval_mean_accuracy"):
         assert evaluated[key] == trained[key], key
@@ -623,13 +619,12 @@ def test_saved_model_is_evaluated_with_do_eval_alone(eight_canvases, tiny_encode
     """The saved weights and, with --use_ema True, the saved EMA give the metrics of the training run's own final
     evaluation; a folder without model_ema.safetensors gets no eval_ema_* metrics."""
     ema = ("--use_ema", "True", "--ema_decay", "0.5")
-    with one_torch_thread():
-        trained = train_segmentation.main(
-            segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--do_eval", "--max_steps", "2", *ema)
-        )
-        evaluated = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval", "--do_eval", *ema))
-        (tmp_path / "seg" / "model_ema.safetensors").unlink()
-        without_ema = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval2", "--do_eval", *ema))
+    trained = train_segmentation.main(
+        segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--do_eval", "--max_steps", "2", *ema)
+    )
+    evaluated = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval", "--do_eval", *ema))
+    (tmp_path / "seg" / "model_ema.safetensors").unlink()
+    without_ema = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval2", "--do_eval", *ema))
     for key in ("eval_mean_iou", "eval_pixel_accuracy", "eval_ema_mean_iou", "eval_ema_pixel_accuracy"):
         assert evaluated[key] == trained[key], key
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["eval_mean_iou"] == trained["eval_mean_iou"]
@@ -640,8 +635,7 @@ def test_saved_model_is_evaluated_with_do_eval_alone(eight_canvases, tiny_encode
 def test_two_processes_count_each_validation_image_once(eight_canvases, tiny_encoder, tmp_path):
     """5 images over 2 processes: one process's last batch repeats an image to even the batches, and the
     gathered confusion matrix drops it, so the metrics are those of one process."""
-    with one_torch_thread():
-        train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--max_steps", "2"))
+    train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--max_steps", "2"))
     five = tmp_path / "five"
     split = datasets.load_from_disk(str(eight_canvases))["train"].select(range(5))
     datasets.DatasetDict(train=split, validation=split).save_to_disk(str(five))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_image_dataset, one_torch_thread, write_config_folder
+from helpers import COMMON, build_image_dataset, write_config_folder
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForImageClassification, UperNetForSemanticSegmentation
 
@@ -25,10 +25,7 @@ import train_segmentation
 from models.vit_nepa import AUTO_MAP, CODE_FILES, ViTNepaBackbone
 
 REPO = Path(__file__).resolve().parents[1]
-COMMON = [
-    "--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "True",
-    "--seed", "0", "--max_steps", "2", "--save_strategy", "no", "--per_device_train_batch_size", "4",
-]  # fmt: skip
+RUN = [*COMMON, "--seed", "0", "--max_steps", "2", "--save_strategy", "no", "--per_device_train_batch_size", "4"]
 
 # Run by a Python started with -I (no PYTHONPATH, no current directory, no user site) in a folder outside the
 # repository, with `models` and `nepa` made unimportable even if an editable install would find them.
@@ -114,23 +111,22 @@ def saved_folders(tmp_path_factory, reference_fixture_dir) -> dict[str, Path]:
     config = write_config_folder(root / "config", num_hidden_layers=4)  # a backbone reads 4 blocks
     data = ["--dataset_name", str(dataset), "--load_from_disk", "True"]
     folders = {name: root / name for name in ("pretrained", "converted", "finetuned", "segmentation")}
-    with one_torch_thread():
-        train_pretrain.main(["--config_name", str(config), *data, "--output_dir", str(folders["pretrained"]), "--do_train", *COMMON])
-        init_nepa_cls_from_pretrain.main([
-            "--pretrained_model_id", str(folders["pretrained"]), "--dataset_name", str(dataset),
-            "--save_local", "--local_dir", str(folders["converted"]),
-        ])  # fmt: skip
-        train_finetune.main(["--model_name_or_path", str(folders["converted"]), *data, "--output_dir", str(folders["finetuned"]), "--do_train", *COMMON])
-        canvases = download_dataset.main([
-            "--dataset", "fashion-mnist-seg", "--canvas_size", "56", "--max_per_split", "4", "--output_dir", str(root / "canvases"),
-        ]) if (download_dataset.FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file() else None
-        if canvases is None:
-            pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
-        train_segmentation.main([
-            "--model_name_or_path", str(folders["pretrained"]), "--dataset_name", str(canvases), "--load_from_disk", "True",
-            "--output_dir", str(folders["segmentation"]), "--do_train", "--crop_size", "16", "--eval_stride", "16", "--train_scale", "56", "56",
-            "--decoder_hidden_size", "8", "--auxiliary_channels", "8", *COMMON,
-        ])  # fmt: skip
+    train_pretrain.main(["--config_name", str(config), *data, "--output_dir", str(folders["pretrained"]), "--do_train", *RUN])
+    init_nepa_cls_from_pretrain.main([
+        "--pretrained_model_id", str(folders["pretrained"]), "--dataset_name", str(dataset),
+        "--save_local", "--local_dir", str(folders["converted"]),
+    ])  # fmt: skip
+    train_finetune.main(["--model_name_or_path", str(folders["converted"]), *data, "--output_dir", str(folders["finetuned"]), "--do_train", *RUN])
+    canvases = download_dataset.main([
+        "--dataset", "fashion-mnist-seg", "--canvas_size", "56", "--max_per_split", "4", "--output_dir", str(root / "canvases"),
+    ]) if (download_dataset.FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file() else None
+    if canvases is None:
+        pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+    train_segmentation.main([
+        "--model_name_or_path", str(folders["pretrained"]), "--dataset_name", str(canvases), "--load_from_disk", "True",
+        "--output_dir", str(folders["segmentation"]), "--do_train", "--crop_size", "16", "--eval_stride", "16", "--train_scale", "56", "56",
+        "--decoder_hidden_size", "8", "--auxiliary_channels", "8", *RUN,
+    ])  # fmt: skip
     folders["released"] = add_code_to_released_folder(reference_fixture_dir, root / "released")
     return folders
 
@@ -150,7 +146,7 @@ def test_every_saved_folder_loads_without_the_repository_and_gives_the_same_outp
     loaded.pop("released.last_hidden_state")
 
     expected = {}
-    with torch.no_grad(), one_torch_thread():
+    with torch.no_grad():
         for name in ("pretrained", "converted", "finetuned"):
             if name != "pretrained":
                 expected[f"{name}.logits"] = AutoModelForImageClassification.from_pretrained(saved_folders[name]).eval()(pixels).logits

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    COMMON,
     IMAGE_SIZE,
     build_image_dataset,
     build_reference_dataset,
-    one_torch_thread,
     save_processor,
     tiny_config,
     write_config_folder,
@@ -39,15 +39,9 @@ from nepa.optim import group_warmup_steps, layer_decay_cosine_schedule, layer_de
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
-COMMON = ["--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--seed", "0"]
+RUN = [*COMMON, "--seed", "0"]  # every run of this file is seeded 0
 EVAL_KEYS = {"eval_accuracy", "eval_top5", "eval_loss"}
 EMA_EVAL_KEYS = {"eval_ema_accuracy", "eval_ema_top5", "eval_ema_loss"}
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +65,7 @@ def pretrain_argv(config_dir, dataset_dir, output_dir, *extra) -> list[str]:
         "--per_device_train_batch_size", "8",
         "--learning_rate", "1e-3",
         "--weight_decay", "0.05",
-        *COMMON,
+        *RUN,
         *extra,
     ]  # fmt: skip
 
@@ -85,7 +79,7 @@ def finetune_argv(model_dir, dataset_dir, output_dir, *extra) -> list[str]:
         "--per_device_train_batch_size", "8",
         "--per_device_eval_batch_size", "16",
         "--learning_rate", "1e-3",
-        *COMMON,
+        *RUN,
         *extra,
     ]  # fmt: skip
 
@@ -97,7 +91,7 @@ def eval_argv(model_dir, dataset_dir, output_dir, *extra) -> list[str]:
         "--load_from_disk", "True",
         "--output_dir", str(output_dir),
         "--per_device_eval_batch_size", "16",
-        *COMMON,
+        *RUN,
         *extra,
     ]  # fmt: skip
 
@@ -117,8 +111,7 @@ def pretraining_run(tmp_path_factory, config_dir, dataset_dir) -> tuple[Path, di
     """40 steps of NEPA pretraining, logged every 5 steps, then evaluated; (output_dir, returned metrics)."""
     output_dir = tmp_path_factory.mktemp("pretrained")
     schedule = ["--max_steps", "40", "--warmup_steps", "5", "--logging_steps", "5", "--save_strategy", "no", "--do_eval"]
-    with one_torch_thread():
-        metrics = train_pretrain.main(pretrain_argv(config_dir, dataset_dir, output_dir, *schedule))
+    metrics = train_pretrain.main(pretrain_argv(config_dir, dataset_dir, output_dir, *schedule))
     return output_dir, metrics
 
 
@@ -224,9 +217,10 @@ def test_trainers_override_public_trainer_methods_that_the_trainer_calls(tmp_pat
     EMA, the checkpoint marker or the non-finite guard would be bypassed silently) fails here."""
     from transformers import Trainer
 
+    from nepa.nonfinite import NonFiniteLossGuard
     from nepa.probes import ProbeTrainer
     from nepa.segmentation import SegmentationTrainer
-    from nepa.trainer import NepaTrainer, NonFiniteLossGuard, _StepHooks
+    from nepa.trainer import NepaTrainer, _StepHooks
 
     trainers = (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer)
     for trainer_class in (*trainers, ProbeTrainer, SegmentationTrainer):
@@ -263,7 +257,8 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch, d
     fused optimiser (the default) the guard reads each optimiser step's flag only after that step, never while
     the step waits for it; on a GPU the flag reaches the host through a pinned copy and an event."""
     from nepa.data import collate_images
-    from nepa.trainer import NepaTrainer, NonFiniteLossGuard
+    from nepa.nonfinite import NonFiniteLossGuard
+    from nepa.trainer import NepaTrainer
 
     reads, settle = [], NonFiniteLossGuard.settle
 
@@ -287,7 +282,7 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch, d
             return NepaTrainer.training_step(self, *args, **kwargs)
 
     flags = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
-    common = COMMON if device == "cpu" else [flag for flag in COMMON if flag != "--use_cpu"]
+    common = RUN if device == "cpu" else [flag for flag in RUN if flag != "--use_cpu"]
     (args,) = parse_arguments((NepaTrainingArguments,), ["--output_dir", str(tmp_path), *common, *flags, "--save_strategy", "no"])
     assert args.device.type == device
     images = [{"pixel_values": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)} for _ in range(8)]
@@ -305,7 +300,7 @@ def test_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch, d
 def test_host_copy_of_a_gpu_scalar_waits_for_its_own_point_of_the_stream():
     """`HostCopy` returns at once while the GPU is busy (its copy is queued behind the work), and `item()` then
     gives the value computed at that point, not one written later in the stream."""
-    from nepa.trainer import HostCopy
+    from nepa.nonfinite import HostCopy
 
     value = torch.zeros((), device="cuda")
     torch.cuda.synchronize()
@@ -317,6 +312,29 @@ def test_host_copy_of_a_gpu_scalar_waits_for_its_own_point_of_the_stream():
     assert copy.item() == 1.0
     torch.cuda.synchronize()
     assert value.item() == 2.0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_fused_adamw_skips_its_update_when_found_inf_is_set(device):
+    """The guard skips a flagged step of a fused optimiser by setting `found_inf`, an attribute torch does not document
+    (checked on torch 2.14.1): set to 1, fused AdamW leaves the weights, its moments and its step count as they were;
+    set to 0 or removed, it steps. A torch upgrade that stops honouring it fails here."""
+    from nepa.nonfinite import fused_optimizer
+
+    weight = torch.nn.Parameter(torch.ones(3, device=device))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    assert fused_optimizer(optimizer) is optimizer and fused_optimizer(torch.optim.AdamW([weight])) is None
+    weight.grad = torch.ones(3, device=device)
+    optimizer.found_inf = torch.tensor(1.0, device=device)
+    optimizer.step()
+    state = optimizer.state[weight]
+    assert (weight.detach() == 1).all() and state["step"].item() == 0 and not state["exp_avg"].any()
+    optimizer.found_inf = torch.tensor(0.0, device=device)
+    optimizer.step()
+    assert state["step"].item() == 1 and (weight.detach() < 1).all()
+    del optimizer.found_inf
+    optimizer.step()
+    assert state["step"].item() == 2
 
 
 def test_pretraining_parameter_groups(tmp_path):

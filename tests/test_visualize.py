@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config
+from helpers import save_processor, tiny_config
 from PIL import Image
-from transformers import ViTImageProcessor
 
 import visualize
 from models.vit_nepa import ViTNepaForImageClassification, ViTNepaForPreTraining
@@ -130,7 +129,7 @@ def test_folder_image_processor_sets_the_input_size(causal_dir, images, tmp_path
     folder.mkdir()
     for file in causal_dir.iterdir():
         (folder / file.name).write_bytes(file.read_bytes())
-    ViTImageProcessor(size={"height": 48, "width": 48}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    save_processor(folder, 48)
     args = ["--model_name_or_path", str(folder), "--image", str(images["rgb"]), "--output_dir", str(tmp_path)]
     (path,) = visualize.main(args)
     assert path.name == "rgb_q21.png"  # 48 px: a 6x6 grid, central patch row 3 col 3
@@ -176,7 +175,7 @@ def test_bad_inputs_give_clear_errors(causal_dir, images, tmp_path):
         visualize.main(["--model_name_or_path", str(causal_dir), "--image", str(not_an_image)] + out)
     with pytest.raises(SystemExit, match="hf download SixAILab/"):
         visualize.main(["--model_name_or_path", "SixAILab/nepa-base-patch14-224", "--image", str(images["rgb"])] + out)
-    with pytest.raises(ValueError, match="not a local folder"):
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
         visualize.load_model(tmp_path / "absent")
     with pytest.raises(SystemExit, match="outside the 16 patches"):
         visualize.main(["--model_name_or_path", str(causal_dir), "--image", str(images["rgb"]), "--query_index", "16"] + out)
@@ -192,5 +191,5 @@ def test_incomplete_encoder_fails_loudly(causal_dir, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["qk_norm_bias"] = True  # the saved tensors have no QK-norm biases
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="missing weights.*q_norm.bias"):
+    with pytest.raises(ValueError, match=r"lacks \d+ encoder tensors .*q_norm.bias"):
         visualize.load_model(folder)

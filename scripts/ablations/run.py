@@ -5,24 +5,23 @@
     python scripts/ablations/run.py --table components     # LayerScale, RoPE, QK-norm, gated MLP
 
 Each row changes the base config (--config) only through `train_pretrain.py --config_overrides`,
-pretrains with the same seeds and step budget as every other row, then judges the encoder with
-`eval.py --protocol knn` and `--protocol linear` on frozen features and, with --finetune, the
-demo's fine-tuning protocol: 10 % of the labels (class-balanced, seeded), the settings of
-scripts/miniature.py, top-1 on the whole test split. --seeds N repeats every row with N seeds
-(pretraining, probes and fine-tune) and the table gives mean ± std. The table, beside the paper's
-ImageNet figures, goes to `<output_dir>/<table>.md` and is printed.
+and is measured as the demo measures its encoder, with the settings of scripts/miniature.py (the
+command lines of `miniature.pretrain_argv`, `probe_argv` and `finetune_argv`): pretraining for
+--max_steps with the same seeds as every other row, `eval.py --protocol knn` and `--protocol linear`
+on the frozen encoder fitted on 10 % of the labels (class-balanced, seeded) and, with --finetune, the
+demo's fine-tune on 10 % of the labels; every score is top-1 on the whole test split. --seeds N
+repeats every row with N seeds (pretraining, probes and fine-tune) and the table gives mean ± std.
+The table, beside the paper's ImageNet figures, goes to `<output_dir>/<table>.md` and is printed.
 
 A stage whose results exist is not run again (a failed pretraining counts as a result: its error is
-kept in `failed.txt`); --rerun starts the table's rows from scratch. The defaults (tiny ViT, 28 px
-Fashion-MNIST, 200 steps of 128 images) run the shift table, probes included, in well under an
-hour on a 2-core CPU.
+kept in `failed.txt`); --rerun starts the table's rows from scratch, and rows run with other
+settings (the miniature's included) are refused.
 """
 
 import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -34,13 +33,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from scripts import miniature  # noqa: E402
+from scripts.experiment import Stages, mean_std  # noqa: E402
 
-DEFAULT_DATASET = "data/fashion-mnist-hf"
+DEFAULT_DATASET = miniature.DATASET
 FINETUNE_PERCENT = 10  # the semi-supervised protocol of the demo
 LAYERSCALE = 1e-5  # the released configs' initial LayerScale
 COLLAPSE_COSINE = 0.9  # targets this alike carry almost no information about the image
 
-# (switch columns, paper's ImageNet ViT-B fine-tuned top-1 (RECIPES.md), config overrides) per row.
+# (switch columns, paper's ImageNet ViT-B fine-tuned top-1 (docs/recipes.md), config overrides) per row.
 COMPONENTS_OFF = {"layerscale_value": None, "use_rope": False, "qk_norm": False, "use_gated_mlp": False}
 SWIGLU = {"use_gated_mlp": True, "hidden_act": "silu"}  # intermediate_size kept: 1.5x the MLP weights
 TABLES = {
@@ -90,20 +90,16 @@ TABLES = {
 }
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", required=True, choices=sorted(TABLES))
     parser.add_argument("--dataset", default=DEFAULT_DATASET, help="a download_dataset.py folder")
-    parser.add_argument("--config", default="configs/pretrain/nepa-tiny-patch7-28", help="the base pretraining config")
-    parser.add_argument("--max_steps", type=int, default=200, help="pretraining steps of every row")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--config", default=miniature.PRETRAIN_CONFIG, help="the base pretraining config")
+    parser.add_argument("--max_steps", type=int, default=200, help="pretraining steps of every row (the rest: scripts/miniature.py)")
     parser.add_argument(
         "--finetune", action="store_true",
         help=f"fine-tune each row on {FINETUNE_PERCENT} %% of the labels ({miniature.FINETUNE_STEPS[FINETUNE_PERCENT]} steps, scripts/miniature.py)",
     )  # fmt: skip
-    parser.add_argument("--probe_train_samples", type=int, default=10000, help="feature bank of the probes")
-    parser.add_argument("--probe_eval_samples", type=int, default=2000, help="images the probes are scored on")
     parser.add_argument("--output_dir", default="outputs/ablations")
     parser.add_argument("--seed", type=int, default=1337, help="the first seed; --seeds N uses seed, seed + 1, ...")
     parser.add_argument("--seeds", type=int, default=1, help="runs of every row, for mean ± std")
@@ -115,7 +111,7 @@ def parse_args() -> argparse.Namespace:
         "several times faster than threads contending for the cores",
     )
     parser.add_argument("--rerun", action="store_true", help="delete this table's row folders and run them again")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def ensure_dataset(path: str) -> None:
@@ -132,9 +128,8 @@ def format_overrides(overrides: dict) -> str:
 
 
 def run_logged(command: list[str], log_file: Path, env: dict) -> str | None:
-    """Run a stage, showing its output (tqdm included) live and keeping it in `log_file`.
+    """Run a stage's command, showing its output (tqdm included) live and keeping it in `log_file`.
     Returns None on success, else the last error-looking line of the output."""
-    print(f"\n$ {' '.join(command)}", flush=True)
     with open(log_file, "wb") as log, subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     ) as process:
@@ -154,45 +149,17 @@ def device_flags() -> list[str]:
     return flags + ([] if torch.cuda.is_available() else ["--use_cpu", "True"])
 
 
-def common_flags(args, seed: int) -> list[str]:
-    return ["--dataset_name", args.dataset, "--load_from_disk", "True", "--seed", str(seed), *device_flags()]
-
-
 def pretrain_command(args, overrides: dict, output: Path, seed: int) -> list[str]:
-    return [
-        sys.executable, "train_pretrain.py",
-        "--config_name", args.config,
-        "--config_overrides", format_overrides(overrides),
-        "--output_dir", str(output),
-        "--do_train",
-        "--max_steps", str(args.max_steps),
-        "--per_device_train_batch_size", str(args.batch_size),
-        "--learning_rate", str(args.learning_rate),
-        "--lr_scheduler_type", "cosine",
-        "--warmup_steps", str(max(1, args.max_steps // 10)),
-        "--weight_decay", "0.05",
-        "--adam_beta2", "0.95",
-        "--logging_steps", str(max(1, args.max_steps // 30)),
-        "--save_strategy", "no",
-        "--use_ema", "False",
-        *common_flags(args, seed),
-    ]  # fmt: skip
+    """The miniature's pretraining (scripts/miniature.py) of the row's config, for --max_steps."""
+    argv = miniature.pretrain_argv(
+        output, args.max_steps, seed, args.dataset, args.config, format_overrides(overrides), max(1, args.max_steps // 30)
+    )
+    return [sys.executable, "train_pretrain.py", *argv, *device_flags()]
 
 
 def probe_command(args, protocol: str, encoder: Path, output: Path, seed: int) -> list[str]:
-    return [
-        sys.executable, "eval.py",
-        "--model_name_or_path", str(encoder),
-        "--protocol", protocol,
-        "--output_dir", str(output),
-        "--max_train_samples", str(args.probe_train_samples),
-        "--max_eval_samples", str(args.probe_eval_samples),
-        "--per_device_eval_batch_size", "256",
-        "--crop_pct", "1.0",  # 28 px images: no border to crop away
-        *miniature.flags(miniature.PROBES[protocol]),
-        "--use_ema", "False",
-        *common_flags(args, seed),
-    ]  # fmt: skip
+    """The demo's probe (scripts/miniature.py): fitted on its labelled subset, scored on the whole test split."""
+    return [sys.executable, "eval.py", *miniature.probe_argv(encoder, output, protocol, seed, args.dataset), *device_flags()]
 
 
 def finetune_commands(args, encoder: Path, classifier: Path, output: Path, seed: int) -> list[list[str]]:
@@ -206,25 +173,23 @@ def finetune_commands(args, encoder: Path, classifier: Path, output: Path, seed:
     return [convert, [sys.executable, "train_finetune.py", *finetune, *device_flags()]]
 
 
-def run_seed(args, seed_dir: Path, overrides: dict, env: dict, seed: int) -> None:
+def run_seed(args, stages: Stages, seed_dir: Path, overrides: dict, env: dict, seed: int) -> None:
     """Run the stages of one seed of a row that have no results yet; a failing stage ends that seed."""
     seed_dir.mkdir(parents=True, exist_ok=True)
     failed = seed_dir / "failed.txt"
     if failed.exists():
         return
     encoder = seed_dir / "pretrain"
-    stages = [("pretrain", encoder / "trainer_state.json", [pretrain_command(args, overrides, encoder, seed)])]
+    plan = [("pretrain", encoder / "trainer_state.json", [pretrain_command(args, overrides, encoder, seed)])]
     for protocol in ("knn", "linear"):
         command = probe_command(args, protocol, encoder, seed_dir / protocol, seed)
-        stages.append((protocol, seed_dir / protocol / "eval_results.json", [command]))
+        plan.append((protocol, seed_dir / protocol / "eval_results.json", [command]))
     if args.finetune:
         commands = finetune_commands(args, encoder, seed_dir / "cls", seed_dir / "finetune", seed)
-        stages.append(("finetune", seed_dir / "finetune" / "eval_results.json", commands))
-    for name, result, commands in stages:
-        if result.exists():
-            continue
+        plan.append(("finetune", seed_dir / "finetune" / "eval_results.json", commands))
+    for name, result, commands in plan:
         for command in commands:
-            error = run_logged(command, seed_dir / f"{name}.log", env)
+            error = stages.run(name, result, run_logged, command, seed_dir / f"{name}.log", env)
             if error:
                 failed.write_text(f"{name}: {error}\n")
                 print(f"\n{seed_dir}: {name} failed ({error}); going on.", flush=True)
@@ -235,11 +200,14 @@ def seed_dirs(args, row_dir: Path) -> list[tuple[int, Path]]:
     return [(args.seed + index, row_dir / f"seed{args.seed + index}") for index in range(args.seeds)]
 
 
-def run_row(args, row_dir: Path, overrides: dict, env: dict) -> None:
+def run_row(args, stages: Stages, row_dir: Path, overrides: dict, env: dict) -> None:
     row_dir.mkdir(parents=True, exist_ok=True)
     # Settings that change a row's results; --finetune and more --seeds may be added to finished rows later.
     later = ("finetune", "seeds")
     settings = {key: value for key, value in vars(args).items() if key not in ("table", "rerun", "output_dir", "threads")}
+    # The miniature's settings the rows were run with, as the file holds them.
+    miniature_settings = dict(pretrain=miniature.PRETRAIN, probes=miniature.PROBES, probe_labels=miniature.PROBE_LABELS_PERCENT)
+    settings["miniature"] = json.loads(json.dumps(miniature_settings))
     settings_file = row_dir / "settings.json"
     previous = read_json(settings_file)
     changed = sorted(key for key in settings if previous and key not in later and previous.get(key) != settings[key])
@@ -247,7 +215,7 @@ def run_row(args, row_dir: Path, overrides: dict, env: dict) -> None:
         raise SystemExit(f"{row_dir} was run with other {', '.join(changed)}: pass --rerun, or another --output_dir.")
     settings_file.write_text(json.dumps(settings, indent=2))
     for seed, seed_dir in seed_dirs(args, row_dir):
-        run_seed(args, seed_dir, overrides, env, seed)
+        run_seed(args, stages, seed_dir, overrides, env, seed)
 
 
 def read_json(path: Path) -> dict | None:
@@ -291,12 +259,7 @@ def verdict(summary: dict) -> str:
 
 def number(summaries: list[dict], key: str, scale: float = 1.0, digits: int = 3) -> str:
     """One seed's value, or mean ± std over the seeds that have it ("-" if none)."""
-    values = [summary[key] * scale for summary in summaries if summary[key] is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return mean_std([summary[key] for summary in summaries if summary[key] is not None], scale, digits)
 
 
 def markdown_table(table: dict, row_summaries: list[list[dict]], finetune: bool) -> str:
@@ -330,13 +293,13 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
 
-    started = time.time()
+    started, stages = time.time(), Stages()
     row_dirs = [table_dir / f"{index}_{row_name(overrides)}" for index, (_, _, overrides) in enumerate(table["rows"])]
     for row_dir, (switches, _, overrides) in zip(row_dirs, table["rows"]):
         if args.rerun and row_dir.exists():
             shutil.rmtree(row_dir)
         print(f"\n=== {args.table}: {' / '.join(table['columns'])} = {' / '.join(switches)}  ({row_dir.name})", flush=True)
-        run_row(args, row_dir, overrides, env)
+        run_row(args, stages, row_dir, overrides, env)
 
     summaries = [[seed_summary(seed_dir) for _, seed_dir in seed_dirs(args, row_dir)] for row_dir in row_dirs]
     text = markdown_table(table, summaries, args.finetune)

@@ -14,7 +14,6 @@ runs in its own single-threaded process, --jobs at a time, and the table of top-
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from scripts import miniature  # noqa: E402
+from scripts.experiment import Stages, mean_std  # noqa: E402
 
 # Augmentation strengths. "none": the whole image and a flip. "light": crops of at least 35 % of the image,
 # RandAugment at magnitude 5, label smoothing. "full": the ImageNet recipe's augmentation (recipe.sh).
@@ -98,27 +98,23 @@ def main() -> None:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
 
+    stages = Stages()
     images = write_image_folder(out / "images", args.per_class, args.val_per_class)
     dataset = out / "images-hf"
-    if not dataset.is_dir():
-        run(["download_dataset.py", "--imagefolder", str(images), "--output_dir", str(dataset)], out / "dataset.log")
+    stages.run("dataset", dataset, run,
+               ["download_dataset.py", "--imagefolder", str(images), "--output_dir", str(dataset)], out / "dataset.log")  # fmt: skip
     fashion = REPO / miniature.DATASET
-    if not fashion.is_dir():
-        run(["download_dataset.py", "--dataset", "fashion-mnist", "--output_dir", str(fashion)], out / "fashion.log")
+    stages.run("Fashion-MNIST", fashion, run,
+               ["download_dataset.py", "--dataset", "fashion-mnist", "--output_dir", str(fashion)], out / "fashion.log")  # fmt: skip
     encoder = out / "encoder"
-    if not (encoder / "model.safetensors").is_file():
-        run([
-            "train_pretrain.py", "--config_name", miniature.PRETRAIN_CONFIG, "--dataset_name", str(fashion),
-            "--load_from_disk", "True", "--output_dir", str(encoder), "--do_train", "--max_steps", str(args.pretrain_steps),
-            "--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "0", "--save_strategy", "no",
-            "--disable_tqdm", "True", "--seed", "0", *miniature.flags(miniature.PRETRAIN),
-        ], out / "encoder.log")  # fmt: skip
+    pretrain = miniature.pretrain_argv(encoder, args.pretrain_steps, dataset=str(fashion), logging_steps=500)
+    cpu = ["--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "True"]
+    stages.run("NEPA pretraining", encoder / "model.safetensors", run, ["train_pretrain.py", *pretrain, *cpu], out / "encoder.log")
     classifier = out / "classifier"
-    if not (classifier / "model.safetensors").is_file():
-        run([
-            "init_nepa_cls_from_pretrain.py", "--pretrained_model_id", str(encoder), "--config_model_id",
-            miniature.FINETUNE_CONFIG, "--dataset_name", str(dataset), "--save_local", "--local_dir", str(classifier),
-        ], out / "classifier.log")  # fmt: skip
+    stages.run("conversion", classifier / "model.safetensors", run, [
+        "init_nepa_cls_from_pretrain.py", "--pretrained_model_id", str(encoder), "--config_model_id",
+        miniature.FINETUNE_CONFIG, "--dataset_name", str(dataset), "--save_local", "--local_dir", str(classifier),
+    ], out / "classifier.log")  # fmt: skip
 
     runs = [
         (aug, lr, epochs, seed)
@@ -129,11 +125,10 @@ def main() -> None:
 
     table = {}
     for (aug, lr, epochs, _), accuracy in zip(runs, accuracies):
-        table.setdefault((epochs, aug, lr), []).append(100 * accuracy)
+        table.setdefault((epochs, aug, lr), []).append(accuracy)
     lines = ["| epochs | augmentation | lr (batch 64) | top-1 (%) |", "|---|---|---|---|"]
     for (epochs, aug, lr), values in table.items():
-        spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-        lines.append(f"| {epochs} | {aug} | {lr:g} | {statistics.mean(values):.1f}{spread} |")
+        lines.append(f"| {epochs} | {aug} | {lr:g} | {mean_std(values)} |")
     print("\n".join(lines))
     (out / "results.md").write_text("\n".join(lines) + "\n")
 

@@ -7,7 +7,7 @@
 # Speed (docs/performance.md): fused AdamW, torch.compile (--torch_compile False turns it off), workers kept
 # between epochs.
 # Checkpoints every 50,000 steps (as the release) and every SAVE_EVERY_MINUTES (30), the newest 2 kept; a stop signal
-# saves one too (README: multi-node).
+# saves one too (docs/cluster.md).
 # Overrides: DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS, SAVE_EVERY_MINUTES; extra flags
 # pass through.
 set -euo pipefail

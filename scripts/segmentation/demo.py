@@ -16,7 +16,6 @@ import argparse
 import json
 import multiprocessing
 import shutil
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,20 +25,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from scripts import miniature  # noqa: E402
+from scripts.experiment import Stages, mean_std  # noqa: E402
 
 # The demo's tiny ViT at patch 4, not the classification miniature's 7: on 56 px canvases an item then
 # spans 7 x 7 patches instead of 4 x 4; at patch 7 both encoders learned the background only in 250
 # steps (mIoU 9.8 % NEPA-pretrained, 10.7 % random init, seed 0).
 PATCH_SIZE = 4
+LAYER_DECAY = 0.75
 COMMON = ["--use_cpu", "True", "--report_to", "none", "--disable_tqdm", "True"]
-
-
-def timed(name: str, timings: dict, function, *args):
-    print(f"==> {name}", flush=True)
-    start = time.time()
-    result = function(*args)
-    timings[name] = time.time() - start
-    return result
 
 
 def segmentation_argv(args, encoder: Path, canvases: Path, run: Path, seed: int) -> list[str]:
@@ -47,7 +40,7 @@ def segmentation_argv(args, encoder: Path, canvases: Path, run: Path, seed: int)
         "--model_name_or_path", str(encoder), "--dataset_name", str(canvases), "--load_from_disk", "True",
         "--output_dir", str(run), "--do_train", "--do_eval", "--max_steps", str(args.steps),
         "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "100",
-        "--learning_rate", str(args.learning_rate), "--llrd", "0.75", "--weight_decay", "0.05", "--warmup_steps", "0.1",
+        "--learning_rate", str(args.learning_rate), "--llrd", str(LAYER_DECAY), "--weight_decay", "0.05", "--warmup_steps", "0.1",
         "--lr_scheduler_type", "linear", "--drop_path", "0.1",
         "--decoder_hidden_size", "32", "--auxiliary_channels", "32",
         "--crop_size", str(args.canvas_size), "--train_scale", str(args.canvas_size), str(args.canvas_size),
@@ -83,11 +76,6 @@ def build_canvases(folder: Path, canvas_size: int, train: int, validation: int) 
     download_dataset.save(dataset, folder, overwrite=True, id2label=id2label)
 
 
-def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/segmentation-demo")
@@ -112,6 +100,7 @@ def main() -> None:
 
     import download_dataset
     import train_pretrain
+    from nepa.segmentation import read_id2label
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,25 +108,19 @@ def main() -> None:
     if args.rerun and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    stages = Stages()
     start = time.time()
 
     fashion_mnist = REPO / args.fashion_mnist
-    if not (fashion_mnist / "dataset_dict.json").exists():
-        timed("Fashion-MNIST", timings, download_dataset.main, ["--dataset", "fashion-mnist", "--output_dir", str(fashion_mnist)])
+    stages.run("Fashion-MNIST", fashion_mnist / "dataset_dict.json", download_dataset.main,
+               ["--dataset", "fashion-mnist", "--output_dir", str(fashion_mnist)])  # fmt: skip
     canvases = out / "canvases"
-    if not (canvases / "dataset_dict.json").exists():
-        timed("canvases", timings, build_canvases, canvases, args.canvas_size, args.train_canvases, args.eval_canvases)
+    stages.run("canvases", canvases / "dataset_dict.json", build_canvases,
+               canvases, args.canvas_size, args.train_canvases, args.eval_canvases)  # fmt: skip
 
     pretrained = out / "pretrain"
-    if not (pretrained / "model.safetensors").exists():
-        timed("NEPA pretraining", timings, train_pretrain.main, [
-            "--config_name", str(REPO / miniature.PRETRAIN_CONFIG), "--config_overrides", f"patch_size={PATCH_SIZE}",
-            "--dataset_name", str(fashion_mnist),
-            "--load_from_disk", "True", "--output_dir", str(pretrained), "--do_train", "--max_steps", str(args.pretrain_steps),
-            *miniature.flags(miniature.PRETRAIN), "--logging_steps", "50", "--save_strategy", "no",
-            "--dataloader_num_workers", "0", "--seed", "0", *COMMON,
-        ])  # fmt: skip
+    argv = miniature.pretrain_argv(pretrained, args.pretrain_steps, dataset=str(fashion_mnist), config_overrides=f"patch_size={PATCH_SIZE}")
+    stages.run("NEPA pretraining", pretrained / "model.safetensors", train_pretrain.main, [*argv, "--dataloader_num_workers", "0", *COMMON])
 
     runs: dict[str, list[Path]] = {"NEPA-pretrained": [], "random init": []}
     pending = []
@@ -155,9 +138,10 @@ def main() -> None:
     segmentation_start = time.time()
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=use_one_thread) as pool:
         for (name, _), seconds in zip(pending, pool.map(timed_segmentation, [argv for _, argv in pending])):
-            timings[name] = seconds
-    timings[f"segmentation runs, {args.jobs} at a time (wall)"] = time.time() - segmentation_start
+            stages.add(name, seconds)
+    stages.add(f"segmentation runs, {args.jobs} at a time (wall)", time.time() - segmentation_start)
     results = {row: [json.loads((run / "eval_results.json").read_text()) for run in row_runs] for row, row_runs in runs.items()}
+    classes = len(read_id2label(canvases))
 
     lines = [
         f"# Segmentation transfer in miniature: UperNet on {args.canvas_size} px Fashion-MNIST canvases, on the CPU",
@@ -165,8 +149,8 @@ def main() -> None:
         f"Encoder {Path(miniature.PRETRAIN_CONFIG).name} at patch {PATCH_SIZE} (NEPA-pretrained {args.pretrain_steps} steps with the settings of "
         f"scripts/miniature.py "
         f"on Fashion-MNIST, or random init); UperNet trained {args.steps} steps at batch {args.batch_size}, lr "
-        f"{args.learning_rate} (layer decay 0.75), on "
-        f"{args.train_canvases} canvases; mIoU over 11 classes (background + 10) on {args.eval_canvases} validation "
+        f"{args.learning_rate} (layer decay {LAYER_DECAY}), on "
+        f"{args.train_canvases} canvases; mIoU over {classes} classes (background + {classes - 1}) on {args.eval_canvases} validation "
         f"canvases; mean ± std over seeds {', '.join(map(str, args.seeds))}.",
         "",
         "| encoder | mIoU (%) | pixel accuracy (%) | mIoU per seed |",
@@ -177,7 +161,7 @@ def main() -> None:
         accuracies = [run["eval_pixel_accuracy"] for run in runs]
         lines.append(f"| {row} | {mean_std(ious)} | {mean_std(accuracies)} | {' / '.join(f'{100 * v:.1f}' for v in ious)} |")
     lines += ["", "| stage | time |", "|---|---|"]
-    lines += [f"| {stage} | {seconds / 60:.1f} min |" for stage, seconds in timings.items()]
+    lines += [f"| {stage} | {seconds / 60:.1f} min |" for stage, seconds in stages.seconds.items()]
     lines += [f"| total (this run) | {(time.time() - start) / 60:.1f} min |", ""]
     table = "\n".join(lines)
     (out / "results.md").write_text(table)
