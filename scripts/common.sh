@@ -84,6 +84,14 @@ dataloader_flags() {
     "--dataloader_drop_last True"
 }
 
+# require_dir DIR HOW COMMAND_LINE...: stop when DIR is missing, saying how to make it (each command line indented).
+require_dir() {
+  [ -d "$1" ] && return
+  echo "$1 does not exist: $2" >&2
+  printf '  %s\n' "${@:3}" >&2
+  exit 1
+}
+
 # launch SCRIPT ARGS...: torchrun across every process of every node, plain python for one. A stop signal (SIGTERM,
 # or SIGUSR1: a scheduler's warning) goes on to the training processes, which finish their optimiser step, save a
 # checkpoint and exit with status 75; the launch then exits with 75 too, which scripts/slurm/run.sbatch requeues on.

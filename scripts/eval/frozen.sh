@@ -16,11 +16,8 @@ set -euo pipefail
 source "$(dirname "$0")/../common.sh"
 
 : "${MODEL:?set MODEL to a NEPA encoder folder}" "${PROTOCOL:?set PROTOCOL to knn, linear or attentive}"
-if [ ! -d "$MODEL" ]; then
-  echo "$MODEL does not exist: pretrain one (scripts/pretrain/) or download the released encoder where there is network:" >&2
-  echo "  hf download ${HUB_ID:?} --local-dir $MODEL" >&2
-  exit 1
-fi
+require_dir "$MODEL" "pretrain one (scripts/pretrain/) or download the released encoder where there is network:" \
+  "hf download ${HUB_ID:?} --local-dir $MODEL"
 TOTAL_BATCH=${TOTAL_BATCH:-1024}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-128}
 case "$PROTOCOL" in

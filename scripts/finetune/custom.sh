@@ -34,11 +34,8 @@ if [ ! -f "$DATA_DIR/dataset_dict.json" ]; then
   "$PYTHON" download_dataset.py --imagefolder "$IMAGES" --output_dir "$DATA_DIR"
 fi
 if [ ! -f "$OUTPUT_DIR-cls/model.safetensors" ]; then
-  if [ ! -d "$PRETRAINED" ]; then
-    echo "$PRETRAINED does not exist: set PRETRAINED to a NEPA pretraining folder, or where there is network run" >&2
-    echo "  hf download SixAILab/nepa-base-patch14-224 --local-dir $PRETRAINED" >&2
-    exit 1
-  fi
+  require_dir "$PRETRAINED" "set PRETRAINED to a NEPA pretraining folder, or where there is network run" \
+    "hf download SixAILab/nepa-base-patch14-224 --local-dir $PRETRAINED"
   "$PYTHON" init_nepa_cls_from_pretrain.py --pretrained_model_id "$PRETRAINED" ${CONFIG:+--config_model_id "$CONFIG"} \
     --dataset_name "$DATA_DIR" --save_local --local_dir "$OUTPUT_DIR-cls"
 fi

@@ -15,12 +15,9 @@ set -euo pipefail
 source "$(dirname "$0")/../common.sh"
 
 : "${MODEL:?set MODEL to a classifier folder from init_nepa_cls_from_pretrain.py}"
-if [ ! -d "$MODEL" ]; then
-  echo "$MODEL does not exist: convert a pretraining checkpoint first, e.g." >&2
-  echo "  python init_nepa_cls_from_pretrain.py --pretrained_model_id outputs/nepa-base-patch14-224 \\" >&2
-  echo "    --config_model_id configs/finetune/nepa-base-patch14-224-sft --save_local --local_dir $MODEL" >&2
-  exit 1
-fi
+require_dir "$MODEL" "convert a pretraining checkpoint first, e.g." \
+  "python init_nepa_cls_from_pretrain.py --pretrained_model_id outputs/nepa-base-patch14-224 \\" \
+  "  --config_model_id configs/finetune/nepa-base-patch14-224-sft --save_local --local_dir $MODEL"
 TOTAL_BATCH=${TOTAL_BATCH:-1024}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-128}
 launch train_finetune.py \

@@ -21,16 +21,10 @@ DATA_DIR=${DATA_DIR:-data/ade20k-hf}
 source "$(dirname "$0")/../common.sh"
 
 : "${MODEL:?set MODEL to a NEPA pretraining or classification folder}"
-if [ ! -d "$MODEL" ]; then
-  echo "$MODEL does not exist: pretrain one (scripts/pretrain/nepa_b.sh) or download a released checkpoint, e.g." >&2
-  echo "  hf download SixAILab/nepa-base-patch14-224 --local-dir $MODEL" >&2
-  exit 1
-fi
-if [ ! -d "$DATA_DIR" ]; then
-  echo "$DATA_DIR does not exist: build it with" >&2
-  echo "  python download_dataset.py --dataset ade20k --archive /path/to/ADEChallengeData2016.zip --output_dir $DATA_DIR" >&2
-  exit 1
-fi
+require_dir "$MODEL" "pretrain one (scripts/pretrain/nepa_b.sh) or download a released checkpoint, e.g." \
+  "hf download SixAILab/nepa-base-patch14-224 --local-dir $MODEL"
+require_dir "$DATA_DIR" "build it with" \
+  "python download_dataset.py --dataset ade20k --archive /path/to/ADEChallengeData2016.zip --output_dir $DATA_DIR"
 TOTAL_BATCH=${TOTAL_BATCH:-16}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-2}
 if (( PER_DEVICE_BATCH * GPUS * NNODES < 16 )); then
