@@ -59,11 +59,19 @@ def load_image_processor(image_processor_name: str | None, model_folder: str | P
 CHECKPOINT_COMPLETE = "checkpoint_complete"  # written into checkpoint-N once every process has saved its part
 
 
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.split("-")[-1])
+
+
+def checkpoint_folders(output_dir: str) -> list[Path]:
+    """Every `checkpoint-N` folder of `output_dir`, complete or not, the newest (largest N) first."""
+    folders = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
+    return sorted((path for path in folders if path.name.split("-")[-1].isdigit()), key=checkpoint_step, reverse=True)
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest `checkpoint-N` folder that was completely written; half-written ones are skipped loudly."""
-    folders = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
-    folders = [path for path in folders if path.name.split("-")[-1].isdigit()]
-    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[-1]), reverse=True):
+    for folder in checkpoint_folders(output_dir):
         if (folder / CHECKPOINT_COMPLETE).is_file():
             return str(folder)
         logger.warning(

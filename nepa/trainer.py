@@ -34,7 +34,7 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoint import CHECKPOINT_COMPLETE, last_complete_checkpoint
+from .checkpoint import CHECKPOINT_COMPLETE, checkpoint_folders, checkpoint_step, last_complete_checkpoint
 from .data import BatchAugment, BatchNormalize, collate_images
 from .ema import EMA_WEIGHTS_NAME, ModelEMA
 from .nonfinite import NonFiniteLossGuard
@@ -48,13 +48,7 @@ def delete_old_checkpoints(output_dir: str, newest: Path, keep: int, best: str |
     """Keep `newest` (just marked complete), the `keep - 1` newest complete checkpoints before it and the best one;
     delete the other, older ones (half-written ones included). It runs only once `newest` is marked: the Trainer's
     own rotation deletes inside its save, before the marker, so a kill there could leave no complete checkpoint."""
-    step = int(newest.name.split("-")[-1])
-    folders = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
-    older = sorted(
-        (path for path in folders if path.name.split("-")[-1].isdigit() and int(path.name.split("-")[-1]) < step),
-        key=lambda path: int(path.name.split("-")[-1]),
-        reverse=True,
-    )
+    older = [path for path in checkpoint_folders(output_dir) if checkpoint_step(path) < checkpoint_step(newest)]
     kept = [path for path in older if (path / CHECKPOINT_COMPLETE).is_file()][: keep - 1]
     for path in older:
         if path not in kept and not (best and path.resolve() == Path(best).resolve()):
