@@ -6,12 +6,14 @@
 
 One NEPA pretraining of the demo's model and settings (scripts/miniature.py) under one cosine schedule
 sized for the longest of --steps, saving a checkpoint every gcd(--steps) steps; the checkpoints at --steps
-(and the untrained encoder, "random init") are each judged the demo's way (scripts/demo.py): k-NN and
-linear probes fitted on 10 % of the labels, fine-tuning on 1 % and 10 % (scripts/miniature.finetune_argv),
---seeds label subsets and fine-tuning seeds. The longest pretraining and random init are also fine-tuned
---long_factor times longer. A second pretraining without stop-gradient (its own cosine schedule, sized for
-the longest of --collapse_steps) gives the collapse curve: its logged target_cosine and the k-NN probe of
-its checkpoints, beside the stop-gradient run's.
+(and the untrained encoder, "random init") are each judged the demo's way: k-NN, linear and attentive
+probes fitted on 10 % of the labels (scripts/miniature.probe_argv), fine-tuning on 1 % and 10 %
+(scripts/miniature.finetune_argv), --seeds label subsets and fine-tuning seeds. The longest pretraining and
+random init are also fine-tuned two other ways: --long_factor times longer (does more fine-tuning, rather
+than more pretraining, close the gap?), and with the causal attention of pretraining kept (does the switch
+to bidirectional attention at fine-tuning erase what pretraining learned?). A second pretraining without
+stop-gradient (its own cosine schedule, sized for the longest of --collapse_steps) gives the collapse curve:
+its logged target_cosine and the k-NN probe of its checkpoints, beside the stop-gradient run's.
 
 --part runs one share of the work, so that it can be spread over processes on a multi-core CPU:
 `pretrain` (the stop-gradient pretraining), `collapse` (the no-stop-gradient pretraining and its probes),
@@ -36,16 +38,19 @@ from scripts.experiment import Stages, mean_std  # noqa: E402
 
 FIGURE = REPO / "docs" / "figures" / "pretraining_length.png"
 RANDOM = "random-init"
-PROTOCOLS = ("knn", "linear", "finetune1", "finetune10")
-LONG_PROTOCOLS = ("finetune1-long", "finetune10-long")
+PROBES = ("knn", "linear", "attentive")
+PROTOCOLS = (*PROBES, "finetune1", "finetune10")
+# The other fine-tunes of the longest pretraining and random init: the demo's, longer, and with causal attention.
+VARIANTS = ("", "-long", "-causal")
+VARIANT_PROTOCOLS = tuple(f"finetune{percent}{variant}" for variant in VARIANTS[1:] for percent in (1, 10))
 LABELS = {
     "knn": "k-NN (10 % labels)",
     "linear": "linear probe (10 % labels)",
+    "attentive": "attentive probe (10 % labels)",
     "finetune1": "fine-tuned, 1 % labels",
     "finetune10": "fine-tuned, 10 % labels",
-    "finetune1-long": "fine-tuned {factor}x longer, 1 % labels",
-    "finetune10-long": "fine-tuned {factor}x longer, 10 % labels",
 }
+VARIANT_LABELS = {"": "the demo's fine-tune", "-long": "{factor}x longer", "-causal": "causal attention kept"}
 
 
 class TimedStages(Stages):
@@ -62,9 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=miniature.DATASET)
     parser.add_argument("--output_dir", default="outputs/pretraining_length")
-    parser.add_argument("--steps", type=int, nargs="+", default=[250, 1000, 2000], help="pretraining lengths judged")
+    parser.add_argument("--steps", type=int, nargs="+", default=[250, 1000, 4000, 16000], help="pretraining lengths judged")
     parser.add_argument(
-        "--collapse_steps", type=int, nargs="+", default=[250, 500],
+        "--collapse_steps", type=int, nargs="+", default=[250, 1000, 4000],
         help="checkpoints of the no-stop-gradient pretraining whose k-NN probe is measured",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3, help="label subsets and fine-tuning seeds per encoder")
@@ -73,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"steps of every fine-tune (default: the demo's per labelled fraction, {miniature.FINETUNE_STEPS})",
     )  # fmt: skip
     parser.add_argument("--long_factor", type=int, default=4, help="the long fine-tune's steps, in demo fine-tunes")
-    parser.add_argument("--long_seeds", type=int, default=3, help="seeds of the long fine-tune")
+    parser.add_argument("--long_seeds", type=int, default=2, help="seeds of the long fine-tune")
+    parser.add_argument("--causal_seeds", type=int, default=3, help="seeds of the fine-tune with causal attention kept")
     parser.add_argument("--part", choices=("all", "pretrain", "collapse", "evaluate"), default="all")
     parser.add_argument(
         "--encoders", nargs="+", default=None,
@@ -127,7 +133,7 @@ def probe(args, stages, encoder: Path, protocol: str, folder: Path, seed: int) -
 
 def evaluate(args, stages, encoders: dict[str, Path]) -> None:
     """The demo's judgement of each encoder, seed by seed across the encoders (so that an interrupted run has
-    whole seeds), then the long fine-tunes of random init and the longest pretraining."""
+    whole seeds), then the causal and the long fine-tunes of random init and the longest pretraining."""
     import init_nepa_cls_from_pretrain
     import train_finetune
 
@@ -137,20 +143,22 @@ def evaluate(args, stages, encoders: dict[str, Path]) -> None:
             "--pretrained_model_id", str(encoder), "--config_model_id", str(REPO / miniature.FINETUNE_CONFIG),
             "--save_local", "--local_dir", str(out / "classifiers" / name),
         ])  # fmt: skip
-    long = [name for name in encoders if name in (RANDOM, f"steps{max(args.steps)}")]
-    runs = [(seed, name, 1) for seed in range(args.seeds) for name in encoders]
-    runs += [(seed, name, args.long_factor) for seed in range(args.long_seeds) for name in long]
-    for seed, name, factor in runs:
+    extremes = [name for name in encoders if name in (RANDOM, f"steps{max(args.steps)}")]
+    runs = [(seed, name, "") for seed in range(args.seeds) for name in encoders]
+    for variant, seeds in (("-causal", args.causal_seeds), ("-long", args.long_seeds)):
+        runs += [(seed, name, variant) for seed in range(seeds) for name in extremes]
+    for seed, name, variant in runs:
         folder = out / name / f"seed{seed}"
-        if factor == 1:
-            for protocol in ("knn", "linear"):
+        if not variant:
+            for protocol in PROBES:
                 probe(args, stages, encoders[name], protocol, folder / protocol, seed)
         for percent in (1, 10):
-            label = f"finetune{percent}" + ("-long" if factor > 1 else "")
-            steps = factor * (args.finetune_steps or miniature.FINETUNE_STEPS[percent])
+            steps = (args.finetune_steps or miniature.FINETUNE_STEPS[percent]) * (args.long_factor if variant == "-long" else 1)
+            label = f"finetune{percent}{variant}"
             argv = miniature.finetune_argv(out / "classifiers" / name, folder / label, percent, seed, steps, args.dataset)
-            stages.run(f"fine-tuning, {percent} % labels, x{factor}", folder / label / "eval_results.json",
-                       train_finetune.main, [*argv, *demo.COMMON])  # fmt: skip
+            causal = ["--is_causal", "True"] if variant == "-causal" else []
+            stages.run(f"fine-tuning, {percent} % labels{variant}", folder / label / "eval_results.json",
+                       train_finetune.main, [*argv, *causal, *demo.COMMON])  # fmt: skip
 
 
 def seconds(folder: Path) -> float:
@@ -188,7 +196,7 @@ def collect(args) -> dict:
     scores = {}
     for name, step in encoders.items():
         found = {}
-        for protocol in PROTOCOLS + LONG_PROTOCOLS:
+        for protocol in PROTOCOLS + VARIANT_PROTOCOLS:
             files = sorted((out / name).glob(f"seed*/{protocol}/eval_results.json"))
             if files:
                 found[protocol] = [demo.accuracy(file.parent) for file in files]
@@ -226,19 +234,39 @@ def collect(args) -> dict:
 
 
 def table(results: dict) -> str:
-    """The markdown table: mean ± std over the seeds each encoder has (the last column)."""
-    factor = results["arguments"]["long_factor"]
-    protocols = [p for p in PROTOCOLS + LONG_PROTOCOLS if any(p in e["scores"] for e in results["encoders"].values())]
+    """Two markdown tables, mean ± std over the seeds (their count in the last column): every protocol along the
+    pretraining length, then the three fine-tunes of the longest pretraining and random init."""
+    encoders = results["encoders"]
+    protocols = [p for p in PROTOCOLS if any(p in e["scores"] for e in encoders.values())]
     lines = [
-        "| encoder | " + " | ".join(LABELS[p].format(factor=factor) for p in protocols) + " | seeds |",
+        "| encoder | " + " | ".join(LABELS[p] for p in protocols) + " | seeds |",
         "|---|" + "---|" * (len(protocols) + 1),
     ]
-    for name, entry in results["encoders"].items():
+    for name, entry in encoders.items():
         row = "random init" if name == RANDOM else f"NEPA, {entry['pretraining_steps']:,} steps"
         cells = [f"{mean_std(entry['scores'][p])} %" if p in entry["scores"] else "-" for p in protocols]
-        seeds = "/".join(sorted({str(len(values)) for values in entry["scores"].values()})) or "-"
+        seeds = "/".join(sorted({str(len(entry["scores"][p])) for p in protocols if p in entry["scores"]})) or "-"
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {seeds} |")
+    longest = max(encoders.values(), key=lambda e: e["pretraining_steps"])
+    pair = [(f"NEPA, {longest['pretraining_steps']:,} steps", longest["scores"]), ("random init", encoders[RANDOM]["scores"])]
+    lines += [
+        "",
+        "| fine-tune | " + " | ".join(f"{percent} % labels, {who}" for percent in (1, 10) for who, _ in pair) + " | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        label = VARIANT_LABELS[variant].format(factor=results["arguments"]["long_factor"])
+        keys = [(f"finetune{percent}{variant}", scores) for percent in (1, 10) for _, scores in pair]
+        cells = [f"{mean_std(scores[key])} %" if key in scores else "-" for key, scores in keys]
+        seeds = "/".join(sorted({str(len(scores[key])) for key, scores in keys if key in scores})) or "-"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seeds} |")
     return "\n".join(lines)
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation in percentage points (0 for a single value)."""
+    values = [100 * value for value in values]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def plot(results: dict, figure: Path) -> None:
@@ -247,38 +275,43 @@ def plot(results: dict, figure: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc, cos, knn) = plt.subplots(1, 3, figsize=(16, 6.5), gridspec_kw={"width_ratios": [1.6, 1, 1]})
-    factor = results["arguments"]["long_factor"]
-    pretrained = sorted((e for e in results["encoders"].values() if e["pretraining_steps"]), key=lambda e: e["pretraining_steps"])
-    random = results["encoders"][RANDOM]["scores"]
-    colours = dict(zip(PROTOCOLS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    fig, ((acc, variants), (cos, knn)) = plt.subplots(2, 2, figsize=(14, 11))
+    encoders = results["encoders"]
+    pretrained = sorted((e for e in encoders.values() if e["pretraining_steps"]), key=lambda e: e["pretraining_steps"])
+    random = encoders[RANDOM]["scores"]
+    colours = dict(zip(PROTOCOLS, ("tab:blue", "tab:orange", "tab:purple", "tab:green", "tab:red")))
     for protocol, colour in colours.items():
-        points = [(e["pretraining_steps"], e["scores"][protocol]) for e in pretrained if protocol in e["scores"]]
+        points = [(e["pretraining_steps"], spread(e["scores"][protocol])) for e in pretrained if protocol in e["scores"]]
         if points:
             steps = [step for step, _ in points]
-            mean = [100 * statistics.mean(values) for _, values in points]
-            std = [100 * statistics.stdev(values) if len(values) > 1 else 0.0 for _, values in points]
+            mean, std = zip(*(value for _, value in points))
             acc.plot(steps, mean, "o-", color=colour, label=LABELS[protocol])
             acc.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=colour, alpha=0.2)
         if protocol in random:
-            mean, values = 100 * statistics.mean(random[protocol]), random[protocol]
-            std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+            mean, std = spread(random[protocol])
             acc.axhline(mean, color=colour, linestyle="--", linewidth=1)
             acc.axhspan(mean - std, mean + std, color=colour, alpha=0.08)
-    for protocol, colour in (("finetune1-long", "tab:green"), ("finetune10-long", "tab:red")):
-        # drawn at the longest pretraining, random init's a little to the right
-        for entry, marker, shift in ((pretrained[-1] if pretrained else None, "*", 1.0), (results["encoders"][RANDOM], "x", 1.1)):
-            if entry and protocol in entry["scores"]:
-                values = [100 * v for v in entry["scores"][protocol]]
-                step = shift * (pretrained[-1]["pretraining_steps"] if pretrained else 1)
-                label = f"{LABELS[protocol].format(factor=factor)} ({'NEPA' if marker == '*' else 'random init'})"
-                acc.errorbar(step, statistics.mean(values), yerr=statistics.stdev(values) if len(values) > 1 else 0,
-                             fmt=marker, color=colour, markersize=11, capsize=3, label=label)  # fmt: skip
     acc.set_xlabel("NEPA pretraining steps (batch 128)")
     acc.set_ylabel("top-1 on the 10,000 test images (%)")
     acc.set_title("Accuracy against pretraining length\n(band: ± std over seeds; dashed: random init)")
-    acc.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
-    acc.grid(alpha=0.3)
+    acc.legend(fontsize=8, loc="lower right")
+
+    # The longest pretraining's fine-tunes beside random init's, one group per fine-tune.
+    factor = results["arguments"]["long_factor"]
+    longest = pretrained[-1] if pretrained else None
+    for group, variant in enumerate(VARIANTS):
+        for percent, colour in ((1, "tab:green"), (10, "tab:red")):
+            key = f"finetune{percent}{variant}"
+            for offset, entry, marker in ((-0.12, longest, "o"), (0.12, encoders[RANDOM], "x")):
+                if entry and key in entry["scores"]:
+                    mean, std = spread(entry["scores"][key])
+                    variants.errorbar(group + offset, mean, yerr=std, fmt=marker, color=colour, markersize=9, capsize=4)
+    variants.set_xticks(range(len(VARIANTS)), [VARIANT_LABELS[v].format(factor=factor) for v in VARIANTS])
+    variants.set_xlim(-0.5, len(VARIANTS) - 0.5)
+    steps = f"{longest['pretraining_steps']:,}" if longest else "-"
+    variants.set_title(f"Fine-tunes of the {steps}-step encoder (o) and random init (x)\n(green: 1 % labels; red: 10 %; bar: ± std)")
+    variants.set_ylabel("top-1 (%)")
+
     for run, colour, label in (("stopgrad", "tab:blue", "stop-gradient (NEPA)"), ("nostopgrad", "tab:red", "no stop-gradient")):
         curve = results["collapse"][run]
         if curve["target_cosine"]:
@@ -286,25 +319,27 @@ def plot(results: dict, figure: Path) -> None:
         if curve["knn"]:
             knn.plot([int(step) for step in curve["knn"]], [100 * v for v in curve["knn"].values()], "o-", color=colour, label=label)
     if "knn" in random:
-        knn.axhline(100 * statistics.mean(random["knn"]), color="gray", linestyle="--", label="random init")
+        knn.axhline(spread(random["knn"])[0], color="gray", linestyle="--", label="random init")
     cos.set_title("Collapse: mean pairwise cosine of the targets")
     cos.set_xlabel("pretraining step")
     cos.set_ylabel("target_cosine (training batches)")
+    cos.set_xscale("log")
     cos.set_ylim(0, 1)
     knn.set_title("k-NN of the checkpoints (10 % labels, seed 0)")
     knn.set_xlabel("pretraining step")
     knn.set_ylabel("top-1 (%)")
     probed = sorted({int(step) for run in results["collapse"].values() for step in run["knn"]})
-    for axis, steps in ((acc, [e["pretraining_steps"] for e in pretrained]), (knn, probed)):
+    for axis, ticks in ((acc, [e["pretraining_steps"] for e in pretrained]), (knn, probed)):
         axis.set_xscale("log")
-        axis.set_xticks(steps, [f"{step:,}" for step in steps])
+        axis.set_xticks(ticks, [f"{step:,}" for step in ticks])
         axis.minorticks_off()
     for axis in (cos, knn):
-        axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+        axis.legend(fontsize=8)
+    for axis in (acc, variants, cos, knn):
         axis.grid(alpha=0.3)
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=120)
+    fig.savefig(figure, dpi=110)
     print(f"written to {figure}")
 
 

@@ -19,7 +19,8 @@ def test_pretraining_length_judges_each_checkpoint_and_plots(tmp_path):
     out = tmp_path / "curve"
     argv = [
         "--dataset", str(dataset), "--output_dir", str(out), "--steps", "2", "4", "--collapse_steps", "2", "4",
-        "--seeds", "1", "--finetune_steps", "2", "--long_factor", "2", "--long_seeds", "1", "--threads", "1",
+        "--seeds", "1", "--finetune_steps", "2", "--long_factor", "2", "--long_seeds", "1", "--causal_seeds", "1",
+        "--threads", "1",
     ]  # fmt: skip
     results = pretraining_length.main(argv)
 
@@ -33,12 +34,15 @@ def test_pretraining_length_judges_each_checkpoint_and_plots(tmp_path):
     encoders = results["encoders"]
     assert {name: entry["pretraining_steps"] for name, entry in encoders.items()} == {"random-init": 0, "steps2": 2, "steps4": 4}
     for name, entry in encoders.items():
-        long = {"finetune1-long", "finetune10-long"} if name != "steps2" else set()
-        assert set(entry["scores"]) == {"knn", "linear", "finetune1", "finetune10"} | long
+        variants = {"finetune1-long", "finetune10-long", "finetune1-causal", "finetune10-causal"} if name != "steps2" else set()
+        assert set(entry["scores"]) == {"knn", "linear", "attentive", "finetune1", "finetune10"} | variants
         assert all(len(values) == 1 for values in entry["scores"].values())
-    # The long fine-tune runs long_factor x the demo's steps.
-    state = json.loads((out / "steps4" / "seed0" / "finetune10-long" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
+    # The long fine-tune runs long_factor x the demo's steps; the causal one keeps pretraining's attention.
+    seed0 = out / "steps4" / "seed0"
+    assert json.loads((seed0 / "finetune10-long" / "trainer_state.json").read_text())["global_step"] == 4
+    assert json.loads((seed0 / "finetune10" / "trainer_state.json").read_text())["global_step"] == 2
+    assert json.loads((seed0 / "finetune10-causal" / "config.json").read_text())["is_causal"] is True
+    assert json.loads((seed0 / "finetune10" / "config.json").read_text())["is_causal"] is False
 
     for run in ("stopgrad", "nostopgrad"):
         assert set(results["collapse"][run]["knn"]) == {2, 4}
@@ -49,6 +53,9 @@ def test_pretraining_length_judges_each_checkpoint_and_plots(tmp_path):
     again = pretraining_length.main(argv)  # every stage reused: no new wall times, the same scores
     assert again["encoders"] == json.loads(json.dumps(results["encoders"]))
     assert again["minutes"] == pytest.approx(results["minutes"])
+
+    text = pretraining_length.table(results)
+    assert "| NEPA, 4 steps |" in text and "| causal attention kept |" in text
 
     figure = tmp_path / "curve.png"
     pretraining_length.main(["--output_dir", str(out), "--plot", "--figure", str(figure)])
