@@ -25,6 +25,7 @@ appear). A stage whose result exists is reused. Every run collects what exists i
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -223,8 +224,11 @@ def collect(args) -> dict:
         "conversions": seconds(out / "classifiers") / 60 if (out / "classifiers").exists() else 0.0,
         **{f"probes and fine-tunes of {name}": seconds(out / name) / 60 for name in encoders if (out / name).exists()},
     }
+    arguments = {key: value for key, value in vars(args).items() if key not in ("part", "encoders", "plot", "figure", "results")}
+    for key in ("dataset", "output_dir"):  # relative to the repository, so that the saved results name no machine
+        arguments[key] = os.path.relpath(arguments[key], REPO)
     results = {
-        "arguments": {key: value for key, value in vars(args).items() if key not in ("part", "encoders", "plot", "figure", "results")},
+        "arguments": arguments,
         "encoders": scores,
         "collapse": collapse,
         "minutes": minutes,
@@ -312,7 +316,9 @@ def plot(results: dict, figure: Path) -> None:
     variants.set_title(f"Fine-tunes of the {steps}-step encoder (o) and random init (x)\n(green: 1 % labels; red: 10 %; bar: ± std)")
     variants.set_ylabel("top-1 (%)")
 
-    for run, colour, label in (("stopgrad", "tab:blue", "stop-gradient (NEPA)"), ("nostopgrad", "tab:red", "no stop-gradient")):
+    schedules = {"stopgrad": max(results["arguments"]["steps"]), "nostopgrad": max(results["arguments"]["collapse_steps"])}
+    for run, colour, name in (("stopgrad", "tab:blue", "stop-gradient (NEPA)"), ("nostopgrad", "tab:red", "no stop-gradient")):
+        label = f"{name}, a {schedules[run]:,}-step schedule"
         curve = results["collapse"][run]
         if curve["target_cosine"]:
             cos.plot(*zip(*curve["target_cosine"]), color=colour, label=label)
