@@ -59,6 +59,11 @@ def load_image_processor(image_processor_name: str | None, model_folder: str | P
 CHECKPOINT_COMPLETE = "checkpoint_complete"  # written into checkpoint-N once every process has saved its part
 
 
+def checkpoint_folder(output_dir: str, step: int) -> Path:
+    """Where the Trainer writes the checkpoint of `step`."""
+    return Path(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+
+
 def checkpoint_step(folder: Path) -> int:
     return int(folder.name.split("-")[-1])
 

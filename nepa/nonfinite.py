@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoint import last_complete_checkpoint
+from .checkpoint import checkpoint_folder, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ class NonFiniteLossGuard(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self.settle(args)  # before `_StepHooks.on_save` marks the checkpoint complete
         if args.should_save and self.skipped_steps:
-            folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            folder = checkpoint_folder(args.output_dir, state.global_step)
             (folder / SKIPPED_STEPS_NAME).write_text(json.dumps({"skipped_steps": self.skipped_steps}) + "\n")
 
     def load(self, checkpoint: str) -> None:

@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoint import CHECKPOINT_COMPLETE, checkpoint_folders, checkpoint_step, last_complete_checkpoint
+from .checkpoint import CHECKPOINT_COMPLETE, checkpoint_folder, checkpoint_folders, checkpoint_step, last_complete_checkpoint
 from .data import BatchAugment, BatchNormalize, collate_images
 from .ema import EMA_WEIGHTS_NAME, ModelEMA
 from .nonfinite import NonFiniteLossGuard
@@ -111,7 +110,7 @@ class _StepHooks(TrainerCallback):
         # The Trainer has written checkpoint-N (and, through `save_model`, the EMA) and called this in every process.
         self.trainer.accelerator.wait_for_everyone()  # every process has written its RNG state
         if args.should_save:
-            folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            folder = checkpoint_folder(args.output_dir, state.global_step)
             (folder / CHECKPOINT_COMPLETE).write_text(f"global_step {state.global_step}\n")
             if self.trainer.save_total_limit:
                 delete_old_checkpoints(args.output_dir, folder, self.trainer.save_total_limit, state.best_model_checkpoint)
