@@ -47,7 +47,7 @@ from nepa.preemption import PREEMPTED_EXIT_STATUS
 # inside an optimiser step. With TIMES_DIR, each process writes the time it exits to TIMES_DIR/exit-RANK, and process 0
 # the time it finished deleting old checkpoints (taking 2 s longer) to TIMES_DIR/deleted.
 SIGNAL_DURING_FORWARD = """\
-import atexit, glob, itertools, os, signal, time
+import atexit, glob, itertools, os, signal, subprocess, time
 import nepa.trainer
 import train_pretrain
 from models.vit_nepa import ViTNepaForPreTraining
@@ -71,14 +71,15 @@ def process_tree(root):
 
 def signalled(self, *args, **kwargs):
     if self.training and next(calls) == int(os.environ["SIGNAL_AT"]) and rank == os.environ.get("SIGNAL_RANK", "0"):
-        number = getattr(signal, os.environ["SIGNAL"])
+        name = os.environ["SIGNAL"]
+        # A group or tree is signalled by another process, as by a scheduler or torchrun: torch's workers tell a
+        # SIGTERM from their own training process apart.
         if os.environ.get("SIGNAL_GROUP"):
-            os.killpg(os.getpgid(0), number)
+            subprocess.run(["kill", "-s", name[3:], "--", f"-{os.getpgid(0)}"])
         elif os.environ.get("SIGNAL_TREE"):
-            for pid in process_tree(int(os.environ["SIGNAL_PID"])):
-                os.kill(pid, number)
+            subprocess.run(["kill", "-s", name[3:], *map(str, process_tree(int(os.environ["SIGNAL_PID"])))])
         else:
-            os.kill(int(os.environ.get("SIGNAL_PID", os.getpid())), number)
+            os.kill(int(os.environ.get("SIGNAL_PID", os.getpid())), getattr(signal, name))
     return forward(self, *args, **kwargs)
 
 ViTNepaForPreTraining.forward = signalled
@@ -657,6 +658,7 @@ signal.signal(signal.SIGUSR1, lambda *_: received.append(1))
 pathlib.Path("{ready}").write_text(str(os.getpid()))
 while not received:
     time.sleep(0.01)
+pathlib.Path("{ready}.received").touch()
 time.sleep(1)
 print("SIGUSR1 received", len(received), "times")
 sys.exit(75)'
@@ -678,9 +680,12 @@ def test_the_launch_passes_a_stop_signal_on_once(under_srun, tmp_path):
     while not ready.exists() or not ready.read_text():
         assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()[0]
         time.sleep(0.05)
-    launch.send_signal(signal.SIGUSR1)
-    if under_srun:
+    if under_srun:  # the process first (two signals sent at once to one process may merge into one)
         os.kill(int(ready.read_text()), signal.SIGUSR1)
+        while not Path(f"{ready}.received").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    launch.send_signal(signal.SIGUSR1)
     output = launch.communicate(timeout=60)[0]
     assert launch.returncode == PREEMPTED_EXIT_STATUS, output
     assert "SIGUSR1 received 1 times" in output
