@@ -139,8 +139,8 @@ def warn_when_short_of_space(output_dir: str) -> None:
     free, previous, size = space_against_previous(output_dir)
     if previous is not None and free < size:
         logger.warning(
-            "%s free on the filesystem of %s, less than the previous checkpoint (%s) takes, %s: this checkpoint's "
-            "write will likely fail. Free some space there.", size_text(free), output_dir, previous, size_text(size)
+            "%s free on the filesystem of %s, less than the %s that the previous checkpoint (%s) takes: the next "
+            "checkpoint's write will likely fail. Free some space there.", size_text(free), output_dir, size_text(size), previous
         )
 
 

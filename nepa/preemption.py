@@ -4,9 +4,10 @@ SIGTERM or SIGUSR1 (a scheduler's warning before it stops or requeues a job) in 
 finishes the optimiser step it is in (and the evaluation due at that step, if any), the run writes a complete
 checkpoint (model, optimiser, scheduler, RNG of every process, data position, EMA) and exits with
 `PREEMPTED_EXIT_STATUS`, which `scripts/slurm/` answers by requeueing the job; the rerun resumes from that
-checkpoint. Data-loading workers ignore both signals (`WorkerIgnoresStopSignals`): a scheduler signals every
-process of a job, and torchrun passes its own stop on to each process's whole process group, workers included;
-a worker that died of it would fail the training process mid-step or mid-save. `--save_every_minutes` also
+checkpoint. Data-loading workers ignore both signals, but for their own training process's SIGTERM
+(`WorkerIgnoresStopSignals`): a scheduler signals every process of a job, and torchrun passes its own stop on to
+each process's whole process group, workers included; a worker that died of it would fail the training process
+mid-step or mid-save. `--save_every_minutes` also
 writes a checkpoint when that long has passed since the last one, so a stop without warning loses at most that
 much work.
 """
@@ -95,9 +96,9 @@ class WorkerIgnoresStopSignals:
     """A DataLoader `worker_init_fn` that makes the worker ignore the stop signals, then runs `then` (the loader's
     own, if any). SIGUSR1 is ignored outright. SIGTERM still ends the worker when its own training process sends
     it (multiprocessing stops its workers that way when the process exits): the signal is blocked, and a thread
-    takes each one and ends the worker only when it comes from the parent process (torch's own handler, which
-    this replaces, ends the worker on any SIGTERM). Only the worker's first thread exists here, and the threads it
-    starts later keep the block."""
+    takes each one and ends the worker only when it comes from the parent process. (torch's own handler, which
+    the block bypasses, ends the worker on any SIGTERM: quietly on its parent's, killed by it on another's.) Only
+    the worker's first thread exists here, and the threads it starts later keep the block."""
 
     def __init__(self, then=None):
         self.then = then

@@ -314,7 +314,7 @@ def test_a_real_full_disk_warns_then_stops_with_one_message_and_the_rerun_resume
     argv = pretrain_args(tiny_model, tiny_dataset, output_dir, **WRITE_FLAGS)
     with caplog.at_level(logging.WARNING, logger="nepa.checkpoint"), pytest.raises(CheckpointWriteError) as failure:
         train_pretrain.main(argv)
-    warnings = [record.getMessage() for record in caplog.records if "less than the previous checkpoint" in record.getMessage()]
+    warnings = [record.getMessage() for record in caplog.records if "that the previous checkpoint" in record.getMessage()]
     assert len(warnings) == 1 and str(output_dir / "checkpoint-2") in warnings[0], warnings
     message = str(failure.value)
     assert f"Could not write the checkpoint {output_dir / 'checkpoint-4'} (process 0: " in message
