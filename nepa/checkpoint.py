@@ -1,4 +1,5 @@
-"""Saved folders: loading them, the one way every entry point does it, and finding the newest complete checkpoint.
+"""Saved folders: loading them, the one way every entry point does it, finding the newest complete checkpoint, and
+saying what a failed checkpoint write leaves.
 
 Models, configs and image processors load from local folders only, never from the Hugging Face Hub: a Hub id
 (the release's `SixAILab/nepa-*`) fails at once with the `hf download` command that makes it a local folder, so a
@@ -8,7 +9,10 @@ needs and the folder lacks is an error that says what to do instead, never a ran
 
 import json
 import logging
+import shutil
 from pathlib import Path
+
+import torch.distributed as dist
 
 from transformers import AutoImageProcessor
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -74,6 +78,11 @@ def checkpoint_folders(output_dir: str) -> list[Path]:
     return sorted((path for path in folders if path.name.split("-")[-1].isdigit()), key=checkpoint_step, reverse=True)
 
 
+def complete_checkpoints(output_dir: str) -> list[Path]:
+    """The `checkpoint-N` folders of `output_dir` that carry the completion marker, the newest first."""
+    return [folder for folder in checkpoint_folders(output_dir) if (folder / CHECKPOINT_COMPLETE).is_file()]
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest `checkpoint-N` folder that was completely written; half-written ones are skipped loudly."""
     for folder in checkpoint_folders(output_dir):
@@ -85,3 +94,68 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
             CHECKPOINT_COMPLETE,
         )
     return None
+
+
+def chosen_by_process_zero(choose):
+    """`choose()` as process 0 answers it, in every process (its error too). Each process reading its own listing of
+    a shared folder may see another one (a network file system's cached listing after a quick requeue), and
+    processes that resume from different checkpoints train on different states."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return choose()
+    answer = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = choose()
+        except Exception as error:  # raised in every process, below
+            answer[0] = error
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    return answer[0]
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message says where, why, and what a rerun resumes from."""
+
+
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def size_text(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def space_against_previous(output_dir: str) -> tuple[int, Path | None, int]:
+    """The free bytes on `output_dir`'s filesystem, and the newest complete checkpoint there and its size (None, 0
+    without one)."""
+    free = shutil.disk_usage(output_dir).free
+    previous = next(iter(complete_checkpoints(output_dir)), None)
+    return free, previous, folder_size(previous) if previous else 0
+
+
+def warn_when_short_of_space(output_dir: str) -> None:
+    """Before a checkpoint is written: a warning when less space is free than the previous checkpoint took."""
+    free, previous, size = space_against_previous(output_dir)
+    if previous is not None and free < size:
+        logger.warning(
+            "%s free on the filesystem of %s, less than the %s that the previous checkpoint (%s) takes: the next "
+            "checkpoint's write will likely fail. Free some space there.", size_text(free), output_dir, size_text(size), previous
+        )
+
+
+def write_failure_message(folder: Path, failures: dict[int, str]) -> str:
+    """What to tell the user once `folder` (a checkpoint-N being written) failed in the processes of `failures`
+    (process index: the error) and was removed: the folder, the causes, free space against the previous
+    checkpoint's size, and the checkpoint a rerun resumes from."""
+    output_dir = str(folder.parent)
+    free, previous, size = space_against_previous(output_dir)
+    causes = "; ".join(f"process {rank}: {error}" for rank, error in sorted(failures.items()))
+    space = f"{size_text(free)} free on its filesystem"
+    space += f", against {size_text(size)} for the previous checkpoint" if previous else " (no previous checkpoint to compare with)"
+    resume = f"A rerun resumes from {previous}" if previous else "No complete checkpoint is left: a rerun starts from step 0"
+    return (
+        f"Could not write the checkpoint {folder} ({causes}); {space}. Every process stopped, and the incomplete "
+        f"{folder.name} was removed (it was never marked complete). {resume}: free space there (or move the output "
+        f"folder to a larger disk) and run the same command again."
+    )

@@ -1,19 +1,27 @@
 """Checkpoints for runs that a cluster may stop: on a warning signal, and every few minutes.
 
 SIGTERM or SIGUSR1 (a scheduler's warning before it stops or requeues a job) in any process: every process
-finishes the optimiser step it is in, the run writes a complete checkpoint (model, optimiser, scheduler, RNG of
-every process, data position, EMA) and exits with `PREEMPTED_EXIT_STATUS`, which `scripts/slurm/` answers by
-requeueing the job; the rerun resumes from that checkpoint. `--save_every_minutes` also writes a checkpoint when
-that long has passed since the last one, so a stop without warning loses at most that much work.
+finishes the optimiser step it is in (and the evaluation due at that step, if any), the run writes a complete
+checkpoint (model, optimiser, scheduler, RNG of every process, data position, EMA) and exits with
+`PREEMPTED_EXIT_STATUS`, which `scripts/slurm/` answers by requeueing the job; the rerun resumes from that
+checkpoint. Data-loading workers ignore both signals, but for their own training process's SIGTERM
+(`WorkerIgnoresStopSignals`): a scheduler signals every process of a job, and torchrun passes its own stop on to
+each process's whole process group, workers included; a worker that died of it would fail the training process
+mid-step or mid-save. `--save_every_minutes` also
+writes a checkpoint when that long has passed since the last one, so a stop without warning loses at most that
+much work.
 """
 
 import logging
+import os
 import signal
+import threading
 import time
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+from transformers.trainer_utils import IntervalStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +72,9 @@ class PreemptionCheckpoints(TrainerCallback):
             control.should_save = True
         if stop:
             self.stopping = True
-            control.should_evaluate = False  # the checkpoint first: the scheduler's grace period is short
+            # The epoch's evaluation would come after this step's save and exit: run it now, before the save.
+            if args.eval_strategy == IntervalStrategy.EPOCH and float(state.epoch).is_integer():
+                control.should_evaluate = True
 
     def on_save(self, args, state, control, **kwargs):
         self.last_save = time.monotonic()
@@ -80,3 +90,28 @@ class PreemptionCheckpoints(TrainerCallback):
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
         self.previous_handlers = {}
+
+
+class WorkerIgnoresStopSignals:
+    """A DataLoader `worker_init_fn` that makes the worker ignore the stop signals, then runs `then` (the loader's
+    own, if any). SIGUSR1 is ignored outright. SIGTERM still ends the worker when its own training process sends
+    it (multiprocessing stops its workers that way when the process exits): the signal is blocked, and a thread
+    takes each one and ends the worker only when it comes from the parent process. (torch's own handler, which
+    the block bypasses, ends the worker on any SIGTERM: quietly on its parent's, killed by it on another's.) Only
+    the worker's first thread exists here, and the threads it starts later keep the block."""
+
+    def __init__(self, then=None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=self.end_on_parents_sigterm, args=(os.getppid(),), daemon=True).start()
+        if self.then is not None:
+            self.then(worker_id)
+
+    @staticmethod
+    def end_on_parents_sigterm(parent: int) -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)

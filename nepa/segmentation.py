@@ -296,10 +296,9 @@ class SegmentationTrainer(NepaTrainer):
         # believe it normalises by `num_items_in_batch` itself and skip the division by the accumulation steps.
         self.model_accepts_loss_kwargs = False
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:  # UperNet's save_pretrained does not copy its backbone's code
-            save_model_code(output_dir or self.args.output_dir)
+    def save_beside_model(self, folder: str) -> None:
+        super().save_beside_model(folder)
+        save_model_code(folder)  # UperNet's save_pretrained does not copy its backbone's code
 
     def parameter_groups(self, model):
         num_layers = model.config.backbone_config.num_hidden_layers

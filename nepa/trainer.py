@@ -9,16 +9,22 @@
   checkpoint; it is counted on the device, and the CPU never waits for it per micro-step, nor, with a fused
   optimiser (Transformers' default AdamW), per optimiser step (`nepa/nonfinite.py`);
 - checkpoints get a `checkpoint_complete` marker once every process has written its part; resuming picks the
-  newest marked one; `--save_total_limit` deletes old checkpoints only after the new one is marked;
+  newest marked one, as process 0 sees the folder; `--save_total_limit` deletes old checkpoints only after the
+  new one is marked, and every process waits for that before going on (or exiting);
+- a checkpoint whose write fails in any process (a full disk, a quota, an I/O error) stops every process with
+  one `CheckpointWriteError` that says why and what a rerun resumes from; it is removed, never marked; a
+  warning comes before a save when less space is free than the previous checkpoint took;
 - a stop signal (SIGTERM / SIGUSR1) saves a checkpoint after the current optimiser step and exits to be requeued,
-  and `--save_every_minutes` adds timed checkpoints (`nepa/preemption.py`);
+  and `--save_every_minutes` adds timed checkpoints (`nepa/preemption.py`); data-loading workers ignore those
+  signals;
 - every process draws its own random stream (batch augmentation, drop path), seeded from the pair (seed, rank);
 - the training dataset learns the epoch (`set_epoch`), which seeds each image's augmentation;
 - uint8 batches are normalised (and, in training, augmented) on the device, in `compute_loss`;
 - per-step scalars recorded with `record()` are averaged into each logging line, beside the training
   throughput since the previous line (`images_per_second`, all processes together).
 
-It overrides only public `Trainer` methods and callback hooks; no private one is needed.
+It overrides public `Trainer` methods and callback hooks, and wraps one private method, `_save_checkpoint`, the only
+place where every process writes its part of a checkpoint: a failure there must reach every process.
 """
 
 import logging
@@ -31,14 +37,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, set_seed
 
-from .checkpoint import CHECKPOINT_COMPLETE, checkpoint_folder, checkpoint_folders, checkpoint_step, last_complete_checkpoint
+from .checkpoint import (
+    CHECKPOINT_COMPLETE,
+    CheckpointWriteError,
+    checkpoint_folder,
+    checkpoint_folders,
+    checkpoint_step,
+    chosen_by_process_zero,
+    last_complete_checkpoint,
+    warn_when_short_of_space,
+    write_failure_message,
+)
 from .data import BatchAugment, BatchNormalize, collate_images
 from .ema import EMA_WEIGHTS_NAME, ModelEMA
 from .nonfinite import NonFiniteLossGuard
 from .optim import pretraining_param_groups
-from .preemption import PreemptionCheckpoints
+from .preemption import PreemptionCheckpoints, WorkerIgnoresStopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +72,12 @@ def delete_old_checkpoints(output_dir: str, newest: Path, keep: int, best: str |
 
 
 def resume_checkpoint(args) -> str | None:
-    """`--resume_from_checkpoint` when given, else the newest complete checkpoint in `output_dir`."""
+    """`--resume_from_checkpoint` when given, else the newest complete checkpoint in `output_dir`, as process 0
+    finds it: every process resumes from the same one."""
+    return chosen_by_process_zero(lambda: choose_resume_checkpoint(args))
+
+
+def choose_resume_checkpoint(args) -> str | None:
     if args.resume_from_checkpoint:
         folder = Path(args.resume_from_checkpoint)
         if not folder.is_dir():
@@ -89,6 +111,20 @@ def seed_process(seed: int, rank: int) -> None:
     torch.manual_seed(words[4] << 32 | words[5])  # and every accelerator's generator
 
 
+def set_up_workers(loader, seed: int):
+    """A loader whose data-loading workers outlive stop signals (`WorkerIgnoresStopSignals`) and, when persistent,
+    draw their base seed from a generator of their own: persistent workers' one iterator is made when the loader is
+    first used, which in a resumed run is another point of the process's random stream than in an uninterrupted one,
+    and a draw from that stream would shift drop path and RoPE augmentation from then on. What the workers draw
+    does not shape the batches: each image's augmentation is seeded by (seed, epoch, index)."""
+    inner = getattr(loader, "base_dataloader", loader)  # the DataLoader inside accelerate's prepared one
+    if not isinstance(inner.worker_init_fn, WorkerIgnoresStopSignals):  # a persistent loader comes back: once
+        inner.worker_init_fn = WorkerIgnoresStopSignals(inner.worker_init_fn)
+    if inner.persistent_workers and inner.generator is None:
+        inner.generator = torch.Generator().manual_seed(seed)
+    return loader
+
+
 class _StepHooks(TrainerCallback):
     def __init__(self, trainer: "NepaTrainer"):
         self.trainer = trainer
@@ -114,6 +150,9 @@ class _StepHooks(TrainerCallback):
             (folder / CHECKPOINT_COMPLETE).write_text(f"global_step {state.global_step}\n")
             if self.trainer.save_total_limit:
                 delete_old_checkpoints(args.output_dir, folder, self.trainer.save_total_limit, state.best_model_checkpoint)
+        # No process goes on (or exits after a stop signal, which makes torchrun stop the others) before the marker
+        # is written and old checkpoints are deleted.
+        self.trainer.accelerator.wait_for_everyone()
 
 
 class NepaTrainer(Trainer):
@@ -138,9 +177,10 @@ class NepaTrainer(Trainer):
     7. log: `log` adds the `record()`ed scalars, the skipped-step count and `images_per_second`; the guard reads
        its flag here at the latest;
     8. evaluate: `evaluate`, and again with the EMA's weights;
-    9. save: `Trainer` writes checkpoint-N (`save_model` adds the EMA); then, in callback order, the guard
-       (`skipped_steps.json`), `_StepHooks.on_save` (marker, old checkpoints deleted) and `PreemptionCheckpoints`
-       (exit after a stop signal).
+    9. save: `Trainer` writes checkpoint-N (`save_model` adds the EMA), and `_save_checkpoint` stops every process
+       if any write failed; then, in callback order, the guard (`skipped_steps.json`), `_StepHooks.on_save`
+       (marker, old checkpoints deleted, every process waits) and `PreemptionCheckpoints` (exit after a stop
+       signal).
     """
 
     def __init__(self, *args, normalize: BatchNormalize, batch_augment: BatchAugment | None = None, **kwargs):
@@ -156,6 +196,8 @@ class NepaTrainer(Trainer):
         self.batch_augment = batch_augment
         self.ema = ModelEMA(self.model, self.args.ema_decay) if self.args.use_ema else None
         self.nonfinite_guard = NonFiniteLossGuard(self)
+        self.write_failure: Exception | None = None  # the model's write, within a checkpoint's (`_save_checkpoint`)
+        self.writing_checkpoint = False
         self.last_log: tuple[float, int] | None = None  # (time, global step) of the last training log line
         self._recorded: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.add_callback(self.nonfinite_guard)
@@ -195,6 +237,17 @@ class NepaTrainer(Trainer):
         self.nonfinite_guard.observe(loss)
         return loss
 
+    # --- data: workers that outlive a stop signal and a resume ----------------------------------
+
+    def get_train_dataloader(self):
+        return set_up_workers(super().get_train_dataloader(), self.args.seed)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return set_up_workers(super().get_eval_dataloader(eval_dataset), self.args.seed)
+
+    def get_test_dataloader(self, test_dataset):
+        return set_up_workers(super().get_test_dataloader(test_dataset), self.args.seed)
+
     # --- logging --------------------------------------------------------------------------------
 
     def record(self, name: str, value: torch.Tensor) -> None:
@@ -227,15 +280,53 @@ class NepaTrainer(Trainer):
         return metrics
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
-        if self.ema is not None and self.args.should_save:
-            self.ema.save(os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
+        try:
+            super().save_model(output_dir, _internal_call)
+            if self.args.should_save:
+                self.save_beside_model(output_dir or self.args.output_dir)
+        except Exception as error:
+            if not self.writing_checkpoint:
+                raise
+            # Within a checkpoint the Trainer may wait for every process after the model's write: keep going to
+            # that barrier, and report the failure with the others' once the checkpoint's writes are done.
+            self.write_failure = error
+
+    def save_beside_model(self, folder: str) -> None:
+        """Files saved with the model's weights (in process 0): the EMA."""
+        if self.ema is not None:
+            self.ema.save(os.path.join(folder, EMA_WEIGHTS_NAME))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint`, and, when any process's write failed, the removal of the incomplete folder
+        and one `CheckpointWriteError` (process 0's; the others exit with status 1 without repeating it)."""
+        if self.args.process_index == 0:
+            warn_when_short_of_space(self.args.output_dir)
+        self.writing_checkpoint, self.write_failure = True, None
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            self.write_failure = self.write_failure or error
+        finally:
+            self.writing_checkpoint = False
+        failure = None if self.write_failure is None else f"{type(self.write_failure).__name__}: {self.write_failure}"
+        failures = [failure]
+        if self.args.world_size > 1:
+            failures = [None] * self.args.world_size
+            dist.all_gather_object(failures, failure)
+        failures = {rank: error for rank, error in enumerate(failures) if error is not None}
+        if not failures:
+            return
+        folder = checkpoint_folder(self.args.output_dir, self.state.global_step)
+        if self.args.process_index != 0:
+            raise SystemExit(1)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise CheckpointWriteError(write_failure_message(folder, failures)) from self.write_failure
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         """`Trainer.train`, which also restores the EMA when resuming (the Trainer restores the rest) and, under
         `load_best_model_at_end`, loads the best checkpoint's EMA beside its weights."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = chosen_by_process_zero(lambda: last_complete_checkpoint(self.args.output_dir))
             if resume_from_checkpoint is None:
                 raise ValueError(f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete checkpoint.")
         if self.ema is not None and resume_from_checkpoint:

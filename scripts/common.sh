@@ -95,6 +95,8 @@ require_dir() {
 # launch SCRIPT ARGS...: torchrun across every process of every node, plain python for one. A stop signal (SIGTERM,
 # or SIGUSR1: a scheduler's warning) goes on to the training processes, which finish their optimiser step, save a
 # checkpoint and exit with status 75; the launch then exits with 75 too, which scripts/slurm/run.sbatch requeues on.
+# Under srun the signal is not passed on: srun delivers it to every process of the job step at once, torchrun and
+# the training processes included, and a second one to torchrun while it waits for them makes it stop them again.
 launch() {
   local command=("$PYTHON" "$@")
   if (( GPUS * NNODES > 1 )); then
@@ -111,8 +113,10 @@ launch() {
   local pid status=0 signalled=
   "${command[@]}" &
   pid=$!
-  trap 'signalled=1; kill -TERM "$pid" 2>/dev/null' TERM
-  trap 'signalled=1; kill -USR1 "$pid" 2>/dev/null' USR1
+  local forward=1
+  if [ -n "${SLURM_STEP_ID:-}" ]; then forward=; fi
+  trap 'signalled=1; [ -n "$forward" ] && kill -TERM "$pid" 2>/dev/null' TERM
+  trap 'signalled=1; [ -n "$forward" ] && kill -USR1 "$pid" 2>/dev/null' USR1
   wait "$pid" || status=$?
   while [ -n "$signalled" ] && kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends `wait` early
     status=0

@@ -1,7 +1,13 @@
 """Runs on a cluster: a stop signal writes a checkpoint and the rerun resumes exactly, timed checkpoints and their
-retention, old checkpoints outliving the write of their successor, an EMA that follows replaced tensors and refuses
-sharded set-ups, several "nodes" on one machine, and the launch line the recipe scripts build. Tiny models on CPU."""
+retention, old checkpoints outliving the write of their successor, a checkpoint that cannot be written (a real
+small tmpfs where root can mount one, else an error injected into the writer), an EMA that follows replaced tensors
+and refuses sharded set-ups, several "nodes" on one machine, and the launch line the recipe scripts build. Tiny
+models on CPU."""
 
+import errno
+import itertools
+import json
+import logging
 import os
 import shlex
 import signal
@@ -14,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_reliability import (
+    REAL_PRETRAINING_FORWARD,
     REPO,
     SUBPROCESS_ENV,
     assert_same_tensors,
@@ -26,33 +33,67 @@ from test_reliability import (
 )
 
 import train_pretrain
+from models.vit_nepa import ViTNepaForPreTraining
 from nepa.args import NepaTrainingArguments
-from nepa.checkpoint import CHECKPOINT_COMPLETE
+from nepa.checkpoint import CHECKPOINT_COMPLETE, CheckpointWriteError, folder_size
 from nepa.ema import ModelEMA
 from nepa.nonfinite import NonFiniteLossGuard
 from nepa.preemption import PREEMPTED_EXIT_STATUS
 
 # Runs `train_pretrain.py` with its arguments; the process of rank SIGNAL_RANK (default 0) sends SIGNAL to itself, to
-# process SIGNAL_PID (its node's launcher), or with SIGNAL_GROUP=1 to its whole process group (data-loading workers
-# included, as a scheduler signals every process of a job), during its SIGNAL_AT-th training forward, i.e. inside an
-# optimiser step.
+# process SIGNAL_PID (its node's launcher), with SIGNAL_GROUP=1 to its whole process group (data-loading workers
+# included), or with SIGNAL_TREE=1 to SIGNAL_PID and every process below it (launcher, torchrun, training processes and
+# their workers, as slurmstepd signals every process of a job step), during its SIGNAL_AT-th training forward, i.e.
+# inside an optimiser step. With TIMES_DIR, each process writes the time it exits to TIMES_DIR/exit-RANK, and process 0
+# the time it finished deleting old checkpoints (taking 2 s longer) to TIMES_DIR/deleted.
 SIGNAL_DURING_FORWARD = """\
-import itertools, os, signal
+import atexit, glob, itertools, os, signal, subprocess, time
+import nepa.trainer
 import train_pretrain
 from models.vit_nepa import ViTNepaForPreTraining
 
 forward, calls = ViTNepaForPreTraining.forward, itertools.count(1)
+rank = os.environ.get("RANK", "0")
+
+def process_tree(root):
+    children = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            parent = int(open(stat).read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(stat.split("/")[2]))
+    tree, unseen = [], [root]
+    while unseen:
+        tree.append(unseen.pop())
+        unseen += children.get(tree[-1], [])
+    return tree
 
 def signalled(self, *args, **kwargs):
-    if self.training and next(calls) == int(os.environ["SIGNAL_AT"]) and os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0"):
-        number = getattr(signal, os.environ["SIGNAL"])
+    if self.training and next(calls) == int(os.environ["SIGNAL_AT"]) and rank == os.environ.get("SIGNAL_RANK", "0"):
+        name = os.environ["SIGNAL"]
+        # A group or tree is signalled by another process, as by a scheduler or torchrun: torch's workers tell a
+        # SIGTERM from their own training process apart.
         if os.environ.get("SIGNAL_GROUP"):
-            os.killpg(os.getpgid(0), number)
+            subprocess.run(["kill", "-s", name[3:], "--", f"-{os.getpgid(0)}"])
+        elif os.environ.get("SIGNAL_TREE"):
+            subprocess.run(["kill", "-s", name[3:], *map(str, process_tree(int(os.environ["SIGNAL_PID"])))])
         else:
-            os.kill(int(os.environ.get("SIGNAL_PID", os.getpid())), number)
+            os.kill(int(os.environ.get("SIGNAL_PID", os.getpid())), getattr(signal, name))
     return forward(self, *args, **kwargs)
 
 ViTNepaForPreTraining.forward = signalled
+if os.environ.get("TIMES_DIR"):
+    times = os.environ["TIMES_DIR"]
+    atexit.register(lambda: open(f"{times}/exit-{rank}", "w").write(repr(time.time())))
+    delete = nepa.trainer.delete_old_checkpoints
+
+    def slow_delete(*args, **kwargs):
+        time.sleep(2)
+        delete(*args, **kwargs)
+        open(f"{times}/deleted", "w").write(repr(time.time()))
+
+    nepa.trainer.delete_old_checkpoints = slow_delete
 train_pretrain.main()
 """
 
@@ -106,18 +147,63 @@ def test_stop_signal_saves_the_step_it_arrived_in_and_the_rerun_resumes_exactly(
         assert_same_tensors(output_dir / weights, reference / weights)
 
 
-def test_a_stop_signal_to_every_process_leaves_the_data_loading_workers_running(tmp_path, tiny_model, tiny_dataset):
-    """SIGUSR1 to the whole process group, as srun passes a signal to every process of a job step, with two
-    persistent data-loading workers: the workers, forked after the handler was installed, take it as the training
-    process does (both log it) instead of dying, and the run saves checkpoint-3 and exits 75."""
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+def test_a_stop_signal_to_every_process_leaves_the_data_loading_workers_running(signal_name, tmp_path, tiny_model, tiny_dataset):
+    """The signal to the whole process group, as a scheduler signals every process of a job (and torchrun a training
+    process's group), with two persistent data-loading workers: the workers ignore it (torch's own SIGTERM handler
+    would end them, and the training process with "DataLoader worker ... killed by signal"), the training process
+    alone takes it, and the run saves checkpoint-3 and exits 75."""
     flags = dict(max_steps=6, save_steps=100, per_device_train_batch_size=2)
     flags.update(dataloader_num_workers=2, dataloader_persistent_workers=True)
     output_dir = tmp_path / "preempted"
     argv = pretrain_args(tiny_model, tiny_dataset, output_dir, **flags)
-    result = run_signalled(tmp_path, argv, "SIGUSR1", at_forward=3, SIGNAL_GROUP="1")
+    result = run_signalled(tmp_path, argv, signal_name, at_forward=3, SIGNAL_GROUP="1")
     assert result.returncode == PREEMPTED_EXIT_STATUS, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stderr.count("SIGUSR1: finishing this optimiser step") == 3
+    assert result.stderr.count(f"{signal_name}: finishing this optimiser step") == 1
     assert complete_checkpoints(output_dir) == [3]
+
+
+@pytest.mark.parametrize(
+    "flags, saved",
+    [
+        (dict(max_steps=6, save_steps=2, eval_strategy="steps", eval_steps=2), [2, 4]),
+        (dict(max_steps=8, save_strategy="epoch", eval_strategy="epoch"), [4]),  # 4 steps an epoch: step 4 ends one
+    ],
+    ids=["steps", "epoch"],
+)
+def test_a_stop_on_an_evaluation_step_evaluates_before_it_saves(flags, saved, tmp_path, tiny_model, tiny_dataset, monkeypatch):
+    """Evaluations every 2 steps, or every epoch (the fine-tuning recipes'), the best checkpoint chosen by the loss;
+    SIGUSR1 during step 4: the run evaluates step 4 before it saves checkpoint-4 and exits 75, so the rerun's
+    evaluations, best metric and best checkpoint are the uninterrupted run's (and so are its weights)."""
+    flags = dict(flags, metric_for_best_model="loss")
+    reference = tmp_path / "uninterrupted"
+    train_pretrain.main([*pretrain_args(tiny_model, tiny_dataset, reference, **flags), "--do_eval"])
+
+    calls = itertools.count(1)
+
+    def signalled(self, *args, **kwargs):
+        if self.training and next(calls) == 4:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return REAL_PRETRAINING_FORWARD(self, *args, **kwargs)
+
+    monkeypatch.setattr(ViTNepaForPreTraining, "forward", signalled)
+    output_dir = tmp_path / "preempted"
+    argv = [*pretrain_args(tiny_model, tiny_dataset, output_dir, **flags), "--do_eval"]
+    with pytest.raises(SystemExit) as stop:
+        train_pretrain.main(argv)
+    assert stop.value.code == PREEMPTED_EXIT_STATUS
+    assert complete_checkpoints(output_dir) == saved
+    monkeypatch.setattr(ViTNepaForPreTraining, "forward", REAL_PRETRAINING_FORWARD)
+    train_pretrain.main(argv)
+
+    def selection(folder: Path) -> tuple:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        evaluations = [(entry["step"], entry["eval_loss"]) for entry in state["log_history"] if "eval_loss" in entry]
+        return evaluations, state["best_metric"], Path(state["best_model_checkpoint"]).name
+
+    assert 4 in [step for step, _ in selection(reference)[0]]
+    assert selection(output_dir) == selection(reference)
+    assert_same_tensors(output_dir / "model.safetensors", reference / "model.safetensors")
 
 
 def test_save_every_minutes_with_a_retention_limit(tmp_path, tiny_model, tiny_dataset):
@@ -159,6 +245,121 @@ def test_the_newest_complete_checkpoint_outlives_the_write_of_its_successor(tmp_
     assert complete_checkpoints(output_dir) == [6]
     assert logged_losses(output_dir) == logged_losses(reference)
     assert_same_tensors(output_dir / "model.safetensors", reference / "model.safetensors")
+
+
+# --- checkpoint writes that fail: a full disk, a quota, an I/O error -------------------------------------------------
+
+WRITE_FLAGS = dict(max_steps=6, save_steps=2, use_ema=True, ema_decay=0.9)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model, tiny_dataset) -> Path:
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train_pretrain.main(pretrain_args(tiny_model, tiny_dataset, output_dir, **WRITE_FLAGS))
+    return output_dir
+
+
+def assert_resumes_exactly(argv: list[str], output_dir: Path, uninterrupted: Path) -> None:
+    train_pretrain.main(argv)
+    assert complete_checkpoints(output_dir) == [2, 4, 6]
+    assert logged_losses(output_dir) == logged_losses(uninterrupted)
+    for weights in ("model.safetensors", "model_ema.safetensors"):
+        assert_same_tensors(output_dir / weights, uninterrupted / weights)
+
+
+def test_a_full_disk_stops_with_one_message_and_the_rerun_resumes_exactly(tmp_path, tiny_model, tiny_dataset, uninterrupted, monkeypatch):
+    """The optimiser's write into checkpoint-4 fails with ENOSPC."""
+    real_save = torch.save
+
+    def full_disk(obj, file, *args, **kwargs):
+        if str(file).endswith(os.path.join("checkpoint-4", "optimizer.pt")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    output_dir = tmp_path / "run"
+    argv = pretrain_args(tiny_model, tiny_dataset, output_dir, **WRITE_FLAGS)
+    with pytest.raises(CheckpointWriteError) as failure:
+        train_pretrain.main(argv)
+    message = str(failure.value)
+    assert f"Could not write the checkpoint {output_dir / 'checkpoint-4'} (process 0: OSError: [Errno 28] No space left on device" in message
+    assert "free on its filesystem, against" in message and "for the previous checkpoint" in message
+    assert f"A rerun resumes from {output_dir / 'checkpoint-2'}" in message
+    assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint-2"]
+
+    monkeypatch.setattr(torch, "save", real_save)
+    assert_resumes_exactly(argv, output_dir, uninterrupted)
+
+
+@pytest.fixture
+def small_disk(tmp_path, uninterrupted):
+    """A tmpfs that holds one checkpoint and half of a second (or a skip saying why none can be mounted)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    size = folder_size(uninterrupted / "checkpoint-2") * 3 // 2 + 64 * 1024  # files take whole 4 KiB pages
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"no tmpfs to fill: `mount -t tmpfs` failed ({mount.stderr.strip()}); it needs root (CI runs as root)")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # the failed write's file may still be open
+
+
+def test_a_real_full_disk_warns_then_stops_with_one_message_and_the_rerun_resumes_exactly(
+    small_disk, tiny_model, tiny_dataset, uninterrupted, caplog
+):
+    """output_dir on a tmpfs with room for one and a half checkpoints: before checkpoint-4 a warning says that less
+    is free than checkpoint-2 took; its write fails (torch's writer says only "unexpected pos"); the message says
+    why; after the disk is made larger, the same command resumes from checkpoint-2 exactly."""
+    output_dir = small_disk / "run"
+    argv = pretrain_args(tiny_model, tiny_dataset, output_dir, **WRITE_FLAGS)
+    with caplog.at_level(logging.WARNING, logger="nepa.checkpoint"), pytest.raises(CheckpointWriteError) as failure:
+        train_pretrain.main(argv)
+    warnings = [record.getMessage() for record in caplog.records if "that the previous checkpoint" in record.getMessage()]
+    assert len(warnings) == 1 and str(output_dir / "checkpoint-2") in warnings[0], warnings
+    message = str(failure.value)
+    assert f"Could not write the checkpoint {output_dir / 'checkpoint-4'} (process 0: " in message
+    assert f"A rerun resumes from {output_dir / 'checkpoint-2'}" in message
+    assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint-2"]
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert_resumes_exactly(argv, output_dir, uninterrupted)
+
+
+# train_pretrain.py whose process FAIL_RANK fails with EIO writing FAIL_FILE into checkpoint-4.
+FAILING_WRITE = """\
+import errno, os
+import torch
+import train_pretrain
+
+save = torch.save
+
+def failing(obj, file, *args, **kwargs):
+    if os.environ["RANK"] == os.environ["FAIL_RANK"] and str(file).endswith(os.path.join("checkpoint-4", os.environ["FAIL_FILE"])):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(file))
+    return save(obj, file, *args, **kwargs)
+
+torch.save = failing
+train_pretrain.main()
+"""
+
+
+def test_a_write_failing_in_one_process_stops_every_process_with_one_message(tmp_path, tiny_model, tiny_dataset):
+    """Two processes; process 1's own part of checkpoint-4 (its random state) fails with EIO while process 0's writes
+    succeed: both stop (process 0 is not left waiting for it), one message names process 1's error, and
+    checkpoint-4 is removed, never marked."""
+    script = tmp_path / "failing_write.py"
+    script.write_text(FAILING_WRITE)
+    output_dir = tmp_path / "run"
+    argv = pretrain_args(tiny_model, tiny_dataset, output_dir, **WRITE_FLAGS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *argv, "--ddp_find_unused_parameters", "False"]
+    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1", "FAIL_RANK": "1", "FAIL_FILE": "rng_state_1.pth"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-5000:]
+    assert output.count("Could not write the checkpoint") == 1, output[-5000:]
+    assert f"{output_dir / 'checkpoint-4'} (process 1: OSError: [Errno 5] Input/output error" in output
+    assert f"A rerun resumes from {output_dir / 'checkpoint-2'}" in output
+    assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint-2"]
 
 
 # --- the EMA follows the weights it averages ------------------------------------------------------------------------
@@ -323,7 +524,7 @@ def launch_node(tmp_path: Path, argv: list[str], name: str, **env) -> subprocess
     script = tmp_path / "signalled.py"
     script.write_text(SIGNAL_DURING_FORWARD)
     shell = f'export SIGNAL_PID=$$; source {REPO / "scripts" / "common.sh"}; launch "$@"'
-    environment = launch_environment(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), NPROC_PER_NODE="1", **env)
+    environment = launch_environment(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **{"NPROC_PER_NODE": "1", **env})
     log = open(tmp_path / f"{name}.log", "w")
     return subprocess.Popen(["bash", "-c", shell, "bash", str(script), *argv], env=environment, stdout=log, stderr=subprocess.STDOUT)
 
@@ -371,6 +572,123 @@ def test_two_nodes_give_the_curve_of_accumulation_and_a_signal_to_one_node_resum
     assert logged_losses(preempted) == logged_losses(two)
     for weights in ("model.safetensors", "model_ema.safetensors"):
         assert_same_tensors(preempted / weights, two / weights)
+
+
+SRUN_STEP = dict(SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="1", SLURM_STEP_NUM_NODES="1")  # what srun sets in its task
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_every_process_of_an_srun_step_saves_once_and_resumes_exactly(tmp_path, tiny_model, tiny_dataset):
+    """A recipe's `launch` of two processes with two persistent data-loading workers each, under srun: SIGUSR1 reaches
+    every process at once during step 3 (the launching shell, torchrun, the training processes and their workers, as
+    slurmstepd delivers SLURM's warning). The launch does not pass it on a second time (torchrun, signalled again
+    while it waits for its processes, would stop them with SIGTERM), the workers ignore it, and the run writes one
+    complete checkpoint-3 (checkpoint-2 deleted after it is marked: no process exits before that) and exits 75. The
+    same launch again resumes to the uninterrupted run's losses, weights and EMA, bit for bit."""
+    flags = dict(max_steps=6, save_steps=2, save_total_limit=1, use_ema=True, ema_decay=0.9)
+    flags.update(dataloader_num_workers=2, dataloader_persistent_workers=True)
+    node = dict(NPROC_PER_NODE="2", NNODES="1", MASTER_ADDR="127.0.0.1", SIGNAL="SIGUSR1", **SRUN_STEP)
+
+    def launch(output_dir: Path, name: str, **env) -> tuple[int, str]:
+        argv = pretrain_args(tiny_model, tiny_dataset, output_dir, **flags)
+        status = launch_node(tmp_path, argv, name, MASTER_PORT=str(free_port()), **node, **env).wait(timeout=300)
+        return status, (tmp_path / f"{name}.log").read_text()
+
+    reference = tmp_path / "uninterrupted"
+    status, log = launch(reference, "whole", SIGNAL_AT="0")
+    assert status == 0, log[-5000:]
+
+    preempted, times = tmp_path / "preempted", tmp_path / "times"
+    times.mkdir()
+    status, log = launch(preempted, "preempted", SIGNAL_AT="3", SIGNAL_TREE="1", TIMES_DIR=str(times))
+    assert status == PREEMPTED_EXIT_STATUS, log[-5000:]
+    assert "killed by signal" not in log
+    assert complete_checkpoints(preempted) == [3]
+    assert [path.name for path in preempted.iterdir()] == ["checkpoint-3"]
+    deleted = float((times / "deleted").read_text())
+    assert all(float((times / f"exit-{rank}").read_text()) > deleted for rank in (0, 1))
+
+    status, log = launch(preempted, "resumed", SIGNAL_AT="0")
+    assert status == 0, log[-5000:]
+    assert logged_losses(preempted) == logged_losses(reference)
+    for weights in ("model.safetensors", "model_ema.safetensors"):
+        assert_same_tensors(preempted / weights, reference / weights)
+
+
+# Two processes find the checkpoint to resume from in argv[1]; process 1's listing lags (a network file system's
+# cached view after a quick requeue) and lacks the newest folder. Each writes its choice to argv[2]/choice-RANK.
+RESUME_CHOICE = """\
+import os, pathlib, sys
+import nepa.checkpoint
+from nepa.args import NepaTrainingArguments
+from nepa.trainer import resume_checkpoint
+
+rank = os.environ["RANK"]
+if rank == "1":
+    listing = nepa.checkpoint.checkpoint_folders
+    nepa.checkpoint.checkpoint_folders = lambda output_dir: listing(output_dir)[1:]
+choice = resume_checkpoint(NepaTrainingArguments(output_dir=sys.argv[1], use_cpu=True))
+pathlib.Path(sys.argv[2], f"choice-{rank}").write_text(str(choice))
+"""
+
+
+def test_every_process_resumes_from_the_checkpoint_process_0_chose(tmp_path):
+    output_dir = tmp_path / "run"
+    for step in (2, 4):
+        (output_dir / f"checkpoint-{step}").mkdir(parents=True)
+        (output_dir / f"checkpoint-{step}" / CHECKPOINT_COMPLETE).write_text(f"global_step {step}\n")
+    script = tmp_path / "resume_choice.py"
+    script.write_text(RESUME_CHOICE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, str(output_dir), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"choice-{rank}").read_text() == str(output_dir / "checkpoint-4")
+
+
+COUNTING_STAND_IN = """\
+#!/usr/bin/env bash
+# Python for the recipe's arithmetic (-c); in place of training, a process that counts the SIGUSR1s it gets in the
+# second after the first one, then exits 75.
+if [ "$1" = -c ]; then exec {python} "$@"; fi
+exec {python} -c 'import os, pathlib, signal, sys, time
+received = []
+signal.signal(signal.SIGUSR1, lambda *_: received.append(1))
+pathlib.Path("{ready}").write_text(str(os.getpid()))
+while not received:
+    time.sleep(0.01)
+pathlib.Path("{ready}.received").touch()
+time.sleep(1)
+print("SIGUSR1 received", len(received), "times")
+sys.exit(75)'
+"""
+
+
+@pytest.mark.parametrize("under_srun", [True, False], ids=["srun-signals-every-process", "by-hand-to-the-launcher"])
+def test_the_launch_passes_a_stop_signal_on_once(under_srun, tmp_path):
+    """Under srun, SIGUSR1 reaches the recipe's launch and the process it started alike, and the launch does not pass
+    it on a second time; by hand, the launch alone gets it and passes it on. Either way the process gets it once,
+    and the launch exits 75."""
+    ready, stand_in = tmp_path / "ready", tmp_path / "python"
+    stand_in.write_text(COUNTING_STAND_IN.format(python=sys.executable, ready=ready))
+    stand_in.chmod(0o755)
+    env = launch_environment(PYTHON=str(stand_in), NPROC_PER_NODE="1", **(SRUN_STEP if under_srun else {}))
+    shell = f'source {REPO / "scripts" / "common.sh"}; launch train_pretrain.py'
+    launch = subprocess.Popen(["bash", "-c", shell], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists() or not ready.read_text():
+        assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()[0]
+        time.sleep(0.05)
+    if under_srun:  # the process first (two signals sent at once to one process may merge into one)
+        os.kill(int(ready.read_text()), signal.SIGUSR1)
+        while not Path(f"{ready}.received").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    launch.send_signal(signal.SIGUSR1)
+    output = launch.communicate(timeout=60)[0]
+    assert launch.returncode == PREEMPTED_EXIT_STATUS, output
+    assert "SIGUSR1 received 1 times" in output
 
 
 STAND_IN_TRAINING = """\
