@@ -66,16 +66,19 @@ class MonitorArguments:
     knn_eval_samples: int | None = field(
         default=None, metadata={"help": "Validation images the k-NN scores, picked as eval.py --max_eval_samples picks them (default 10000)."}
     )
+    knn_crop_pct: float | None = field(
+        default=None, metadata={"help": f"The k-NN images' centre crop, as eval.py --crop_pct (default {DEFAULT_CROP_PCT})."}
+    )
 
     def __post_init__(self):
         if self.knn_eval_steps < 0:
             raise ValueError(f"--knn_eval_steps {self.knn_eval_steps}: give a number of steps, or 0 for no k-NN.")
-        for name, default in (("knn_train_samples", 50_000), ("knn_eval_samples", 10_000)):
+        for name, default in (("knn_train_samples", 50_000), ("knn_eval_samples", 10_000), ("knn_crop_pct", DEFAULT_CROP_PCT)):
             value = getattr(self, name)
             if value is not None and not self.knn_eval_steps:
-                raise ValueError(f"--{name} sizes the k-NN of --knn_eval_steps, which is off: pass --knn_eval_steps N too.")
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} {value}: give a number of images.")
+                raise ValueError(f"--{name} sets the k-NN of --knn_eval_steps, which is off: pass --knn_eval_steps N too.")
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name} {value}: give a positive number.")
             setattr(self, name, default if value is None else value)
 
 
@@ -117,7 +120,7 @@ class NepaPretrainer(NepaTrainer):
         """The loss on the evaluation set (when there is one), then the monitor's metrics, logged (log_history,
         wandb, tensorboard) and returned together, so that `--metric_for_best_model knn_top1` finds them."""
         metrics = {}
-        if eval_dataset is not None or self.eval_dataset is not None:
+        if self.monitor is None or eval_dataset is not None or self.eval_dataset is not None:
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self.monitor is not None:
             watched = self.monitor.evaluate(self, metric_key_prefix)
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset = image_dataset(eval_split, EvalTransform(size), data_args, labels=False)
     monitor = None
     if monitor_args.knn_eval_steps:
-        transform = EvalTransform(size, crop_pct=DEFAULT_CROP_PCT)  # eval.py's
+        transform = EvalTransform(size, crop_pct=monitor_args.knn_crop_pct)  # eval.py's
         train_samples, eval_samples = monitor_args.knn_train_samples, monitor_args.knn_eval_samples
         monitor = knn_monitor(dataset, data_args, train_samples, eval_samples, transform, training_args.seed)
     logger.info("NEPA pretraining of %.1fM parameters on %d images", model.num_parameters() / 1e6, len(train_dataset))
