@@ -5,7 +5,10 @@ without labels gets RankMe alone. A tiny encoder (16 px, 16 patches) on 1,000 + 
 
 import json
 import logging
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -22,6 +25,7 @@ from nepa.data import EvalTransform, image_dataset, sample_rows
 from nepa.probes import KnnMonitor
 
 STEPS = ["--max_steps", "40", "--warmup_steps", "5", "--logging_steps", "10", "--save_steps", "20"]
+REPO = Path(__file__).resolve().parents[1]
 MONITOR = ["--knn_eval_steps", "20", "--knn_train_samples", "1000", "--knn_eval_samples", "500"]
 
 
@@ -37,13 +41,16 @@ def fashion_dir(tmp_path_factory) -> Path:
     return small_fashion_mnist(tmp_path_factory.mktemp("fashion") / "data", per_split=1000)
 
 
-def pretrain(config_dir: Path, dataset: list[str], output_dir: Path, *extra: str) -> dict:
-    argv = [
+def pretrain_argv(config_dir: Path, dataset: list[str], output_dir: Path, *extra: str) -> list[str]:
+    return [
         "--config_name", str(config_dir), *dataset, "--output_dir", str(output_dir), "--do_train",
         "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "50", "--learning_rate", "1e-3",
         "--seed", "3", *COMMON, *STEPS, *extra,
     ]  # fmt: skip
-    return train_pretrain.main(argv)
+
+
+def pretrain(config_dir: Path, dataset: list[str], output_dir: Path, *extra: str) -> dict:
+    return train_pretrain.main(pretrain_argv(config_dir, dataset, output_dir, *extra))
 
 
 def log_history(output_dir: Path) -> list[dict]:
@@ -96,6 +103,30 @@ def test_eval_py_on_the_checkpoint_gives_the_logged_figure(runs, fashion_dir, tm
     assert metrics["eval_samples"] == 500
     assert abs(metrics["eval_accuracy"] - logged["eval_knn_top1"]) <= 1 / 500
     assert abs(metrics["eval_top5"] - logged["eval_knn_top5"]) <= 1 / 500
+
+
+def test_two_processes_score_what_one_scores(config_dir, fashion_dir, tmp_path):
+    """Under 2 processes each encodes its shard of the bank (500 and 499 of 999 images) and of the queries (250 and
+    249); the figures logged are those one process gets from the same weights."""
+    data = ["--dataset_name", str(fashion_dir), "--load_from_disk", "True"]
+    sizes = ["--knn_eval_steps", "20", "--knn_train_samples", "999", "--knn_eval_samples", "499"]
+    argv = pretrain_argv(config_dir, data, tmp_path / "two", *sizes, "--max_steps", "20", "--per_device_train_batch_size", "8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_pretrain.py", *argv]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    two = next(entry for entry in log_history(tmp_path / "two") if "eval_knn_top1" in entry)
+    assert two["step"] == 20
+    one = train_pretrain.main(
+        [
+            "--model_name_or_path", str(tmp_path / "two"), *data, "--output_dir", str(tmp_path / "one"), "--do_eval",
+            "--max_eval_samples", "10", "--per_device_eval_batch_size", "50", "--seed", "3", *sizes, *COMMON,
+        ]
+    )  # fmt: skip
+    for name in ("knn_top1", "knn_top5", "ema_knn_top1", "ema_knn_top5"):
+        assert one[f"eval_{name}"] == two[f"eval_{name}"], name
+    for name in ("rankme", "ema_rankme"):
+        assert one[f"eval_{name}"] == pytest.approx(two[f"eval_{name}"], rel=1e-6), name
 
 
 def test_the_best_checkpoint_is_chosen_by_knn(config_dir, fashion_dir, tmp_path):
