@@ -168,9 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset = image_dataset(eval_split, EvalTransform(size), data_args, labels=False)
     monitor = None
     if monitor_args.knn_eval_steps:
-        transform = EvalTransform(size, crop_pct=monitor_args.knn_crop_pct)  # eval.py's
+        knn_transform = EvalTransform(size, crop_pct=monitor_args.knn_crop_pct)  # eval.py's
         train_samples, eval_samples = monitor_args.knn_train_samples, monitor_args.knn_eval_samples
-        monitor = knn_monitor(dataset, data_args, train_samples, eval_samples, transform, training_args.seed)
+        monitor = knn_monitor(dataset, data_args, train_samples, eval_samples, knn_transform, training_args.seed)
     logger.info("NEPA pretraining of %.1fM parameters on %d images", model.num_parameters() / 1e6, len(train_dataset))
 
     trainer = NepaPretrainer(
