@@ -8,6 +8,7 @@ adds (docs/performance.md scales it to ViT-B on 8 H100s).
 """
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -57,7 +58,7 @@ def main() -> None:
                 times[name].append(timed_run(argv))
                 print(f"{name} monitor, run {repeat + 1}: {times[name][-1]:.1f} s CPU", flush=True)
 
-    evaluations = len(range(args.knn_eval_steps, args.steps + 1, args.knn_eval_steps)) + (args.steps % args.knn_eval_steps > 0)
+    evaluations = math.ceil(args.steps / args.knn_eval_steps)  # every knn_eval_steps, and after the last step
     images = args.knn_train_samples + args.knn_eval_samples
     training_images = args.steps * PRETRAIN["per_device_train_batch_size"]
     print(f"\n{args.steps} steps of batch {PRETRAIN['per_device_train_batch_size']}, {evaluations} evaluations of "
