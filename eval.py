@@ -49,7 +49,7 @@ from nepa.data import (
 )
 from nepa.ema import EMA_WEIGHTS_NAME
 from nepa.metrics import accuracy_metrics, top5_indices
-from nepa.probes import ATTENTIVE_BLOCKS, LINEAR_FEATURES, ProbeGrid, ProbeTrainer, knn_evaluate, load_frozen_encoder
+from nepa.probes import ATTENTIVE_BLOCKS, KNN_K, KNN_TEMPERATURE, LINEAR_FEATURES, ProbeGrid, ProbeTrainer, knn_evaluate, load_frozen_encoder
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint
 
 logger = logging.getLogger("eval")
@@ -93,8 +93,8 @@ class EvalArguments:
             "bidirectional (False), whatever its config says. The finetuned protocol runs the classifier as configured."
         },
     )
-    knn_k: list[int] = field(default_factory=lambda: [20], metadata={"help": "Neighbours of the k-NN protocol; several in one pass, the first is eval_accuracy."})
-    knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(cosine / T) of the k-NN protocol."})
+    knn_k: list[int] = field(default_factory=lambda: [KNN_K], metadata={"help": "Neighbours of the k-NN protocol; several in one pass, the first is eval_accuracy."})
+    knn_temperature: float = field(default=KNN_TEMPERATURE, metadata={"help": "Vote weight exp(cosine / T) of the k-NN protocol."})
     probe_lrs: list[float] | None = field(
         default=None,
         metadata={"help": f"Learning rates of the probe heads (default: linear {list(LINEAR_LRS)}, attentive {list(ATTENTIVE_LRS)})."},
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = processor_image_size(processor, ViTNepaConfig.from_pretrained(args.model_name_or_path).patch_size)
     transform = EvalTransform(size, args.resize_size, args.crop_pct)
     dataset = load_image_dataset(data_args)
-    eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
+    eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed, data_args.label_column_name)
     trainer_kwargs = image_inputs(processor, eval_dataset=image_dataset(eval_split, transform, data_args))
 
     if args.protocol == "finetuned":

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataset = image_dataset(train_split, transform, data_args) if training_args.do_train else None
     eval_dataset = None
     if training_args.do_eval:
-        eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
+        eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed, data_args.label_column_name)
         eval_dataset = image_dataset(eval_split, EvalTransform(size, args.resize_size, args.crop_pct), data_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("fine-tuning %.2fM of %.2fM parameters", trainable / 1e6, model.num_parameters() / 1e6)

@@ -6,17 +6,22 @@
 
 Every `TrainingArguments` flag works. A run started again with the same command resumes from the
 newest complete checkpoint in `output_dir`.
+
+`--knn_eval_steps N` watches the encoder: every N steps and at the end, eval.py's k-NN protocol on
+`--knn_train_samples` train and `--knn_eval_samples` validation images, logged as `eval_knn_top1`, `eval_knn_top5`
+and `eval_rankme` (and `eval_ema_*` of the EMA), without changing the training in any way.
 """
 
 import logging
 from dataclasses import dataclass, field
 
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from models.vit_nepa import ViTNepaForPreTraining
 from nepa.args import DataArguments, NepaTrainingArguments, config_overrides_field, configure_logging, load_config, parse_arguments
 from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
+    DEFAULT_CROP_PCT,
     EvalTransform,
     PretrainTransform,
     get_split,
@@ -26,6 +31,7 @@ from nepa.data import (
 )
 from nepa.metrics import mean_pairwise_cosine
 from nepa.optim import pretraining_param_groups
+from nepa.probes import KnnMonitor, knn_monitor
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint, train_and_evaluate
 
 logger = logging.getLogger("train_pretrain")
@@ -44,6 +50,49 @@ class ModelArguments:
     embed_lr: float | None = field(default=None, metadata={"help": "A separate learning rate for the embeddings."})
 
 
+@dataclass
+class MonitorArguments:
+    knn_eval_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every N optimiser steps and at the end, a k-NN of the current weights (eval.py --protocol knn: "
+            "k = 20, T = 0.07, mean patch tokens) and RankMe of its features, logged as eval_knn_top1, eval_knn_top5, "
+            "eval_rankme (eval_ema_* for the EMA); RankMe alone on a dataset without labels. 0: off."
+        },
+    )
+    knn_train_samples: int | None = field(
+        default=None, metadata={"help": "Train images of the k-NN bank, picked as eval.py --max_train_samples picks them (default 50000)."}
+    )
+    knn_eval_samples: int | None = field(
+        default=None, metadata={"help": "Validation images the k-NN scores, picked as eval.py --max_eval_samples picks them (default 10000)."}
+    )
+    knn_crop_pct: float | None = field(
+        default=None, metadata={"help": f"The k-NN images' centre crop, as eval.py --crop_pct (default {DEFAULT_CROP_PCT})."}
+    )
+
+    def __post_init__(self):
+        if self.knn_eval_steps < 0:
+            raise ValueError(f"--knn_eval_steps {self.knn_eval_steps}: give a number of steps, or 0 for no k-NN.")
+        for name, default in (("knn_train_samples", 50_000), ("knn_eval_samples", 10_000), ("knn_crop_pct", DEFAULT_CROP_PCT)):
+            value = getattr(self, name)
+            if value is not None and not self.knn_eval_steps:
+                raise ValueError(f"--{name} sets the k-NN of --knn_eval_steps, which is off: pass --knn_eval_steps N too.")
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name} {value}: give a positive number.")
+            setattr(self, name, default if value is None else value)
+
+
+class MonitorSchedule(TrainerCallback):
+    """Makes the Trainer evaluate every `steps` optimiser steps and after the last one (beside its --eval_strategy)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.steps == 0 or state.global_step >= state.max_steps:
+            control.should_evaluate = True
+
+
 def build_model(model_args: ModelArguments) -> ViTNepaForPreTraining:
     if not (model_args.config_name or model_args.model_name_or_path):
         raise ValueError("pass --config_name (train from scratch) or --model_name_or_path (continue from weights).")
@@ -57,11 +106,28 @@ def build_model(model_args: ModelArguments) -> ViTNepaForPreTraining:
 
 
 class NepaPretrainer(NepaTrainer):
-    """Adds the embedding learning rate and logs the collapse signal (`target_cosine`)."""
+    """Adds the embedding learning rate, logs the collapse signal (`target_cosine`) and, with a `KnnMonitor`,
+    adds its k-NN and RankMe to every evaluation (which `monitor_steps` adds every so many steps)."""
 
-    def __init__(self, *args, embed_lr: float | None = None, **kwargs):
+    def __init__(self, *args, embed_lr: float | None = None, monitor: KnnMonitor | None = None, monitor_steps: int = 0, **kwargs):
         self.embed_lr = embed_lr
+        self.monitor = monitor
         super().__init__(*args, **kwargs)
+        if monitor is not None:
+            self.add_callback(MonitorSchedule(monitor_steps))
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The loss on the evaluation set (when there is one), then the monitor's metrics, logged (log_history,
+        wandb, tensorboard) and returned together, so that `--metric_for_best_model knn_top1` finds them."""
+        metrics = {}
+        if self.monitor is None or eval_dataset is not None or self.eval_dataset is not None:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.monitor is not None:
+            watched = self.monitor.evaluate(self, metric_key_prefix)
+            self.log(dict(watched))
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, watched)
+            metrics.update(watched)
+        return metrics
 
     def parameter_groups(self, model):
         return pretraining_param_groups(model, self.args.weight_decay, self.embed_lr)
@@ -78,7 +144,9 @@ class NepaPretrainer(NepaTrainer):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, NepaTrainingArguments), argv)
+    model_args, data_args, training_args, monitor_args = parse_arguments(
+        (ModelArguments, DataArguments, NepaTrainingArguments, MonitorArguments), argv
+    )
     configure_logging(training_args)
     set_seed(training_args.seed)
 
@@ -91,13 +159,18 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = resume_checkpoint(training_args)
 
     dataset = load_image_dataset(data_args)
-    train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed)
+    train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed, data_args.label_column_name)
     transform = PretrainTransform(size, data_args.crop_scale, data_args.crop_ratio)
     train_dataset = image_dataset(train_split, transform, data_args, labels=False)
     eval_dataset = None
     if training_args.do_eval:
-        eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed)
+        eval_split = get_split(dataset, "validation", data_args.max_eval_samples, training_args.seed, data_args.label_column_name)
         eval_dataset = image_dataset(eval_split, EvalTransform(size), data_args, labels=False)
+    monitor = None
+    if monitor_args.knn_eval_steps:
+        knn_transform = EvalTransform(size, crop_pct=monitor_args.knn_crop_pct)  # eval.py's
+        train_samples, eval_samples = monitor_args.knn_train_samples, monitor_args.knn_eval_samples
+        monitor = knn_monitor(dataset, data_args, train_samples, eval_samples, knn_transform, training_args.seed)
     logger.info("NEPA pretraining of %.1fM parameters on %d images", model.num_parameters() / 1e6, len(train_dataset))
 
     trainer = NepaPretrainer(
@@ -105,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         **image_inputs(processor, train_dataset, eval_dataset),
         embed_lr=model_args.embed_lr,
+        monitor=monitor,
+        monitor_steps=monitor_args.knn_eval_steps,
     )
     return train_and_evaluate(trainer, processor, checkpoint, model_args.model_name_or_path)
 

@@ -119,7 +119,8 @@ def loader_images_per_second(stage: str, dataset_dir: Path, workers: int, batche
 def run_recipe(stage: str, workers: int, steps: int, data_dir: Path, output_dir: Path, model: Path | None) -> None:
     batch = STAGES[stage]["batch"]
     env = dict(os.environ, NUM_WORKERS=str(workers), TOTAL_BATCH=str(batch), PER_DEVICE_BATCH=str(batch),
-               DATA_DIR=str(data_dir), OUTPUT_DIR=str(output_dir), REPORT_TO="none")
+               DATA_DIR=str(data_dir), OUTPUT_DIR=str(output_dir), REPORT_TO="none",
+               KNN_EVAL_STEPS="0")  # the training's throughput alone: no k-NN monitor (its cost: docs/performance.md)
     flags = ["--max_steps", str(steps), "--logging_steps", "10", "--save_strategy", "no"]
     if stage == "finetune":
         env["MODEL"] = str(model)

@@ -14,7 +14,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
-from .data import DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE
+from .data import DEFAULT_CROP_PCT, DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE
 
 
 @dataclass
@@ -28,8 +28,12 @@ class DataArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where datasets caches downloads."})
     image_column_name: str = field(default="image", metadata={"help": "The column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "The column holding the class labels."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a random subset of this size."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a random subset of this size."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a subset of this size, drawn with --seed (class-balanced when labelled)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on a subset of this size, drawn with --seed (class-balanced when labelled)."}
+    )
     labels_per_class: float | None = field(
         default=None,
         metadata={
@@ -79,7 +83,7 @@ def config_overrides_field():
 
 def crop_pct_field():
     """The `--crop_pct` field of an entry point that evaluates on centre crops."""
-    return field(default=0.875, metadata={"help": "Evaluation: resize the shorter side to size / crop_pct, centre-crop."})
+    return field(default=DEFAULT_CROP_PCT, metadata={"help": "Evaluation: resize the shorter side to size / crop_pct, centre-crop."})
 
 
 def resize_size_field():

@@ -110,6 +110,7 @@ def open_rgb_pil(record: dict) -> Image.Image:
 # crop recognisable (an 8 % crop of a 28 px image is 8 x 8 pixels).
 DEFAULT_CROP_SCALE = (0.08, 1.0)
 DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
+DEFAULT_CROP_PCT = 0.875  # evaluation: the centre crop's share of the resized shorter side (timm's default)
 
 
 class PretrainTransform:
@@ -351,21 +352,52 @@ def load_image_dataset(data_args) -> datasets.DatasetDict:
         ) from error
 
 
-def get_split(dataset: datasets.DatasetDict, name: str, max_samples: int | None = None, seed: int = 0) -> datasets.Dataset:
-    """A split by name (`validation` also found as `val` or `test`), optionally a shuffled subset."""
+def get_split(
+    dataset: datasets.DatasetDict, name: str, max_samples: int | None = None, seed: int = 0, label_column: str = "label"
+) -> datasets.Dataset:
+    """A split by name (`validation` also found as `val` or `test`), optionally `max_samples` rows of it
+    (`sample_rows`)."""
     aliases = {"validation": ("validation", "val", "test")}.get(name, (name,))
     found = next((alias for alias in aliases if alias in dataset), None)
     if found is None:
         raise KeyError(f"the dataset has no {name!r} split (splits: {list(dataset.keys())}).")
     split = dataset[found]
     if max_samples is not None and max_samples < len(split):
-        split = split.shuffle(seed=seed).select(range(max_samples))
+        split = sample_rows(split, max_samples, seed, label_column)
     return split
+
+
+def label_array(split: datasets.Dataset, label_column: str = "label") -> np.ndarray:
+    """A split's labels as one array, read through Arrow (a list of ImageNet's 1.28 M labels takes a minute)."""
+    return split.with_format("arrow", columns=[label_column])[:][label_column].to_numpy()
+
+
+def has_class_labels(split: datasets.Dataset, label_column: str = "label") -> bool:
+    """Whether `label_column` holds one integer class per image (not a mask, a string or nothing)."""
+    feature = split.features.get(label_column)
+    return isinstance(feature, datasets.ClassLabel) or (isinstance(feature, datasets.Value) and feature.dtype.startswith("int"))
+
+
+def sample_rows(split: datasets.Dataset, size: int, seed: int, label_column: str = "label") -> datasets.Dataset:
+    """`size` rows of `split` drawn with `seed`, in the split's order. With class labels the pick is class-balanced:
+    every class gives `size // classes` images or one more (a class with fewer gives all it has, and the others
+    make up the rest); the first rows of a sorted split would cover a few classes only. Without labels, a uniform
+    pick. The pick depends on the labels and `seed` alone, so every script picks the same rows."""
+    generator = np.random.default_rng(seed)
+    order = generator.permutation(len(split))
+    if not has_class_labels(split, label_column):
+        return split.select(np.sort(order[:size]))
+    labels = label_array(split, label_column)[order]
+    by_class = np.argsort(labels, kind="stable")  # each class's rows, in the random order
+    starts = np.searchsorted(labels[by_class], labels[by_class], side="left")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[by_class] = np.arange(len(order)) - starts  # a row's place among its class's rows
+    return split.select(np.sort(order[np.argsort(rank, kind="stable")[:size]]))
 
 
 def training_split(dataset: datasets.DatasetDict, data_args, seed: int) -> datasets.Dataset:
     """The train split that `DataArguments` ask for: all of it, a random `max_train_samples`, or a labelled subset."""
-    split = get_split(dataset, "train", data_args.max_train_samples, seed)
+    split = get_split(dataset, "train", data_args.max_train_samples, seed, data_args.label_column_name)
     if data_args.labels_per_class is not None:
         split = labelled_subset(split, data_args.labels_per_class, seed, data_args.label_column_name)
     return split
@@ -377,7 +409,7 @@ def labelled_subset(split: datasets.Dataset, labels_per_class: float, seed: int,
     sees the same images."""
     if label_column not in split.column_names:
         raise ValueError(f"--labels_per_class needs labels, and the split has no column {label_column!r}.")
-    labels = np.asarray(split[label_column])
+    labels = label_array(split, label_column)
     generator = np.random.default_rng(seed)
     chosen = []
     for label in np.unique(labels):
@@ -400,7 +432,7 @@ def label_names(split: datasets.Dataset, label_column: str = "label") -> list[st
 def num_classes(split: datasets.Dataset, label_column: str = "label") -> int:
     """The class count of a `ClassLabel` column, else the largest integer label + 1."""
     names = label_names(split, label_column)
-    return len(names) if names is not None else int(np.max(split[label_column])) + 1
+    return len(names) if names is not None else int(label_array(split, label_column).max()) + 1
 
 
 def check_labels_fit(split: datasets.Dataset, label_column: str, num_labels: int, dataset_name: str | None) -> None:

@@ -35,3 +35,10 @@ def mean_pairwise_cosine(embeddings: torch.Tensor) -> torch.Tensor:
     tokens = unit.shape[1]
     pair_sum = unit.sum(dim=1).pow(2).sum(dim=-1) - tokens
     return (pair_sum / (tokens * (tokens - 1))).mean()
+
+
+def rankme(singular_values: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al., 2023), the effective rank of an embedding matrix from its singular values: exp of the
+    entropy of the values normalised to sum 1. From 1 (every embedding on one line: collapse) to the matrix's width."""
+    p = singular_values.double() / singular_values.double().sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))

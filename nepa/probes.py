@@ -14,7 +14,10 @@ The heads are independent: the loss is the sum of their cross-entropies, so each
 own loss, each has its own learning rate, weight decay and gradient clipping, and the best head is reported.
 """
 
+import contextlib
+import logging
 import math
+import random
 from functools import partial
 
 import numpy as np
@@ -27,10 +30,13 @@ from transformers import TrainerCallback
 from models.vit_nepa import ViTNepaModel
 
 from .checkpoint import load_model
-from .data import collate_images
-from .metrics import top1_top5_hits, top5_indices
+from .data import collate_images, get_split, has_class_labels, image_dataset, num_classes
+from .metrics import rankme, top1_top5_hits, top5_indices
 from .trainer import NepaTrainer
 
+logger = logging.getLogger(__name__)
+
+KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO's k-NN
 LINEAR_FEATURES = ("mean", "cls", "last4")
 ATTENTIVE_BLOCKS = (6,)  # AIM's: the last 6 blocks' tokens, averaged
 
@@ -86,8 +92,9 @@ def shard_indices(size: int, process_index: int, world_size: int) -> range:
 
 @torch.no_grad()
 def encode_shard(trainer: NepaTrainer, dataset, description: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised mean patch tokens and labels of this process's shard of `dataset`, on its device: fp16 on an
-    accelerator (half the memory; cosine similarities need no more), float32 on the CPU (fast matmuls)."""
+    """L2-normalised mean patch tokens and labels (-1 without labels) of this process's shard of `dataset`, on its
+    device: fp16 on an accelerator (half the memory; cosine similarities need no more), float32 on the CPU (fast
+    matmuls). The model is `trainer.model` as it is: the caller puts it in eval mode."""
     args = trainer.args
     indices = shard_indices(len(dataset), args.process_index, args.world_size)
     loader = torch.utils.data.DataLoader(
@@ -100,7 +107,7 @@ def encode_shard(trainer: NepaTrainer, dataset, description: str) -> tuple[torch
     )
     dtype = torch.float32 if args.device.type == "cpu" else torch.float16
     features = torch.empty(len(indices), trainer.model.config.hidden_size, dtype=dtype, device=args.device)
-    labels = torch.empty(len(indices), dtype=torch.long, device=args.device)
+    labels = torch.full((len(indices),), -1, dtype=torch.long, device=args.device)  # -1: an unlabelled dataset
     start = 0
     progress = tqdm(loader, desc=description, disable=args.disable_tqdm or not trainer.is_local_process_zero())
     for batch in progress:
@@ -108,7 +115,8 @@ def encode_shard(trainer: NepaTrainer, dataset, description: str) -> tuple[torch
         hidden = trainer.forward_without_grad(trainer.model, batch).last_hidden_state
         end = start + len(hidden)
         features[start:end] = F.normalize(hidden[:, 1:].float().mean(dim=1), dim=-1).to(dtype)
-        labels[start:end] = batch["labels"]
+        if "labels" in batch:
+            labels[start:end] = batch["labels"]
         start = end
     return features, labels
 
@@ -185,6 +193,86 @@ def knn_evaluate(trainer: NepaTrainer, train_dataset, eval_dataset, num_classes:
     bank = KnnBank.build(trainer, train_dataset, num_classes)
     queries, labels = encode_shard(trainer, eval_dataset, "k-NN queries")
     return bank, bank.evaluate(trainer, queries, labels, ks, temperature)
+
+
+def sharded_rankme(trainer: NepaTrainer, features: torch.Tensor) -> float:
+    """RankMe of the rows of every process's `features` together: the singular values come from the sum over
+    processes of each shard's Gram matrix (width x width), so no process gathers the rows."""
+    gram = features.double().T @ features.double()
+    gram = trainer.accelerator.reduce(gram, reduction="sum")
+    return rankme(torch.linalg.eigvalsh(gram).clamp_min(0).sqrt())
+
+
+@contextlib.contextmanager
+def untouched_random_state(device: torch.device):
+    """Run the block and give back the process's `random`, numpy and torch (CPU and `device`) random states as they
+    were: the block may load images (`ImageDataset` reseeds `random` and numpy) and start dataloaders (which draw a
+    seed from torch's generator)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class KnnMonitor:
+    """The k-NN and RankMe of a model while it trains (`train_pretrain.py --knn_eval_steps`): eval.py's k-NN protocol
+    (k = 20, T = 0.07, mean patch tokens of the model in eval mode, sharded across processes) on a bank of train
+    images and queries of validation images, and RankMe of the bank's features; without labels (`queries` None),
+    RankMe alone. With the trainer's EMA, the same again on the EMA's weights. The training is left as it was: the
+    model's mode, its weights (the EMA is applied and taken off) and every random state."""
+
+    def __init__(self, bank, queries, num_classes: int | None):
+        self.bank, self.queries, self.num_classes = bank, queries, num_classes
+
+    def evaluate(self, trainer: NepaTrainer, prefix: str) -> dict[str, float]:
+        model = trainer.model
+        training = model.training
+        model.eval()
+        try:
+            with untouched_random_state(trainer.args.device):
+                metrics = self.scores(trainer, prefix)
+                if trainer.ema is not None:
+                    with trainer.ema.applied():
+                        metrics.update(self.scores(trainer, f"{prefix}_ema"))
+        finally:
+            model.train(training)
+        return metrics
+
+    def scores(self, trainer: NepaTrainer, prefix: str) -> dict[str, float]:
+        features, labels = encode_shard(trainer, self.bank, "k-NN bank")
+        metrics = {}
+        if self.queries is not None:
+            queries, query_labels = encode_shard(trainer, self.queries, "k-NN queries")
+            knn = KnnBank(features, labels, self.num_classes).evaluate(trainer, queries, query_labels, [KNN_K], KNN_TEMPERATURE)
+            metrics.update({f"{prefix}_knn_top1": knn["eval_accuracy"], f"{prefix}_knn_top5": knn["eval_top5"]})
+        metrics[f"{prefix}_rankme"] = sharded_rankme(trainer, features)
+        return metrics
+
+
+def knn_monitor(dataset, data_args, train_samples: int, eval_samples: int, transform, seed: int) -> KnnMonitor:
+    """The monitor of `train_pretrain.py --knn_eval_steps`: a bank of `train_samples` train images and
+    `eval_samples` validation queries, picked as `eval.py --max_train_samples / --max_eval_samples` pick them
+    (`get_split` with `seed`), so that eval.py on a checkpoint reproduces the figure logged at its step."""
+    label_column = data_args.label_column_name
+    bank_split = get_split(dataset, "train", train_samples, seed, label_column)
+    if not has_class_labels(bank_split, label_column):
+        logger.warning(
+            "--knn_eval_steps: the train split has no class labels in column %r, and k-NN needs labels: logging "
+            "rankme alone (name the labels' column with --label_column_name).", label_column,
+        )  # fmt: skip
+        return KnnMonitor(image_dataset(bank_split, transform, data_args, labels=False), None, None)
+    try:
+        query_split = get_split(dataset, "validation", eval_samples, seed, label_column)
+    except KeyError as error:
+        raise ValueError(
+            f"--knn_eval_steps scores validation images against train images, and {error.args[0]} Give the dataset a "
+            f"validation split (--validation_dir), or leave --knn_eval_steps out."
+        ) from error
+    bank = image_dataset(bank_split, transform, data_args)
+    return KnnMonitor(bank, image_dataset(query_split, transform, data_args), num_classes(bank_split, label_column))
 
 
 # --- probe heads --------------------------------------------------------------------------------------------------

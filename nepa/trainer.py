@@ -176,7 +176,8 @@ class NepaTrainer(Trainer):
     6. stop signal or timed checkpoint: `PreemptionCheckpoints.on_step_end` asks for a save (`nepa.preemption`);
     7. log: `log` adds the `record()`ed scalars, the skipped-step count and `images_per_second`; the guard reads
        its flag here at the latest;
-    8. evaluate: `evaluate`, and again with the EMA's weights;
+    8. evaluate: `evaluate`, and again with the EMA's weights (pretraining adds the k-NN monitor,
+       `train_pretrain.NepaPretrainer.evaluate`, whose `MonitorSchedule` asks for this every --knn_eval_steps);
     9. save: `Trainer` writes checkpoint-N (`save_model` adds the EMA), and `_save_checkpoint` stops every process
        if any write failed; then, in callback order, the guard (`skipped_steps.json`), `_StepHooks.on_save`
        (marker, old checkpoints deleted, every process waits) and `PreemptionCheckpoints` (exit after a stop

@@ -774,8 +774,8 @@ def test_shell_scripts_run_python_through_one_interpreter_choice():
 
 
 RECIPES = {
-    "pretrain/nepa_b.sh": (train_pretrain, ("ModelArguments",)),
-    "pretrain/nepa_l.sh": (train_pretrain, ("ModelArguments",)),
+    "pretrain/nepa_b.sh": (train_pretrain, ("ModelArguments", "MonitorArguments")),
+    "pretrain/nepa_l.sh": (train_pretrain, ("ModelArguments", "MonitorArguments")),
     "finetune/nepa_b_sft.sh": (train_finetune, ("FinetuneArguments",)),
     "finetune/nepa_l_sft.sh": (train_finetune, ("FinetuneArguments",)),
     "eval/nepa_b_sft_eval.sh": (eval_script, ("EvalArguments",)),
@@ -823,18 +823,21 @@ def test_recipe_scripts_count_the_gpus_torch_sees(tmp_path):
 def test_recipe_scripts_launch_a_command_their_entry_point_accepts(tmp_path, script):
     """Every flag a recipe passes exists and parses; training runs compile, use fused AdamW, bf16 and persistent
     workers (docs/performance.md), and NUM_WORKERS=0 turns persistence off (torch refuses it without workers)."""
-    module, (arguments,) = RECIPES[script]
+    module, names = RECIPES[script]
+    classes = (DataArguments, NepaTrainingArguments, *(getattr(module, name) for name in names))
     argv = recipe_command(tmp_path, script)
     assert argv[0] == Path(module.__file__).name and argv[-2:] == ["--use_cpu", "True"]
-    _, _, training_args = parse_arguments((getattr(module, arguments), DataArguments, NepaTrainingArguments), argv[1:])
+    _, training_args, *script_args = parse_arguments(classes, argv[1:])
     assert training_args.bf16
     if "eval/" in script:
         return
     assert not training_args.ddp_find_unused_parameters
     assert training_args.torch_compile and training_args.optim == "adamw_torch_fused"
     assert training_args.dataloader_num_workers == 10 and training_args.dataloader_persistent_workers
+    if "pretrain/" in script:  # the k-NN monitor, at the cost docs/performance.md computes
+        assert script_args[1].knn_eval_steps == 5000 and training_args.per_device_eval_batch_size == training_args.per_device_train_batch_size
 
     argv = recipe_command(tmp_path, script, NUM_WORKERS="0")
-    _, _, training_args = parse_arguments((getattr(module, arguments), DataArguments, NepaTrainingArguments), argv[1:])
+    _, training_args, *_ = parse_arguments(classes, argv[1:])
     assert training_args.dataloader_num_workers == 0 and not training_args.dataloader_persistent_workers
 
