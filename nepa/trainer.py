@@ -246,9 +246,6 @@ class NepaTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None):
         return set_up_workers(super().get_eval_dataloader(eval_dataset), self.args.seed)
 
-    def get_test_dataloader(self, test_dataset):
-        return set_up_workers(super().get_test_dataloader(test_dataset), self.args.seed)
-
     # --- logging --------------------------------------------------------------------------------
 
     def record(self, name: str, value: torch.Tensor) -> None:
