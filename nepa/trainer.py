@@ -217,6 +217,19 @@ class NepaTrainer(Trainer):
             self.last_log = (now, step)
         super().log(logs, start_time)
 
+    # --- evaluation -----------------------------------------------------------------------------
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The Trainer's evaluation loader, which never drops a last short batch: `--dataloader_drop_last` is for
+        training (equal steps), but the Trainer applies it to evaluation too, which would score 49,152 of
+        ImageNet's 50,000 validation images at a global batch of 1024. Under several processes accelerate repeats
+        images to even the last batches and `gather_for_metrics` drops the repeats: every image counts once."""
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
     # --- EMA: evaluation, saving, resuming ------------------------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
