@@ -466,6 +466,20 @@ def test_conversion_rejects_a_config_of_another_width(tmp_path, pretrained_dir):
         init_nepa_cls_from_pretrain.convert(args)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("qk_norm", False), ("hidden_act", "silu"), ("layer_norm_eps", 1e-6), ("rope_theta", 10000.0), ("image_size", 32),
+     ("layerscale_value", None), ("qkv_bias", False)],
+)  # fmt: skip
+def test_conversion_refuses_a_config_that_changes_the_function(tmp_path, pretrained_dir, field, value):
+    """Only the fields meant to change (attention direction, pooling, regularisation, labels, QK-norm gaining
+    affine weights) may differ from the encoder's; any other is refused by name, and nothing is written."""
+    target = write_config_folder(tmp_path / "target", is_causal=False, add_pooling_layer=True, qk_norm_affine=True, **{field: value})
+    with pytest.raises(SystemExit, match=rf"{field}: pretrained \S+ vs target"):
+        convert(pretrained_dir, tmp_path / "cls", "--config_model_id", str(target))
+    assert not (tmp_path / "cls").exists()
+
+
 def test_argparse_scripts_spell_booleans_as_the_training_scripts_do(capsys):
     """`--flag True` / `--flag False` everywhere; the bare `--flag` of the release's converter still means True."""
     import download_dataset
