@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, make_self_contained
-from nepa.args import add_bool_argument
+from nepa.args import Use, add_bool_argument, parse_flags
 from nepa.checkpoint import local_folder
 from nepa.ema import EMA_WEIGHTS_NAME
 
@@ -171,6 +171,23 @@ def convert(args) -> ViTNepaForImageClassification:
     return model
 
 
+def converting(where: str, condition=lambda arguments: True) -> Use:
+    """A flag of the conversion, which --add_code_only does not run."""
+    return Use(f"{where}, and not with --add_code_only (which converts nothing)", lambda a: not a.add_code_only and condition(a))
+
+
+# Where each flag applies (nepa.args.parse_flags refuses it elsewhere); --pretrained_model_id is always used.
+CONVERSION_FLAG_USES = {
+    **{name: converting("is used only when converting") for name in (
+        "pretrained_revision", "config_model_id", "use_ema", "disable_layerscale", "save_local", "push_to_hub")},
+    "num_labels": converting("is used only without --dataset_name, whose classes set the labels", lambda a: not a.dataset_name),
+    "dataset_name": converting("is used only when converting"),
+    "label_column_name": converting("is used only with --dataset_name", lambda a: bool(a.dataset_name)),
+    "local_dir": converting("is used only with --save_local", lambda a: a.save_local),
+    "new_model_id": converting("is used only with --push_to_hub", lambda a: a.push_to_hub),
+}  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_id", required=True, help="a local pretraining folder (a Hub id gets the hf download to run)")
@@ -186,12 +203,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_bool_argument(parser, "--push_to_hub", "push to --new_model_id")
     parser.add_argument("--new_model_id", default=None)
     add_bool_argument(parser, "--add_code_only", "only add the modelling code and auto_map to --pretrained_model_id")
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv, CONVERSION_FLAG_USES)
     if args.add_code_only:
-        given = [f"--{name}" for name, value in vars(args).items()
-                 if name not in ("pretrained_model_id", "add_code_only") and value != parser.get_default(name)]
-        if given:
-            parser.error(f"--add_code_only changes --pretrained_model_id in place and converts nothing: leave out {' '.join(given)}.")
         return args
     if not (args.save_local or args.push_to_hub):
         parser.error("nothing would be written: pass --save_local (and --local_dir) or --push_to_hub --new_model_id.")

@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 
 from models.vit_nepa import ViTNepaForPreTraining
-from nepa.args import DataArguments, NepaTrainingArguments, config_overrides_field, configure_logging, load_config, parse_arguments
+from nepa.args import (
+    TRAINING,
+    DataArguments,
+    NepaTrainingArguments,
+    Use,
+    config_overrides_field,
+    configure_logging,
+    load_config,
+    parse_arguments,
+    unused,
+)
 from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
     EvalTransform,
@@ -42,6 +52,15 @@ class ModelArguments:
     )
     config_overrides: str | None = config_overrides_field()
     embed_lr: float | None = field(default=None, metadata={"help": "A separate learning rate for the embeddings."})
+
+
+# Where each flag of train_pretrain.py applies beyond nepa.args' shared table (parse_arguments refuses it elsewhere).
+PRETRAIN_FLAG_USES = {
+    "config_name": Use("is used only without --model_name_or_path, whose folder gives the config", lambda a: not a.model_name_or_path),
+    "embed_lr": TRAINING,
+    "labels_per_class": unused("it picks labelled images for fine-tuning; pretraining reads no labels"),
+    "label_column_name": unused("pretraining reads no labels"),
+}
 
 
 def build_model(model_args: ModelArguments) -> ViTNepaForPreTraining:
@@ -78,13 +97,11 @@ class NepaPretrainer(NepaTrainer):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, NepaTrainingArguments), argv)
+    model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, NepaTrainingArguments), argv, PRETRAIN_FLAG_USES)
     configure_logging(training_args)
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the arguments fails here, before any data is read.
-    if data_args.labels_per_class is not None:
-        raise ValueError("--labels_per_class picks labelled images for fine-tuning; pretraining uses no labels.")
     model = build_model(model_args)
     processor = load_image_processor(model_args.image_processor_name, model_args.model_name_or_path or model_args.config_name)
     size = processor_image_size(processor, model.config.patch_size)

@@ -21,6 +21,7 @@
 It overrides only public `Trainer` methods and callback hooks; no private one is needed.
 """
 
+import copy
 import logging
 import os
 import random
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .checkpoint import CHECKPOINT_COMPLETE, checkpoint_folder, checkpoint_folders, checkpoint_step, last_complete_checkpoint
 from .data import BatchAugment, BatchNormalize, collate_images
@@ -145,6 +147,9 @@ class NepaTrainer(Trainer):
 
     def __init__(self, *args, normalize: BatchNormalize, batch_augment: BatchAugment | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # What the command line asked for, saved as training_args.bin: below (and in ProbeTrainer), a Trainer setting
+        # is switched off where this class does the work its own way, which the arguments must not show as the run's.
+        self.given_args = copy.deepcopy(self.args)
         # The Trainer seeded every process alike, so every rank would draw the same mixup / cutmix lambda and box,
         # erasing rectangles and drop-path masks. Give each its own stream (process 0 keeps the seed); checkpoints
         # keep each process's RNG state, so a resumed run continues every stream exactly.
@@ -241,6 +246,8 @@ class NepaTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            torch.save(self.given_args, os.path.join(output_dir or self.args.output_dir, TRAINING_ARGS_NAME))
         if self.ema is not None and self.args.should_save:
             self.ema.save(os.path.join(output_dir or self.args.output_dir, EMA_WEIGHTS_NAME))
 

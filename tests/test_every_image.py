@@ -79,8 +79,7 @@ def test_segmentation_scores_every_image(tmp_path):
     ViTNepaForPreTraining(tiny_config(image_size=28, patch_size=4, num_hidden_layers=3, out_indices=[0, 1, 2, 3])).save_pretrained(encoder)
     save_processor(encoder, 28)
     seg = ["--crop_size", "56", "--train_scale", "56", "56", "--ratio_range", "1", "1", "--photometric", "False",
-           "--eval_scale", "56", "56", "--eval_stride", "56", "--decoder_hidden_size", "32", "--auxiliary_channels", "32",
-           "--save_strategy", "no"]  # fmt: skip
+           "--decoder_hidden_size", "32", "--auxiliary_channels", "32", "--save_strategy", "no"]  # fmt: skip
     train = ["--do_train", "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", *DROP_LAST]
     train_segmentation.main(data_args(encoder, built, tmp_path / "seg", 8) + seg + train)
     scores = {}
