@@ -387,7 +387,7 @@ def building(*datasets: str) -> Use:
 
 
 # Where each flag applies (nepa.args.parse_flags refuses it elsewhere); the others apply to every build.
-DOWNLOAD_FLAG_USES = {
+FLAG_USES = {
     "max_per_split": building("fashion-mnist", "fashion-mnist-seg"),
     "canvas_size": building("fashion-mnist-seg"),
     "archive": building("ade20k"),
@@ -408,7 +408,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--canvas_size", type=int, default=64, help="fashion-mnist-seg: canvas side in pixels")
     parser.add_argument("--archive", type=Path, help="ade20k: the path of ADEChallengeData2016.zip (else downloaded)")
-    args = parse_flags(parser, argv, DOWNLOAD_FLAG_USES)
+    args = parse_flags(parser, argv, FLAG_USES)
     if args.max_per_split is not None and args.max_per_split < 1:
         parser.error(f"--max_per_split must be at least 1, got {args.max_per_split}")
     return args

@@ -133,7 +133,7 @@ class EvalArguments:
 FROZEN = Use("is used only by the frozen protocols (--protocol knn / linear / attentive)", lambda a: a.protocol != "finetuned")
 PROBES = Use("is used only by the trained probes (--protocol linear / attentive)", lambda a: a.protocol in ("linear", "attentive"))
 # Where each flag of eval.py applies (nepa.args.parse_arguments refuses it elsewhere); the rest apply to every run.
-EVAL_FLAG_USES = {
+FLAG_USES = {
     "is_causal": FROZEN,
     "labels_per_class": FROZEN,
     "max_train_samples": FROZEN,
@@ -198,7 +198,7 @@ def train_probes(args, trainer_kwargs, training_args, train_dataset, classes) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, EvalTrainingArguments), argv, EVAL_FLAG_USES)
+    args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, EvalTrainingArguments), argv, FLAG_USES)
     configure_logging(training_args)
     if args.probe_lrs is not None and not args.probe_lrs:
         raise ValueError("--probe_lrs needs at least one learning rate.")

@@ -177,7 +177,7 @@ def converting(where: str, condition=lambda arguments: True) -> Use:
 
 
 # Where each flag applies (nepa.args.parse_flags refuses it elsewhere); --pretrained_model_id is always used.
-CONVERSION_FLAG_USES = {
+FLAG_USES = {
     **{name: converting("is used only when converting") for name in (
         "pretrained_revision", "config_model_id", "use_ema", "disable_layerscale", "save_local", "push_to_hub")},
     "num_labels": converting("is used only without --dataset_name, whose classes set the labels", lambda a: not a.dataset_name),
@@ -203,7 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_bool_argument(parser, "--push_to_hub", "push to --new_model_id")
     parser.add_argument("--new_model_id", default=None)
     add_bool_argument(parser, "--add_code_only", "only add the modelling code and auto_map to --pretrained_model_id")
-    args = parse_flags(parser, argv, CONVERSION_FLAG_USES)
+    args = parse_flags(parser, argv, FLAG_USES)
     if args.add_code_only:
         return args
     if not (args.save_local or args.push_to_hub):

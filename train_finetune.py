@@ -114,7 +114,7 @@ WITHOUT_FREEZE_VIT = Use(
     lambda a: a.do_train and not a.freeze_vit,
 )
 # Where each flag of train_finetune.py applies beyond nepa.args' shared table (parse_arguments refuses it elsewhere).
-FINETUNE_FLAG_USES = {
+FLAG_USES = {
     **dict.fromkeys(("llrd", "head_lr", "aa", "reprob", "mixup", "cutmix", "smoothing", "freeze_vit"), TRAINING),
     "freeze_embed": WITHOUT_FREEZE_VIT,
     "freeze_vit_layers": WITHOUT_FREEZE_VIT,
@@ -186,7 +186,7 @@ class FinetuneTrainer(NepaTrainer):
 
 def main(argv: list[str] | None = None) -> dict:
     args, data_args, training_args = parse_arguments(
-        (FinetuneArguments, DataArguments, FinetuneTrainingArguments), argv, FINETUNE_FLAG_USES
+        (FinetuneArguments, DataArguments, FinetuneTrainingArguments), argv, FLAG_USES
     )
     configure_logging(training_args)
     set_seed(training_args.seed)

@@ -14,17 +14,8 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 
 from models.vit_nepa import ViTNepaForPreTraining
-from nepa.args import (
-    TRAINING,
-    DataArguments,
-    NepaTrainingArguments,
-    Use,
-    config_overrides_field,
-    configure_logging,
-    load_config,
-    parse_arguments,
-    unused,
-)
+from nepa.args import TRAINING, DataArguments, NepaTrainingArguments, Use, config_overrides_field, configure_logging
+from nepa.args import load_config, parse_arguments, unused
 from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
     EvalTransform,
@@ -55,7 +46,7 @@ class ModelArguments:
 
 
 # Where each flag of train_pretrain.py applies beyond nepa.args' shared table (parse_arguments refuses it elsewhere).
-PRETRAIN_FLAG_USES = {
+FLAG_USES = {
     "config_name": Use("is used only without --model_name_or_path, whose folder gives the config", lambda a: not a.model_name_or_path),
     "embed_lr": TRAINING,
     "labels_per_class": unused("it picks labelled images for fine-tuning; pretraining reads no labels"),
@@ -97,7 +88,9 @@ class NepaPretrainer(NepaTrainer):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, NepaTrainingArguments), argv, PRETRAIN_FLAG_USES)
+    model_args, data_args, training_args = parse_arguments(
+        (ModelArguments, DataArguments, NepaTrainingArguments), argv, FLAG_USES
+    )
     configure_logging(training_args)
     set_seed(training_args.seed)
 

@@ -94,7 +94,7 @@ FROM_ENCODER = Use(
     lambda a: folder_model_type(a.model_name_or_path) != "upernet",
 )
 # Where each flag of train_segmentation.py applies beyond nepa.args' shared table (parse_arguments refuses it elsewhere).
-SEGMENTATION_FLAG_USES = {
+FLAG_USES = {
     **dict.fromkeys(("out_indices", *ENCODER_DEFAULTS), FROM_ENCODER),
     **dict.fromkeys(("llrd", "train_scale", "ratio_range", "cat_max_ratio", "photometric"), TRAINING),
     "eval_scale": EVALUATING,
@@ -145,7 +145,7 @@ def build_model(args: SegmentationArguments, model_type: str, id2label: dict[int
 
 def main(argv: list[str] | None = None) -> dict:
     args, data_args, training_args = parse_arguments(
-        (SegmentationArguments, DataArguments, SegmentationTrainingArguments), argv, SEGMENTATION_FLAG_USES
+        (SegmentationArguments, DataArguments, SegmentationTrainingArguments), argv, FLAG_USES
     )
     configure_logging(training_args)
     set_seed(training_args.seed)

@@ -243,7 +243,7 @@ def parse_rowcol(text: str) -> tuple[int, int]:
 
 MAPS = Use("is used only for attention maps (--model_name_or_path with --image)", lambda a: a.model_name_or_path is not None)
 # Where each flag applies (nepa.args.parse_flags refuses it elsewhere); the others apply to every run.
-VISUALIZE_FLAG_USES = dict.fromkeys(("query_index", "query_rowcol", "layer", "heads"), MAPS)
+FLAG_USES = dict.fromkeys(("query_index", "query_rowcol", "layer", "heads"), MAPS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -257,7 +257,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", choices=("mean", "max"), default="mean", help="how the heads of a layer are combined")
     parser.add_argument("--trainer_state", help="a trainer_state.json whose log_history to plot")
     parser.add_argument("--output_dir", required=True)
-    args = parse_flags(parser, argv, VISUALIZE_FLAG_USES)
+    args = parse_flags(parser, argv, FLAG_USES)
     if args.model_name_or_path is None and args.trainer_state is None:
         parser.error("give --model_name_or_path with --image (maps), or --trainer_state (curves), or both.")
     if (args.model_name_or_path is None) != (not args.image):

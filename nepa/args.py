@@ -151,9 +151,12 @@ TRAINING_FLAG_USES = {
     "skip_nonfinite_loss": TRAINING,
     "logging_nan_inf_filter": TRAINING,
 }
+NAMED_DATASET = Use(
+    "is used only without --train_dir / --validation_dir, which replace it", lambda a: not (a.train_dir or a.validation_dir)
+)
 DATA_FLAG_USES = {
-    "dataset_name": Use("is used only without --train_dir / --validation_dir, which replace it", lambda a: not (a.train_dir or a.validation_dir)),
-    "load_from_disk": Use("is used only without --train_dir / --validation_dir, which replace it", lambda a: not (a.train_dir or a.validation_dir)),
+    "dataset_name": NAMED_DATASET,
+    "load_from_disk": NAMED_DATASET,
     "cache_dir": Use("is used only when reading from the Hub or image folders, not with --load_from_disk True", lambda a: not a.load_from_disk),
     "max_train_samples": TRAINING,
     "labels_per_class": TRAINING,

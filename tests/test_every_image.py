@@ -5,10 +5,9 @@ of 64 as they score it in one batch of 128."""
 
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
-from helpers import COMMON, build_image_dataset, save_processor, tiny_config
+from helpers import COMMON, build_image_dataset, fashion_mnist_canvases, save_processor, tiny_config
 
 import eval as eval_script
 import train_finetune
@@ -72,8 +71,7 @@ def test_probes_score_all_99_images(tmp_path, dataset_dir, protocol):
 
 def test_segmentation_scores_every_image(tmp_path):
     """5 canvases at an evaluation batch of 2 (2 + 2 + 1) score as in one batch of 8."""
-    root = tmp_path / "canvases"
-    built = train_segmentation_dataset(root)
+    built = fashion_mnist_canvases(tmp_path / "canvases", 5)
     encoder = tmp_path / "encoder"
     torch.manual_seed(0)
     ViTNepaForPreTraining(tiny_config(image_size=28, patch_size=4, num_hidden_layers=3, out_indices=[0, 1, 2, 3])).save_pretrained(encoder)
@@ -89,18 +87,3 @@ def test_segmentation_scores_every_image(tmp_path):
         scores[batch] = train_segmentation.main(args)
     for key in ("eval_mean_iou", "eval_pixel_accuracy", "eval_mean_accuracy"):
         assert scores[2][key] == pytest.approx(scores[8][key], abs=1e-9), key
-
-
-def train_segmentation_dataset(root: Path) -> Path:
-    """5 Fashion-MNIST canvases as both splits (skipped without Debian's files)."""
-    import download_dataset
-
-    if not (download_dataset.FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
-    built = download_dataset.main(
-        ["--dataset", "fashion-mnist-seg", "--canvas_size", "56", "--max_per_split", "5", "--output_dir", str(root / "built")]
-    )
-    split = datasets.load_from_disk(str(built))["train"]
-    datasets.DatasetDict(train=split, validation=split).save_to_disk(str(root / "five"))
-    (root / "five" / "id2label.json").write_text((built / "id2label.json").read_text())
-    return root / "five"

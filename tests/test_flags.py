@@ -107,21 +107,21 @@ def dataclass_entry_points(folders) -> dict:
     model = ["--model_name_or_path", folders.encoder, *out]
     return {
         "train_pretrain": (
-            (train_pretrain.ModelArguments, DataArguments, train_pretrain.NepaTrainingArguments), train_pretrain.PRETRAIN_FLAG_USES,
+            (train_pretrain.ModelArguments, DataArguments, train_pretrain.NepaTrainingArguments), train_pretrain.FLAG_USES,
             [out, [*model, "--do_train"]],
         ),
         "train_finetune": (
-            (train_finetune.FinetuneArguments, DataArguments, train_finetune.FinetuneTrainingArguments), train_finetune.FINETUNE_FLAG_USES,
+            (train_finetune.FinetuneArguments, DataArguments, train_finetune.FinetuneTrainingArguments), train_finetune.FLAG_USES,
             [model, [*model, "--do_train", "--freeze_vit", "True"], [*model, "--do_train", "--mixup", "0", "--cutmix", "0"],
              [*model, "--do_train", "--cutmix", "0"]],
         ),
         "eval": (
-            (eval_script.EvalArguments, DataArguments, eval_script.EvalTrainingArguments), eval_script.EVAL_FLAG_USES,
+            (eval_script.EvalArguments, DataArguments, eval_script.EvalTrainingArguments), eval_script.FLAG_USES,
             [[*model, "--protocol", protocol] for protocol in eval_script.PROTOCOLS],
         ),
         "train_segmentation": (
             (train_segmentation.SegmentationArguments, DataArguments, train_segmentation.SegmentationTrainingArguments),
-            train_segmentation.SEGMENTATION_FLAG_USES,
+            train_segmentation.FLAG_USES,
             [model, ["--model_name_or_path", folders.upernet, *out, "--do_train", "--do_eval"]],
         ),
     }  # fmt: skip
@@ -156,11 +156,11 @@ def test_every_flag_of_the_dataclass_entry_points_is_used_or_refused(folders):
 
 ARGPARSE_ENTRY_POINTS = {
     "init_nepa_cls_from_pretrain": (
-        init_nepa_cls_from_pretrain.parse_args, init_nepa_cls_from_pretrain.CONVERSION_FLAG_USES,
+        init_nepa_cls_from_pretrain.parse_args, init_nepa_cls_from_pretrain.FLAG_USES,
         [["--pretrained_model_id", "p", "--add_code_only"], ["--pretrained_model_id", "p", "--dataset_name", "d"]],
     ),
-    "download_dataset": (download_dataset.parse_args, download_dataset.DOWNLOAD_FLAG_USES, [["--imagefolder", "d"]]),
-    "visualize": (visualize.parse_args, visualize.VISUALIZE_FLAG_USES, [["--output_dir", "o", "--trainer_state", "t.json"]]),
+    "download_dataset": (download_dataset.parse_args, download_dataset.FLAG_USES, [["--imagefolder", "d"]]),
+    "visualize": (visualize.parse_args, visualize.FLAG_USES, [["--output_dir", "o", "--trainer_state", "t.json"]]),
     "export_timm": (None, {}, []),
 }  # fmt: skip
 

@@ -238,7 +238,7 @@ def test_frozen_eval_scripts_launch_their_recipe(tmp_path, size, name, protocol)
     argv = record.read_text().splitlines()
     assert argv[0] == "eval.py"
     args, data_args, training_args = eval_script.parse_arguments(
-        (eval_script.EvalArguments, eval_script.DataArguments, eval_script.EvalTrainingArguments), argv[1:], eval_script.EVAL_FLAG_USES
+        (eval_script.EvalArguments, eval_script.DataArguments, eval_script.EvalTrainingArguments), argv[1:], eval_script.FLAG_USES
     )
     assert args.protocol == protocol and args.is_causal is not False and training_args.bf16
     assert args.crop_pct == (0.875 if size == "b" else 0.95)

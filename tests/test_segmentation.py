@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image as PILImage
 from safetensors.torch import load_file
-from helpers import COMMON, REPO, save_processor, small_fashion_mnist, tiny_config
+from helpers import COMMON, REPO, fashion_mnist_canvases, save_processor, small_fashion_mnist, tiny_config
 from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
 
 from models.vit_nepa import ViTNepaBackbone, ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining
@@ -489,14 +489,7 @@ SEG_FLAGS = ["--crop_size", "56", *ENCODER_FLAGS, *TRAIN_FLAGS, *EVAL_FLAGS, "--
 @pytest.fixture(scope="module")
 def eight_canvases(tmp_path_factory) -> Path:
     """8 real Fashion-MNIST canvases, as both the training and the validation split (to overfit them)."""
-    root = tmp_path_factory.mktemp("canvases")
-    built = download_dataset.main(
-        ["--dataset", "fashion-mnist-seg", "--canvas_size", "56", "--max_per_split", "8", "--output_dir", str(root / "built")]
-    )
-    train = datasets.load_from_disk(str(built))["train"]
-    datasets.DatasetDict(train=train, validation=train).save_to_disk(str(root / "overfit"))
-    (root / "overfit" / "id2label.json").write_text((built / "id2label.json").read_text())
-    return root / "overfit"
+    return fashion_mnist_canvases(tmp_path_factory.mktemp("canvases"), 8)
 
 
 @pytest.fixture(scope="module")

@@ -835,12 +835,14 @@ def test_recipe_scripts_count_the_gpus_torch_sees(tmp_path):
 
 @pytest.mark.parametrize("script", sorted(RECIPES))
 def test_recipe_scripts_launch_a_command_their_entry_point_accepts(tmp_path, script):
-    """Every flag a recipe passes exists and parses; training runs compile, use fused AdamW, bf16 and persistent
-    workers (docs/performance.md), and NUM_WORKERS=0 turns persistence off (torch refuses it without workers)."""
+    """Every flag a recipe passes exists, parses and is used by the run (the entry point's FLAG_USES); training runs
+    compile, use fused AdamW, bf16 and persistent workers (docs/performance.md), and NUM_WORKERS=0 turns persistence
+    off (torch refuses it without workers)."""
     module, (arguments,) = RECIPES[script]
     argv = recipe_command(tmp_path, script)
     assert argv[0] == Path(module.__file__).name and argv[-2:] == ["--use_cpu", "True"]
-    _, _, training_args = parse_arguments((getattr(module, arguments), DataArguments, NepaTrainingArguments), argv[1:])
+    classes = (getattr(module, arguments), DataArguments, NepaTrainingArguments)
+    _, _, training_args = parse_arguments(classes, argv[1:], module.FLAG_USES)
     assert training_args.bf16
     if "eval/" in script:
         return
