@@ -55,7 +55,7 @@ from nepa.data import (
     training_split,
 )
 from nepa.ema import EMA_WEIGHTS_NAME, ModelEMA
-from nepa.metrics import accuracy_metrics, top5_indices
+from nepa.metrics import accuracy_metrics, top5_and_nll
 from nepa.probes import ATTENTIVE_BLOCKS, LINEAR_FEATURES, ProbeGrid, ProbeTrainer, knn_evaluate, load_frozen_encoder
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint
 
@@ -167,7 +167,7 @@ def evaluate_classifier(args, trainer_kwargs, training_args) -> tuple[NepaTraine
         model=model,
         args=training_args,
         compute_metrics=accuracy_metrics,
-        preprocess_logits_for_metrics=top5_indices,
+        preprocess_logits_for_metrics=top5_and_nll,
         **trainer_kwargs,
     )
     if training_args.use_ema is not False and ema_file.is_file():  # NepaTrainer builds none: nothing trains here

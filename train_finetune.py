@@ -45,7 +45,7 @@ from nepa.data import (
     processor_image_size,
     training_split,
 )
-from nepa.metrics import accuracy_metrics, top5_indices
+from nepa.metrics import accuracy_metrics, top5_and_nll
 from nepa.optim import layer_decay_cosine_schedule, layer_decay_param_groups
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint, train_and_evaluate
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         **image_inputs(processor, train_dataset, eval_dataset),
         batch_augment=batch_augment(args, model.config.num_labels, training_args.device),
         compute_metrics=accuracy_metrics,
-        preprocess_logits_for_metrics=top5_indices,
+        preprocess_logits_for_metrics=top5_and_nll,
         layer_decay=args.llrd,
         head_lr=args.head_lr,
     )

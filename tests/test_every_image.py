@@ -3,11 +3,15 @@ True to every training recipe; the Trainer would apply it to evaluation too): th
 evaluation, eval.py on the saved folder, the frozen probes and segmentation all score a 99-image split at a batch
 of 64 as they score it in one batch of 128."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import COMMON, build_image_dataset, fashion_mnist_canvases, save_processor, tiny_config
+from helpers import COMMON, REPO, build_image_dataset, fashion_mnist_canvases, save_processor, tiny_config
 
 import eval as eval_script
 import train_finetune
@@ -87,3 +91,18 @@ def test_segmentation_scores_every_image(tmp_path):
         scores[batch] = train_segmentation.main(args)
     for key in ("eval_mean_iou", "eval_pixel_accuracy", "eval_mean_accuracy"):
         assert scores[2][key] == pytest.approx(scores[8][key], abs=1e-9), key
+
+
+def test_two_processes_score_each_image_once(tmp_path, classifier_dir, dataset_dir):
+    """99 images over 2 processes at 64 each (64 + 35, split 32 / 32 then 18 / 17): accelerate repeats an image to
+    even the last batches and the gathered metrics drop it, so eval.py scores what one process does."""
+    one = eval_script.main(data_args(classifier_dir, dataset_dir, tmp_path / "one", 64) + DROP_LAST)
+    argv = data_args(classifier_dir, dataset_dir, tmp_path / "two", 32) + DROP_LAST
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*launcher, str(REPO / "eval.py"), *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
+    assert round(two["eval_runtime"] * two["eval_samples_per_second"]) == 99
+    for score in SCORES:
+        assert two[f"eval_{score}"] == pytest.approx(one[f"eval_{score}"], abs=1e-6), score

@@ -34,7 +34,7 @@ from models.vit_nepa import ViTNepaForImageClassification, ViTNepaForPreTraining
 from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
 from nepa.data import BatchNormalize
 from nepa.ema import ModelEMA
-from nepa.metrics import accuracy_metrics, top5_indices
+from nepa.metrics import accuracy_metrics, top5_and_nll, top5_indices
 from nepa.optim import group_warmup_steps, layer_decay_cosine_schedule, layer_decay_param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -757,10 +757,11 @@ def test_accuracy_metrics_on_hand_made_logits():
         ]
     )
     labels = torch.tensor([0, 5, 6, 5])
-    top5 = top5_indices((logits,), labels)  # the Trainer may hand over a tuple
+    top5, nll = top5_and_nll((logits,), labels)  # the Trainer may hand over a tuple
     assert top5.tolist()[1] == [1, 2, 3, 4, 5]
-    metrics = accuracy_metrics(EvalPrediction(predictions=top5.numpy(), label_ids=labels.numpy()))
-    assert metrics == {"accuracy": 0.25, "top5": 0.75}
+    torch.testing.assert_close(nll, torch.nn.functional.cross_entropy(logits, labels, reduction="none"))
+    metrics = accuracy_metrics(EvalPrediction(predictions=(top5.numpy(), nll.numpy()), label_ids=labels.numpy()))
+    assert metrics == {"accuracy": 0.25, "top5": 0.75, "loss": pytest.approx(nll.mean().item())}
     assert top5_indices(logits[:, :3]).shape == (4, 3)  # fewer than 5 classes: all of them
 
 
