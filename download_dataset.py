@@ -29,7 +29,7 @@ import numpy as np
 import PIL.Image
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
-from nepa.args import add_bool_argument
+from nepa.args import Use, add_bool_argument, parse_flags
 from nepa.segmentation import IGNORE_INDEX
 
 IMAGENET_HUB = "ILSVRC/imagenet-1k"
@@ -382,6 +382,18 @@ def save(dataset: DatasetDict, output_dir: Path, overwrite: bool, id2label: dict
     print(f"Saved {output_dir} ({sizes} images, {num_classes} classes)")
 
 
+def building(*datasets: str) -> Use:
+    return Use(f"is used only with --dataset {' / '.join(datasets)}", lambda a: a.imagefolder is None and a.dataset in datasets)
+
+
+# Where each flag applies (nepa.args.parse_flags refuses it elsewhere); the others apply to every build.
+FLAG_USES = {
+    "max_per_split": building("fashion-mnist", "fashion-mnist-seg"),
+    "canvas_size": building("fashion-mnist-seg"),
+    "archive": building("ade20k"),
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
@@ -396,11 +408,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--canvas_size", type=int, default=64, help="fashion-mnist-seg: canvas side in pixels")
     parser.add_argument("--archive", type=Path, help="ade20k: the path of ADEChallengeData2016.zip (else downloaded)")
-    args = parser.parse_args(argv)
-    if args.max_per_split is not None and (args.imagefolder is not None or not args.dataset.startswith("fashion-mnist")):
-        parser.error("--max_per_split applies to --dataset fashion-mnist and fashion-mnist-seg only")
-    if args.archive is not None and (args.imagefolder is not None or args.dataset != "ade20k"):
-        parser.error("--archive applies to --dataset ade20k only")
+    args = parse_flags(parser, argv, FLAG_USES)
     if args.max_per_split is not None and args.max_per_split < 1:
         parser.error(f"--max_per_split must be at least 1, got {args.max_per_split}")
     return args

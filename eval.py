@@ -32,11 +32,18 @@ from pathlib import Path
 from transformers import set_seed
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification
-from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, crop_pct_field, parse_arguments, resize_size_field
+from nepa.args import (
+    DataArguments,
+    NepaTrainingArguments,
+    Use,
+    configure_logging,
+    crop_pct_field,
+    parse_arguments,
+    resize_size_field,
+    unused,
+)
 from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
-    DEFAULT_CROP_RATIO,
-    DEFAULT_CROP_SCALE,
     EvalTransform,
     FinetuneTransform,
     PretrainTransform,
@@ -47,8 +54,8 @@ from nepa.data import (
     processor_image_size,
     training_split,
 )
-from nepa.ema import EMA_WEIGHTS_NAME
-from nepa.metrics import accuracy_metrics, top5_indices
+from nepa.ema import EMA_WEIGHTS_NAME, ModelEMA
+from nepa.metrics import accuracy_metrics, top5_and_nll
 from nepa.probes import ATTENTIVE_BLOCKS, KNN_K, KNN_TEMPERATURE, LINEAR_FEATURES, ProbeGrid, ProbeTrainer, knn_evaluate, load_frozen_encoder
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint
 
@@ -70,6 +77,13 @@ class EvalTrainingArguments(NepaTrainingArguments):
     num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs of the probes (DINOv2: 10; AIMv2's attentive probe: 100)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "The probes' schedule; cosine ends at --probe_min_lr."})
     max_grad_norm: float = field(default=0.0, metadata={"help": "Clip each probe head's gradient norm to this (0: none, DINOv2's)."})
+    use_ema: bool | None = field(
+        default=None,
+        metadata={
+            "help": "--protocol finetuned: evaluate the folder's EMA weights (model_ema.safetensors) beside the raw ones "
+            "as eval_ema_* (default: when the folder has them; True: require them; False: the raw weights only)."
+        },
+    )
 
 
 @dataclass
@@ -116,22 +130,29 @@ class EvalArguments:
     resize_size: int | None = resize_size_field()
 
 
-def check_protocol_flags(args: EvalArguments, data_args: DataArguments, training_args) -> None:
-    """Refuse the flags the chosen protocol would not use."""
-    probe = args.protocol in ("linear", "attentive")
-    if args.protocol == "finetuned" and args.is_causal is not None:
-        raise ValueError("--is_causal is for the frozen protocols; the finetuned protocol runs the classifier as configured.")
-    if args.protocol != "attentive" and args.aa is not None:
-        raise ValueError(f"--aa is the attentive probe's augmentation; --protocol {args.protocol} does not augment with it.")
-    crops = (list(data_args.crop_scale), list(data_args.crop_ratio)) != (list(DEFAULT_CROP_SCALE), list(DEFAULT_CROP_RATIO))
-    if not probe and crops:
-        raise ValueError(f"--crop_scale / --crop_ratio set the probes' training crops; --protocol {args.protocol} uses none.")
-    if not probe and args.probe_lrs is not None:
-        raise ValueError(f"--probe_lrs is for --protocol linear / attentive, not {args.protocol}.")
-    if probe and training_args.learning_rate != NepaTrainingArguments.learning_rate:
-        raise ValueError("--learning_rate does not apply to the probes, which train a grid: give --probe_lrs.")
-    if probe and args.probe_lrs is not None and not args.probe_lrs:
-        raise ValueError("--probe_lrs needs at least one learning rate.")
+FROZEN = Use("is used only by the frozen protocols (--protocol knn / linear / attentive)", lambda a: a.protocol != "finetuned")
+PROBES = Use("is used only by the trained probes (--protocol linear / attentive)", lambda a: a.protocol in ("linear", "attentive"))
+# Where each flag of eval.py applies (nepa.args.parse_arguments refuses it elsewhere); the rest apply to every run.
+FLAG_USES = {
+    "is_causal": FROZEN,
+    "labels_per_class": FROZEN,
+    "max_train_samples": FROZEN,
+    "knn_k": Use("is used only by --protocol knn", lambda a: a.protocol == "knn"),
+    "knn_temperature": Use("is used only by --protocol knn", lambda a: a.protocol == "knn"),
+    "linear_features": Use("is used only by --protocol linear", lambda a: a.protocol == "linear"),
+    "attentive_blocks": Use("is used only by --protocol attentive", lambda a: a.protocol == "attentive"),
+    "aa": Use("is the attentive probe's augmentation, used only by --protocol attentive", lambda a: a.protocol == "attentive"),
+    "use_ema": Use("is used only by --protocol finetuned (the frozen encoder has no average)", lambda a: a.protocol == "finetuned"),
+    "max_eval_samples": None,
+    **dict.fromkeys(
+        ("probe_lrs", "probe_min_lr", "crop_scale", "crop_ratio", "per_device_train_batch_size", "num_train_epochs",
+         "lr_scheduler_type", "max_grad_norm", "warmup_ratio", "save_every_minutes", "skip_nonfinite_loss",
+         "logging_nan_inf_filter"),
+        PROBES,
+    ),  # fmt: skip
+    "learning_rate": unused("the probes train a grid of learning rates: give --probe_lrs"),
+    "ema_decay": unused("eval.py averages no weights; --protocol finetuned evaluates the folder's saved EMA"),
+}
 
 
 def evaluate_classifier(args, trainer_kwargs, training_args) -> tuple[NepaTrainer, dict]:
@@ -140,28 +161,30 @@ def evaluate_classifier(args, trainer_kwargs, training_args) -> tuple[NepaTraine
         "fine-tune it first, or judge the encoder with --protocol knn / linear / attentive.",
     )  # fmt: skip
     ema_file = Path(args.model_name_or_path) / EMA_WEIGHTS_NAME
-    training_args.use_ema = ema_file.is_file()
+    if training_args.use_ema and not ema_file.is_file():
+        raise FileNotFoundError(f"--use_ema True, but {args.model_name_or_path} has no {EMA_WEIGHTS_NAME}: leave the flag out.")
     trainer = NepaTrainer(
         model=model,
         args=training_args,
         compute_metrics=accuracy_metrics,
-        preprocess_logits_for_metrics=top5_indices,
+        preprocess_logits_for_metrics=top5_and_nll,
         **trainer_kwargs,
     )
-    if trainer.ema is not None:
+    if training_args.use_ema is not False and ema_file.is_file():  # NepaTrainer builds none: nothing trains here
+        trainer.ema = ModelEMA(trainer.model, decay=1.0)
         trainer.ema.load(str(ema_file))
     return trainer, trainer.evaluate()
 
 
 def evaluate_knn(args, trainer_kwargs, training_args, train_dataset, classes) -> tuple[NepaTrainer, dict]:
-    encoder = load_frozen_encoder(args.model_name_or_path, args.is_causal)
+    encoder = load_frozen_encoder(args.model_name_or_path, args.is_causal is not False)
     trainer = NepaTrainer(model=encoder, args=training_args, **trainer_kwargs)
     _, metrics = knn_evaluate(trainer, train_dataset, trainer_kwargs["eval_dataset"], classes, args.knn_k, args.knn_temperature)
     return trainer, metrics
 
 
 def train_probes(args, trainer_kwargs, training_args, train_dataset, classes) -> tuple[ProbeTrainer, dict]:
-    encoder = load_frozen_encoder(args.model_name_or_path, args.is_causal)
+    encoder = load_frozen_encoder(args.model_name_or_path, args.is_causal is not False)
     lrs = args.probe_lrs or (LINEAR_LRS if args.protocol == "linear" else ATTENTIVE_LRS)
     grid = ProbeGrid(encoder, args.protocol, classes, lrs, args.linear_features, args.attentive_blocks)
     trainer_kwargs = {**trainer_kwargs, "train_dataset": train_dataset}
@@ -175,13 +198,11 @@ def train_probes(args, trainer_kwargs, training_args, train_dataset, classes) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, EvalTrainingArguments), argv)
+    args, data_args, training_args = parse_arguments((EvalArguments, DataArguments, EvalTrainingArguments), argv, FLAG_USES)
     configure_logging(training_args)
-    check_protocol_flags(args, data_args, training_args)
+    if args.probe_lrs is not None and not args.probe_lrs:
+        raise ValueError("--probe_lrs needs at least one learning rate.")
     local_folder(args.model_name_or_path, "--model_name_or_path")
-    if args.protocol != "finetuned":
-        args.is_causal = True if args.is_causal is None else args.is_causal
-        training_args.use_ema = False  # the frozen encoder does not change, and the probes' heads keep no average
 
     set_seed(training_args.seed)  # the training images' augmentation seeds (ImageDataset) and the heads' initial weights
     processor = load_image_processor(args.image_processor_name, args.model_name_or_path)
@@ -207,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset = image_dataset(train_split, train_transform, data_args)
         trainer, metrics = protocol(args, trainer_kwargs, training_args, train_dataset, classes)
     if args.protocol != "finetuned":
-        metrics["eval_attention"] = "causal" if args.is_causal else "bidirectional"
+        metrics["eval_attention"] = "bidirectional" if args.is_causal is False else "causal"
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics, combined=False)
     return metrics

@@ -2,7 +2,10 @@
 
     python export_timm.py --model_name_or_path outputs/nepa-base-patch14-224-cls-sft --output_dir outputs/nepa-b-timm
 
-writes `config.json` and `model.safetensors` in timm's folder format. Load them with the LayerNorm epsilon
+writes `config.json` and `model.safetensors` in timm's folder format: the EMA weights when the folder has them
+(`model_ema.safetensors`, the weights the fine-tuning recipe selects and reports), else `model.safetensors`;
+`--raw_weights True` exports `model.safetensors` anyway. The export says which, and `config.json` records it
+(`nepa_weights`). Load them with the LayerNorm epsilon
 the export prints (timm's config.json cannot carry it, and timm's default, 1e-6, is not NEPA's 1e-12):
 
     import functools, timm
@@ -39,12 +42,14 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.layers import LayerNorm
 from transformers import AutoConfig, AutoImageProcessor
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaModel
+from nepa.args import add_bool_argument
 from nepa.checkpoint import load_model, local_folder
+from nepa.ema import EMA_WEIGHTS_NAME
 
 # A registered Eva variant whose every argument the export sets (model_args); the name only picks the class.
 TIMM_ARCHITECTURE = "vit_base_patch16_dinov3"
@@ -177,6 +182,22 @@ def load_nepa(folder: str) -> ViTNepaModel | ViTNepaForImageClassification:
     return load_model(model_class, folder, "--model_name_or_path", tensors, instead, dtype=torch.float32).eval()
 
 
+def select_weights(model: ViTNepaModel | ViTNepaForImageClassification, folder: str, raw_weights: bool) -> str:
+    """Put the folder's EMA weights (model_ema.safetensors, the weights the fine-tuning recipe selects and reports)
+    into `model`, unless `raw_weights` or the folder has none; return the name of the file exported."""
+    ema_file = Path(folder) / EMA_WEIGHTS_NAME
+    if raw_weights or not ema_file.is_file():
+        return "model.safetensors"
+    state = load_file(ema_file)
+    if isinstance(model, ViTNepaModel):  # an encoder read from a pretraining folder, whose names carry the prefix
+        state = {key.removeprefix("vit_nepa."): tensor for key, tensor in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{ema_file} does not fit the model ({error}); pass --raw_weights True to export model.safetensors.") from error
+    return EMA_WEIGHTS_NAME
+
+
 def timm_pretrained_cfg(config: ViTNepaConfig, num_classes: int, folder: str) -> dict:
     """What timm's data pipeline reads (input size, normalisation, interpolation) and the class names."""
     cfg = dict(
@@ -194,8 +215,9 @@ def timm_pretrained_cfg(config: ViTNepaConfig, num_classes: int, folder: str) ->
     return cfg
 
 
-def export(folder: str, output_dir: str) -> Path:
+def export(folder: str, output_dir: str, raw_weights: bool = False) -> Path:
     model = load_nepa(folder)
+    weights = select_weights(model, folder, raw_weights)
     config = model.config
     num_classes = config.num_labels if isinstance(model, ViTNepaForImageClassification) else 0
     model_args = eva_arguments(config, num_classes)
@@ -214,6 +236,7 @@ def export(folder: str, output_dir: str) -> Path:
         pretrained_cfg=timm_pretrained_cfg(config, num_classes, folder),
         # Not read by timm: pass norm_layer=functools.partial(timm.layers.LayerNorm, eps=layer_norm_eps).
         layer_norm_eps=config.layer_norm_eps,
+        nepa_weights=weights,  # which file of the NEPA folder was exported
     )
     (output / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
     return output
@@ -223,12 +246,20 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="a local NEPA folder (classifier, fine-tuned or encoder)")
     parser.add_argument("--output_dir", required=True, help="where to write the timm folder")
+    add_bool_argument(
+        parser, "--raw_weights", f"export model.safetensors even when the folder has EMA weights ({EMA_WEIGHTS_NAME}, exported by default)"
+    )
     args = parser.parse_args(argv)
     try:
-        output = export(local_folder(args.model_name_or_path, "--model_name_or_path"), args.output_dir)
+        output = export(local_folder(args.model_name_or_path, "--model_name_or_path"), args.output_dir, args.raw_weights)
     except (OSError, ValueError) as error:  # FileNotFoundError is an OSError
         raise SystemExit(f"error: {error}") from error
-    eps = json.loads((output / "config.json").read_text())["layer_norm_eps"]
+    written = json.loads((output / "config.json").read_text())
+    eps, weights = written["layer_norm_eps"], written["nepa_weights"]
+    if weights == EMA_WEIGHTS_NAME:
+        print(f"exported the EMA weights ({weights}); --raw_weights True exports model.safetensors instead")
+    else:
+        print(f"exported the raw weights (model.safetensors){'' if args.raw_weights else '; the folder has no EMA weights'}")
     print(f"wrote {os.path.abspath(output)}; load it with")
     print(f'  timm.create_model("local-dir:{output}", pretrained=True, norm_layer=functools.partial(timm.layers.LayerNorm, eps={eps}))')
     return output

@@ -6,7 +6,10 @@
 Without `--config_model_id` the classifier's config is the pretrained one made bidirectional, with
 mean pooling and drop path 0.1. Every backbone tensor is copied. New: fc_norm (ones / zeros), a
 zero-initialised classifier, and QK-norm affine weights that the pretraining checkpoint lacks (ones).
-Anything else missing or left over is an error. Booleans take True / False (`--use_ema True`); a bare
+Anything else missing or left over is an error. A `--config_model_id` may differ from the pretrained config only
+where fine-tuning is meant to differ (`MEANT_TO_CHANGE`: attention direction, pooling, drop path and dropout, RoPE
+augmentation, labels; QK-norm may gain affine weights); a field that changes what the backbone computes (width,
+activation, LayerNorm epsilon, RoPE base, QK-norm, LayerScale, image size, ...) is refused by name. Booleans take True / False (`--use_ema True`); a bare
 `--use_ema` means True. `--disable_layerscale` folds each LayerScale lambda into the dense layer before it.
 Both folders are local, as everywhere in this project (`nepa.checkpoint`): a Hub id fails with the `hf download`
 command that fetches it.
@@ -17,6 +20,7 @@ released `SixAILab/nepa-*` download, say) and converts nothing.
 """
 
 import argparse
+import inspect
 import os
 from pathlib import Path
 
@@ -25,22 +29,30 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, make_self_contained
-from nepa.args import add_bool_argument
+from nepa.args import Use, add_bool_argument, parse_flags
 from nepa.checkpoint import local_folder
 from nepa.ema import EMA_WEIGHTS_NAME
 
-# Fields that fix the shape of the backbone's tensors: they must agree between the two configs.
-ARCHITECTURE_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "patch_size",
-    "num_channels",
-    "qkv_bias",
-    "use_gated_mlp",
-    "use_rope",
-)
+# The config fields a fine-tuning config may change, and why that is safe; every other field of ViTNepaConfig (width,
+# depth, activation, LayerNorm epsilon, RoPE base, QK-norm, ...) must be the pretrained one, or the copied weights
+# would compute another function. LayerScale is compared by presence: its value only initialises the lambdas. QK-norm
+# may gain learned weights and biases (qk_norm_affine, qk_norm_bias): added as ones and zeros, they change nothing.
+MEANT_TO_CHANGE = {
+    "is_causal": "the attention direction of fine-tuning",
+    "add_pooling_layer": "the classifier's pooling",
+    "drop_path_prob": "training-time regularisation",
+    "hidden_dropout_prob": "training-time regularisation",
+    "attention_probs_dropout_prob": "training-time regularisation",
+    "pos_embed_shift": "training-time RoPE augmentation",
+    "pos_embed_jitter": "training-time RoPE augmentation",
+    "pos_embed_rescale": "training-time RoPE augmentation",
+    "initializer_range": "initialises only the new tensors",
+    "nepa_shift": "a pretraining objective field",
+    "nepa_stop_grad": "a pretraining objective field",
+    "nepa_mask_ratio": "a pretraining device, set to 0",
+    "out_features": "what a segmentation backbone returns",
+    "out_indices": "what a segmentation backbone returns",
+}
 PREFIX = "vit_nepa."
 
 
@@ -58,6 +70,23 @@ def dataset_label_names(dataset_name: str, label_column: str) -> list[str]:
     return names
 
 
+def function_changes(pretrained: ViTNepaConfig, target: ViTNepaConfig, folding_layerscale: bool) -> list[str]:
+    """Each field of `target` that differs from `pretrained` and is not `MEANT_TO_CHANGE` (nor LayerScale while it is
+    folded), as 'name: a vs b'."""
+    changes = []
+    for name in inspect.signature(ViTNepaConfig.__init__).parameters:
+        if name in ("self", "kwargs") or name in MEANT_TO_CHANGE or (folding_layerscale and name == "layerscale_value"):
+            continue
+        before, after = getattr(pretrained, name), getattr(target, name)
+        if name == "layerscale_value":
+            before, after = ("none" if value is None else "LayerScale" for value in (before, after))
+        if name in ("qk_norm_affine", "qk_norm_bias") and after:
+            continue  # learned QK-norm weights (ones) and biases (zeros) added: the same function
+        if before != after:
+            changes.append(f"{name}: pretrained {before} vs target {after}")
+    return changes
+
+
 def target_config(args, pretrained_config: ViTNepaConfig) -> ViTNepaConfig:
     if args.config_model_id:
         config = ViTNepaConfig.from_pretrained(local_folder(args.config_model_id, "--config_model_id"))
@@ -65,16 +94,18 @@ def target_config(args, pretrained_config: ViTNepaConfig) -> ViTNepaConfig:
         # The fine-tuning architecture of the released configs: bidirectional, mean-pooled, drop path 0.1 (ViT-B's).
         changes = {"is_causal": False, "add_pooling_layer": True, "drop_path_prob": 0.1}
         config = ViTNepaConfig.from_dict({**pretrained_config.to_dict(), **changes})
-    mismatched = [
-        f"{name}: pretrained {getattr(pretrained_config, name)} vs target {getattr(config, name)}"
-        for name in ARCHITECTURE_FIELDS
-        if getattr(pretrained_config, name) != getattr(config, name)
-    ]
-    if mismatched:
-        raise ValueError("the fine-tuning config does not fit the pretrained backbone: " + "; ".join(mismatched))
-    config.nepa_mask_ratio = 0.0  # the mask token is a pretraining device
-    if args.disable_layerscale:
+    if args.disable_layerscale:  # folded into the dense layers exactly (fold_layerscale)
         config.layerscale_value = None
+    mismatched = function_changes(pretrained_config, config, args.disable_layerscale)
+    if mismatched:
+        raise ValueError(
+            f"--config_model_id {args.config_model_id} changes what the pretrained backbone computes: "
+            + "; ".join(mismatched)
+            + ". Use a config with the pretrained values (only "
+            + ", ".join(MEANT_TO_CHANGE)
+            + " may differ, and qk_norm_affine / qk_norm_bias may be switched on), or leave --config_model_id out."
+        )
+    config.nepa_mask_ratio = 0.0  # the mask token is a pretraining device
     if args.dataset_name:
         names = dataset_label_names(args.dataset_name, args.label_column_name)
         config.id2label, config.label2id = dict(enumerate(names)), {name: i for i, name in enumerate(names)}
@@ -140,6 +171,23 @@ def convert(args) -> ViTNepaForImageClassification:
     return model
 
 
+def converting(where: str, condition=lambda arguments: True) -> Use:
+    """A flag of the conversion, which --add_code_only does not run."""
+    return Use(f"{where}, and not with --add_code_only (which converts nothing)", lambda a: not a.add_code_only and condition(a))
+
+
+# Where each flag applies (nepa.args.parse_flags refuses it elsewhere); --pretrained_model_id is always used.
+FLAG_USES = {
+    **{name: converting("is used only when converting") for name in (
+        "pretrained_revision", "config_model_id", "use_ema", "disable_layerscale", "save_local", "push_to_hub")},
+    "num_labels": converting("is used only without --dataset_name, whose classes set the labels", lambda a: not a.dataset_name),
+    "dataset_name": converting("is used only when converting"),
+    "label_column_name": converting("is used only with --dataset_name", lambda a: bool(a.dataset_name)),
+    "local_dir": converting("is used only with --save_local", lambda a: a.save_local),
+    "new_model_id": converting("is used only with --push_to_hub", lambda a: a.push_to_hub),
+}  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_id", required=True, help="a local pretraining folder (a Hub id gets the hf download to run)")
@@ -155,12 +203,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_bool_argument(parser, "--push_to_hub", "push to --new_model_id")
     parser.add_argument("--new_model_id", default=None)
     add_bool_argument(parser, "--add_code_only", "only add the modelling code and auto_map to --pretrained_model_id")
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv, FLAG_USES)
     if args.add_code_only:
-        given = [f"--{name}" for name, value in vars(args).items()
-                 if name not in ("pretrained_model_id", "add_code_only") and value != parser.get_default(name)]
-        if given:
-            parser.error(f"--add_code_only changes --pretrained_model_id in place and converts nothing: leave out {' '.join(given)}.")
         return args
     if not (args.save_local or args.push_to_hub):
         parser.error("nothing would be written: pass --save_local (and --local_dir) or --push_to_hub --new_model_id.")

@@ -21,8 +21,11 @@ from transformers import SchedulerType, set_seed
 
 from models.vit_nepa import ViTNepaForImageClassification
 from nepa.args import (
+    EVALUATING,
+    TRAINING,
     DataArguments,
     NepaTrainingArguments,
+    Use,
     config_overrides_field,
     configure_logging,
     crop_pct_field,
@@ -42,7 +45,7 @@ from nepa.data import (
     processor_image_size,
     training_split,
 )
-from nepa.metrics import accuracy_metrics, top5_indices
+from nepa.metrics import accuracy_metrics, top5_and_nll
 from nepa.optim import layer_decay_cosine_schedule, layer_decay_param_groups
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint, train_and_evaluate
 
@@ -106,6 +109,22 @@ class FinetuneTrainingArguments(NepaTrainingArguments):
             )
 
 
+WITHOUT_FREEZE_VIT = Use(
+    "is used only with --do_train and without --freeze_vit True (which freezes the whole encoder)",
+    lambda a: a.do_train and not a.freeze_vit,
+)
+# Where each flag of train_finetune.py applies beyond nepa.args' shared table (parse_arguments refuses it elsewhere).
+FLAG_USES = {
+    **dict.fromkeys(("llrd", "head_lr", "aa", "reprob", "mixup", "cutmix", "smoothing", "freeze_vit"), TRAINING),
+    "freeze_embed": WITHOUT_FREEZE_VIT,
+    "freeze_vit_layers": WITHOUT_FREEZE_VIT,
+    "mixup_prob": Use("is used only with --do_train and --mixup or --cutmix above 0", lambda a: a.do_train and (a.mixup > 0 or a.cutmix > 0)),
+    "mixup_switch_prob": Use("is used only with --do_train and both --mixup and --cutmix above 0", lambda a: a.do_train and a.mixup > 0 and a.cutmix > 0),
+    "crop_pct": EVALUATING,
+    "resize_size": EVALUATING,
+}
+
+
 def load_classifier(args: FinetuneArguments) -> ViTNepaForImageClassification:
     folder = local_folder(args.model_name_or_path, "--model_name_or_path", args.model_revision)
     config = load_config(folder, args.config_overrides, drop_path_prob=args.drop_path, is_causal=args.is_causal)
@@ -166,7 +185,9 @@ class FinetuneTrainer(NepaTrainer):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, data_args, training_args = parse_arguments((FinetuneArguments, DataArguments, FinetuneTrainingArguments), argv)
+    args, data_args, training_args = parse_arguments(
+        (FinetuneArguments, DataArguments, FinetuneTrainingArguments), argv, FLAG_USES
+    )
     configure_logging(training_args)
     set_seed(training_args.seed)
 
@@ -194,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         **image_inputs(processor, train_dataset, eval_dataset),
         batch_augment=batch_augment(args, model.config.num_labels, training_args.device),
         compute_metrics=accuracy_metrics,
-        preprocess_logits_for_metrics=top5_indices,
+        preprocess_logits_for_metrics=top5_and_nll,
         layer_decay=args.llrd,
         head_lr=args.head_lr,
     )

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from transformers import TrainerCallback, set_seed
 
 from models.vit_nepa import ViTNepaForPreTraining
-from nepa.args import DataArguments, NepaTrainingArguments, config_overrides_field, configure_logging, load_config, parse_arguments
+from nepa.args import TRAINING, DataArguments, NepaTrainingArguments, Use, config_overrides_field, configure_logging
+from nepa.args import load_config, parse_arguments, unused
 from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
     DEFAULT_CROP_PCT,
@@ -60,26 +61,20 @@ class MonitorArguments:
             "eval_rankme (eval_ema_* for the EMA); RankMe alone on a dataset without labels. 0: off."
         },
     )
-    knn_train_samples: int | None = field(
-        default=None, metadata={"help": "Train images of the k-NN bank, picked as eval.py --max_train_samples picks them (default 50000)."}
+    knn_train_samples: int = field(
+        default=50_000, metadata={"help": "Train images of the k-NN bank, picked as eval.py --max_train_samples picks them."}
     )
-    knn_eval_samples: int | None = field(
-        default=None, metadata={"help": "Validation images the k-NN scores, picked as eval.py --max_eval_samples picks them (default 10000)."}
+    knn_eval_samples: int = field(
+        default=10_000, metadata={"help": "Validation images the k-NN scores, picked as eval.py --max_eval_samples picks them."}
     )
-    knn_crop_pct: float | None = field(
-        default=None, metadata={"help": f"The k-NN images' centre crop, as eval.py --crop_pct (default {DEFAULT_CROP_PCT})."}
-    )
+    knn_crop_pct: float = field(default=DEFAULT_CROP_PCT, metadata={"help": "The k-NN images' centre crop, as eval.py --crop_pct."})
 
     def __post_init__(self):
         if self.knn_eval_steps < 0:
             raise ValueError(f"--knn_eval_steps {self.knn_eval_steps}: give a number of steps, or 0 for no k-NN.")
-        for name, default in (("knn_train_samples", 50_000), ("knn_eval_samples", 10_000), ("knn_crop_pct", DEFAULT_CROP_PCT)):
-            value = getattr(self, name)
-            if value is not None and not self.knn_eval_steps:
-                raise ValueError(f"--{name} sets the k-NN of --knn_eval_steps, which is off: pass --knn_eval_steps N too.")
-            if value is not None and not value > 0:
-                raise ValueError(f"--{name} {value}: give a positive number.")
-            setattr(self, name, default if value is None else value)
+        for name in ("knn_train_samples", "knn_eval_samples", "knn_crop_pct"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} {getattr(self, name)}: give a positive number.")
 
 
 class MonitorSchedule(TrainerCallback):
@@ -91,6 +86,19 @@ class MonitorSchedule(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.steps == 0 or state.global_step >= state.max_steps:
             control.should_evaluate = True
+
+
+MONITORING = Use("is used only with --knn_eval_steps N (the k-NN it sets is off without it)", lambda a: a.knn_eval_steps > 0)
+# Where each flag of train_pretrain.py applies beyond nepa.args' shared table (parse_arguments refuses it elsewhere).
+FLAG_USES = {
+    "config_name": Use("is used only without --model_name_or_path, whose folder gives the config", lambda a: not a.model_name_or_path),
+    "embed_lr": TRAINING,
+    "labels_per_class": unused("it picks labelled images for fine-tuning; pretraining reads no labels"),
+    "label_column_name": unused("pretraining reads no labels"),
+    "knn_train_samples": MONITORING,
+    "knn_eval_samples": MONITORING,
+    "knn_crop_pct": MONITORING,
+}
 
 
 def build_model(model_args: ModelArguments) -> ViTNepaForPreTraining:
@@ -145,14 +153,12 @@ class NepaPretrainer(NepaTrainer):
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args, monitor_args = parse_arguments(
-        (ModelArguments, DataArguments, NepaTrainingArguments, MonitorArguments), argv
+        (ModelArguments, DataArguments, NepaTrainingArguments, MonitorArguments), argv, FLAG_USES
     )
     configure_logging(training_args)
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the arguments fails here, before any data is read.
-    if data_args.labels_per_class is not None:
-        raise ValueError("--labels_per_class picks labelled images for fine-tuning; pretraining uses no labels.")
     model = build_model(model_args)
     processor = load_image_processor(model_args.image_processor_name, model_args.model_name_or_path or model_args.config_name)
     size = processor_image_size(processor, model.config.patch_size)

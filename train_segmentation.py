@@ -15,14 +15,17 @@ per-class IoU from one confusion matrix over the split. Every `TrainingArguments
 torchrun, ...); a run started again with the same command resumes from its newest complete checkpoint.
 """
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, UperNetConfig, UperNetForSemanticSegmentation, set_seed
 
 from models.vit_nepa import ViTNepaBackbone
-from nepa.args import DataArguments, NepaTrainingArguments, configure_logging, parse_arguments
+from nepa.args import EVALUATING, TRAINING, DataArguments, NepaTrainingArguments, Use, configure_logging, parse_arguments, unused
 from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import get_split, image_dataset, load_image_dataset
 from nepa.segmentation import (
@@ -52,15 +55,17 @@ class SegmentationArguments:
         metadata={"help": "A NEPA pretraining / classification folder, or a segmentation folder this script saved."}
     )
     image_processor_name: str | None = field(default=None, metadata={"help": "Default: --model_name_or_path."})
+    # The architecture flags build a model from an encoder folder (defaults in ENCODER_DEFAULTS); a saved
+    # segmentation folder fixes its own, and they are refused with it.
     out_indices: list[int] | None = field(
         default=None, metadata={"help": "Blocks (1-based) feeding the pyramid; default 4 6 8 12 (B), 8 12 16 24 (L)."}
     )
-    is_causal: bool = field(default=False, metadata={"help": "Keep causal attention (bidirectional by default)."})
-    drop_path: float = field(default=0.1, metadata={"help": "Stochastic depth of the last block."})
+    is_causal: bool | None = field(default=None, metadata={"help": "Keep causal attention (default False: bidirectional)."})
+    drop_path: float | None = field(default=None, metadata={"help": "Stochastic depth of the last block (default 0.1)."})
     llrd: float = field(default=0.65, metadata={"help": "Layer-wise lr decay over the encoder blocks (1 = none)."})
-    decoder_hidden_size: int = field(default=512, metadata={"help": "UperNet channels."})
-    auxiliary_channels: int = field(default=256, metadata={"help": "Channels of the auxiliary FCN head."})
-    auxiliary_loss_weight: float = field(default=0.4, metadata={"help": "Weight of the auxiliary head's loss."})
+    decoder_hidden_size: int | None = field(default=None, metadata={"help": "UperNet channels (default 512)."})
+    auxiliary_channels: int | None = field(default=None, metadata={"help": "Channels of the auxiliary FCN head (default 256)."})
+    auxiliary_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the auxiliary head's loss (default 0.4)."})
     crop_size: int = field(default=504, metadata={"help": "Training crop and evaluation window (a multiple of the patch size)."})
     train_scale: list[int] = field(default_factory=lambda: [2048, 512], metadata={"help": "Base scale of the random resize."})
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata={"help": "Random resize ratios."})
@@ -73,19 +78,31 @@ class SegmentationArguments:
 # Fewer images than this in a BatchNorm's batch get a warning at start-up.
 MIN_BATCHNORM_IMAGES = 4
 
-# DataArguments flags of the classification scripts that segmentation has no use for, and what to use instead.
-UNUSED_DATA_FLAGS = {
-    "labels_per_class": "segmentation trains on the whole training split (or --max_train_samples images of it)",
-    "crop_scale": "segmentation crops mmsegmentation's way: --train_scale, --ratio_range, --crop_size, --cat_max_ratio",
-    "crop_ratio": "segmentation crops mmsegmentation's way: --train_scale, --ratio_range, --crop_size, --cat_max_ratio",
+# What the architecture flags default to when a model is built from an encoder folder.
+ENCODER_DEFAULTS = dict(is_causal=False, drop_path=0.1, decoder_hidden_size=512, auxiliary_channels=256, auxiliary_loss_weight=0.4)
+
+
+def folder_model_type(path: str) -> str | None:
+    """The model_type of a local folder's config.json (None without one: the loader reports that)."""
+    config_file = Path(path, "config.json")
+    return json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+
+
+CROPS_INSTEAD = "segmentation crops mmsegmentation's way: --train_scale, --ratio_range, --crop_size, --cat_max_ratio"
+FROM_ENCODER = Use(
+    "is used only when building the model from an encoder folder (a saved segmentation folder's config fixes it)",
+    lambda a: folder_model_type(a.model_name_or_path) != "upernet",
+)
+# Where each flag of train_segmentation.py applies beyond nepa.args' shared table (parse_arguments refuses it elsewhere).
+FLAG_USES = {
+    **dict.fromkeys(("out_indices", *ENCODER_DEFAULTS), FROM_ENCODER),
+    **dict.fromkeys(("llrd", "train_scale", "ratio_range", "cat_max_ratio", "photometric"), TRAINING),
+    "eval_scale": EVALUATING,
+    "eval_stride": EVALUATING,
+    "labels_per_class": unused("segmentation trains on the whole training split (or --max_train_samples images of it)"),
+    "crop_scale": unused(CROPS_INSTEAD),
+    "crop_ratio": unused(CROPS_INSTEAD),
 }
-
-
-def refuse_unused_data_flags(data_args: DataArguments) -> None:
-    defaults = DataArguments()
-    for name, instead in UNUSED_DATA_FLAGS.items():
-        if getattr(data_args, name) != getattr(defaults, name):
-            raise ValueError(f"--{name} is not used by train_segmentation.py: {instead}. Leave it out.")
 
 
 def build_model(args: SegmentationArguments, model_type: str, id2label: dict[int, str] | None) -> UperNetForSemanticSegmentation:
@@ -104,7 +121,9 @@ def build_model(args: SegmentationArguments, model_type: str, id2label: dict[int
             "the dataset folder has no id2label.json, so the number of classes is unknown: build the dataset with "
             "download_dataset.py (--dataset ade20k or fashion-mnist-seg)."
         )
-    overrides = dict(is_causal=args.is_causal, drop_path_prob=args.drop_path)
+    given = {name: getattr(args, name) for name in ENCODER_DEFAULTS if getattr(args, name) is not None}
+    architecture = SimpleNamespace(**{**ENCODER_DEFAULTS, **given})
+    overrides = dict(is_causal=architecture.is_causal, drop_path_prob=architecture.drop_path)
     if args.out_indices is not None:
         overrides["out_indices"] = args.out_indices
     instead = "it is not a NEPA encoder checkpoint."
@@ -114,9 +133,9 @@ def build_model(args: SegmentationArguments, model_type: str, id2label: dict[int
         num_labels=len(id2label),
         id2label=id2label,
         label2id={name: index for index, name in id2label.items()},
-        hidden_size=args.decoder_hidden_size,
-        auxiliary_channels=args.auxiliary_channels,
-        auxiliary_loss_weight=args.auxiliary_loss_weight,
+        hidden_size=architecture.decoder_hidden_size,
+        auxiliary_channels=architecture.auxiliary_channels,
+        auxiliary_loss_weight=architecture.auxiliary_loss_weight,
         loss_ignore_index=IGNORE_INDEX,
     )
     model = UperNetForSemanticSegmentation(config)
@@ -125,12 +144,13 @@ def build_model(args: SegmentationArguments, model_type: str, id2label: dict[int
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, data_args, training_args = parse_arguments((SegmentationArguments, DataArguments, SegmentationTrainingArguments), argv)
+    args, data_args, training_args = parse_arguments(
+        (SegmentationArguments, DataArguments, SegmentationTrainingArguments), argv, FLAG_USES
+    )
     configure_logging(training_args)
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the arguments fails here, before the images are read.
-    refuse_unused_data_flags(data_args)
     model_type = AutoConfig.from_pretrained(local_folder(args.model_name_or_path, "--model_name_or_path")).model_type
     if not training_args.do_train and model_type != "upernet":
         raise ValueError(f"{args.model_name_or_path} is an encoder, not a segmentation model: evaluate it after --do_train.")
@@ -142,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(
             f"--crop_size {args.crop_size} is not a multiple of patch_size {patch_size}: use {below} or {above}."
         )
-    if args.eval_stride < 1 or args.eval_stride > args.crop_size:
+    if training_args.do_eval and not 1 <= args.eval_stride <= args.crop_size:
         raise ValueError(f"--eval_stride {args.eval_stride} must lie in 1..crop_size ({args.crop_size}).")
     if training_args.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs, as MAE/BEiT did

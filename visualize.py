@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from models.vit_nepa import ViTNepaModel  # noqa: E402
 from nepa import checkpoint  # noqa: E402
+from nepa.args import Use, parse_flags  # noqa: E402
 from nepa.data import BadImageError, open_rgb_pil  # noqa: E402
 
 CURVE_METRICS = ("loss", "learning_rate", "target_cosine", "grad_norm", "eval_loss", "eval_accuracy", "eval_ema_accuracy")
@@ -240,6 +241,11 @@ def parse_rowcol(text: str) -> tuple[int, int]:
     return row, col
 
 
+MAPS = Use("is used only for attention maps (--model_name_or_path with --image)", lambda a: a.model_name_or_path is not None)
+# Where each flag applies (nepa.args.parse_flags refuses it elsewhere); the others apply to every run.
+FLAG_USES = dict.fromkeys(("query_index", "query_rowcol", "layer", "heads"), MAPS)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", help="a local ViT-NEPA folder (pretraining or classifier)")
@@ -251,7 +257,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", choices=("mean", "max"), default="mean", help="how the heads of a layer are combined")
     parser.add_argument("--trainer_state", help="a trainer_state.json whose log_history to plot")
     parser.add_argument("--output_dir", required=True)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv, FLAG_USES)
     if args.model_name_or_path is None and args.trainer_state is None:
         parser.error("give --model_name_or_path with --image (maps), or --trainer_state (curves), or both.")
     if (args.model_name_or_path is None) != (not args.image):

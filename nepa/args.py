@@ -7,8 +7,10 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
@@ -126,13 +128,92 @@ def load_config(source: str, config_overrides: str | None, **spelled):
     return config
 
 
-def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
-    """Parse `argv` (default: sys.argv[1:]); a lone `*.json` argument is read as the arguments instead."""
+@dataclass(frozen=True)
+class Use:
+    """Where a flag is used: the runs whose parsed arguments satisfy `when`; `where` says it in a refusal, as
+    `--flag <where>` ("is used only with --do_train")."""
+
+    where: str
+    when: Callable[[SimpleNamespace], bool]
+
+
+def unused(reason: str) -> Use:
+    """A flag no run of the entry point uses (it exists for another one, or keeps a Trainer default)."""
+    return Use(f"is not used: {reason}", lambda arguments: False)
+
+
+# Flags each entry point takes, and where they apply. An entry point's table `{flag: Use}` adds its own to these and
+# overrides them (`None`: every run uses it); a flag absent from the tables is used by every run of the entry point.
+# `refuse_unused_flags` enforces them.
+TRAINING = Use("is used only with --do_train", lambda arguments: arguments.do_train)
+EVALUATING = Use("is used only with --do_eval (or an --eval_strategy)", lambda arguments: arguments.do_eval)
+TRAINING_FLAG_USES = {
+    "remove_unused_columns": unused("it stays False: batches carry labels that an encoder's forward does not take"),
+    "warmup_ratio": TRAINING,
+    "ema_decay": TRAINING,
+    "save_every_minutes": TRAINING,
+    "skip_nonfinite_loss": TRAINING,
+    "logging_nan_inf_filter": TRAINING,
+}
+NAMED_DATASET = Use(
+    "is used only without --train_dir / --validation_dir, which replace it", lambda a: not (a.train_dir or a.validation_dir)
+)
+DATA_FLAG_USES = {
+    "dataset_name": NAMED_DATASET,
+    "load_from_disk": NAMED_DATASET,
+    "cache_dir": Use("is used only when reading from the Hub or image folders, not with --load_from_disk True", lambda a: not a.load_from_disk),
+    "max_train_samples": TRAINING,
+    "labels_per_class": TRAINING,
+    "crop_scale": TRAINING,
+    "crop_ratio": TRAINING,
+    "max_eval_samples": EVALUATING,
+}
+
+
+def field_default(spec):
+    if spec.default is not MISSING:
+        return spec.default
+    return spec.default_factory() if spec.default_factory is not MISSING else MISSING
+
+
+def refuse_unused_flags(uses: dict[str, Use | None], values: dict, defaults: dict) -> None:
+    """Raise `ValueError` for the first flag of `uses` that was given (its value is not its default) in a run that
+    does not use it. `values` and `defaults` map every flag of the entry point (without `--`) to its parsed value
+    and its default; the `Use` conditions read the parsed values."""
+    arguments = SimpleNamespace(**values)
+    for flag, use in uses.items():
+        if use is not None and values[flag] != defaults[flag] and not use.when(arguments):
+            raise ValueError(f"--{flag} {use.where}: leave it out, this run would ignore it.")
+
+
+def parse_flags(parser, argv: list[str] | None, uses: dict[str, Use | None]):
+    """`parser.parse_args(argv)` of an argparse entry point, whose flags apply as its table `uses` says: a flag
+    given to a run that would not use it ends the parse with the refusal (argparse's usage error)."""
+    arguments = parser.parse_args(argv)
+    values = vars(arguments)
+    try:
+        refuse_unused_flags(uses, values, {name: parser.get_default(name) for name in values})
+    except ValueError as error:
+        parser.error(str(error))
+    return arguments
+
+
+def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None, uses: dict[str, Use | None] | None = None) -> tuple:
+    """Parse `argv` (default: sys.argv[1:]); a lone `*.json` argument is read as the arguments instead. With `uses`
+    (an entry point's table of where its flags apply, added to `DATA_FLAG_USES` and `TRAINING_FLAG_USES` for
+    the fields it has), a flag given to a run that would not use it is refused."""
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser(dataclass_types)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=str(Path(argv[0]).resolve()))
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(json_file=str(Path(argv[0]).resolve()))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    if uses is not None:
+        values = {spec.name: getattr(arguments, spec.name) for arguments in parsed for spec in fields(arguments) if spec.init}
+        defaults = {spec.name: field_default(spec) for arguments in parsed for spec in fields(arguments) if spec.init}
+        shared = {flag: use for flag, use in {**DATA_FLAG_USES, **TRAINING_FLAG_USES}.items() if flag in values}
+        refuse_unused_flags({**shared, **uses}, values, defaults)
+    return parsed
 
 
 @dataclass

@@ -5,11 +5,20 @@ import torch
 import torch.nn.functional as F
 
 
-def top5_indices(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """`preprocess_logits_for_metrics`: keep the 5 best classes, not (samples x classes) logits."""
+def top5_indices(logits: torch.Tensor) -> torch.Tensor:
+    """The 5 best classes (all of them when there are fewer) along the last axis of `logits`."""
+    return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+
+
+def top5_and_nll(logits: torch.Tensor | tuple, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`preprocess_logits_for_metrics`: each image's 5 best classes and negative log-likelihood (per head, for a
+    probe grid's (images, heads, classes) logits), not the logits. The loss is then averaged over images, each
+    counted once: the Trainer's own eval_loss repeats each process's batch mean, which weighs in the images that
+    accelerate repeats to even the processes' last batches."""
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    targets = labels if logits.ndim == 2 else labels[:, None].expand(-1, logits.shape[1])
+    return top5_indices(logits), F.cross_entropy(logits.float().movedim(-1, 1), targets, reduction="none")
 
 
 def top1_top5_hits(top5, labels):
@@ -20,9 +29,11 @@ def top1_top5_hits(top5, labels):
 
 
 def accuracy_metrics(eval_prediction) -> dict[str, float]:
-    """`compute_metrics` over the top-5 indices: top-1 `accuracy` and `top5`."""
-    top1, top5 = top1_top5_hits(np.asarray(eval_prediction.predictions), np.asarray(eval_prediction.label_ids).reshape(-1))
-    return {"accuracy": float(top1.mean()), "top5": float(top5.mean())}
+    """`compute_metrics` over `top5_and_nll`'s predictions: top-1 `accuracy`, `top5` and the mean per-image `loss`
+    (which replaces the Trainer's eval_loss)."""
+    top5, nll = eval_prediction.predictions
+    top1, top5 = top1_top5_hits(np.asarray(top5), np.asarray(eval_prediction.label_ids).reshape(-1))
+    return {"accuracy": float(top1.mean()), "top5": float(top5.mean()), "loss": float(np.mean(nll))}
 
 
 @torch.no_grad()

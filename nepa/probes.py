@@ -31,7 +31,7 @@ from models.vit_nepa import ViTNepaModel
 
 from .checkpoint import load_model
 from .data import collate_images, get_split, has_class_labels, image_dataset, num_classes
-from .metrics import rankme, top1_top5_hits, top5_indices
+from .metrics import rankme, top1_top5_hits, top5_and_nll, top5_indices
 from .trainer import NepaTrainer
 
 logger = logging.getLogger(__name__)
@@ -413,13 +413,6 @@ class HeadGradientClipping(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         for head in self.trainer.grid.heads:
             torch.nn.utils.clip_grad_norm_(head.parameters(), self.max_grad_norm)
-
-
-def top5_and_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`preprocess_logits_for_metrics` of a grid: each head's 5 best classes and negative log-likelihood per image,
-    not (images x heads x classes) logits."""
-    nll = F.cross_entropy(logits.float().transpose(1, 2), labels[:, None].expand(-1, logits.shape[1]), reduction="none")
-    return top5_indices(logits), nll
 
 
 class ProbeTrainer(NepaTrainer):

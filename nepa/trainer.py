@@ -27,6 +27,7 @@ It overrides public `Trainer` methods and callback hooks, and wraps one private 
 place where every process writes its part of a checkpoint: a failure there must reach every process.
 """
 
+import copy
 import logging
 import os
 import random
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .checkpoint import (
     CHECKPOINT_COMPLETE,
@@ -186,6 +188,9 @@ class NepaTrainer(Trainer):
 
     def __init__(self, *args, normalize: BatchNormalize, batch_augment: BatchAugment | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # What the command line asked for, saved as training_args.bin: below (and in ProbeTrainer), a Trainer setting
+        # is switched off where this class does the work its own way, which the arguments must not show as the run's.
+        self.given_args = copy.deepcopy(self.args)
         # The Trainer seeded every process alike, so every rank would draw the same mixup / cutmix lambda and box,
         # erasing rectangles and drop-path masks. Give each its own stream (process 0 keeps the seed); checkpoints
         # keep each process's RNG state, so a resumed run continues every stream exactly.
@@ -243,9 +248,6 @@ class NepaTrainer(Trainer):
     def get_train_dataloader(self):
         return set_up_workers(super().get_train_dataloader(), self.args.seed)
 
-    def get_eval_dataloader(self, eval_dataset=None):
-        return set_up_workers(super().get_eval_dataloader(eval_dataset), self.args.seed)
-
     # --- logging --------------------------------------------------------------------------------
 
     def record(self, name: str, value: torch.Tensor) -> None:
@@ -267,6 +269,20 @@ class NepaTrainer(Trainer):
                 logs["images_per_second"] = round(images / (now - self.last_log[0]), 1)
             self.last_log = (now, step)
         super().log(logs, start_time)
+
+    # --- evaluation -----------------------------------------------------------------------------
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The Trainer's evaluation loader, which never drops a last short batch: `--dataloader_drop_last` is for
+        training (equal steps), but the Trainer applies it to evaluation too, which would score 49,152 of
+        ImageNet's 50,000 validation images at a global batch of 1024. Under several processes accelerate repeats
+        images to even the last batches and `gather_for_metrics` drops the repeats: every image counts once. Its
+        workers outlive stop signals, as the training loader's do."""
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False
+        try:
+            return set_up_workers(super().get_eval_dataloader(eval_dataset), self.args.seed)
+        finally:
+            self.args.dataloader_drop_last = drop_last
 
     # --- EMA: evaluation, saving, resuming ------------------------------------------------------
 
@@ -290,7 +306,9 @@ class NepaTrainer(Trainer):
             self.write_failure = error
 
     def save_beside_model(self, folder: str) -> None:
-        """Files saved with the model's weights (in process 0): the EMA."""
+        """Files saved with the model's weights (in process 0): the arguments as given (the Trainer's own copy holds
+        its internal settings), and the EMA."""
+        torch.save(self.given_args, os.path.join(folder, TRAINING_ARGS_NAME))
         if self.ema is not None:
             self.ema.save(os.path.join(folder, EMA_WEIGHTS_NAME))
 

@@ -118,7 +118,7 @@ def probe_argv(encoder, output_dir, protocol: str, seed: int, dataset: str = DAT
         "--model_name_or_path", str(encoder), "--protocol", protocol,
         "--dataset_name", dataset, "--load_from_disk", "True",
         *labels_flags(PROBE_LABELS_PERCENT), *flags(EVAL), *flags(PROBES[protocol]),
-        "--output_dir", str(output_dir), "--seed", str(seed), "--use_ema", "False",
+        "--output_dir", str(output_dir), "--seed", str(seed),
     ]  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import datasets
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from safetensors.torch import load_file
@@ -77,3 +78,18 @@ def small_fashion_mnist(folder: Path, per_split: int = 300) -> Path:
         pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
     download_dataset.main(["--dataset", "fashion-mnist", "--max_per_split", str(per_split), "--output_dir", str(folder)])
     return folder
+
+
+def fashion_mnist_canvases(root: Path, count: int, canvas_size: int = 56) -> Path:
+    """`count` Fashion-MNIST segmentation canvases as both the training and the validation split (skip without
+    Debian's files)."""
+    if not (download_dataset.FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+    built = download_dataset.main([
+        "--dataset", "fashion-mnist-seg", "--canvas_size", str(canvas_size), "--max_per_split", str(count),
+        "--output_dir", str(root / "built"),
+    ])  # fmt: skip
+    split = datasets.load_from_disk(str(built))["train"]
+    DatasetDict(train=split, validation=split).save_to_disk(str(root / "both"))
+    (root / "both" / "id2label.json").write_text((built / "id2label.json").read_text())
+    return root / "both"

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 from helpers import save_processor, tiny_config
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import export_timm
 from models.vit_nepa import ViTNepaForImageClassification, ViTNepaForPreTraining, ViTNepaModel
@@ -121,3 +121,37 @@ def test_training_mode_draws_the_same_rope_augmentation(tmp_path):
         torch.manual_seed(1)
         torch.testing.assert_close(eva.forward_features(pixels), augmented, rtol=0, atol=ATOL)
         assert (augmented - nepa.eval().vit_nepa(pixels).last_hidden_state).abs().max() > 1e-2  # the draws did something
+
+
+@pytest.mark.parametrize("model_class", [ViTNepaForImageClassification, ViTNepaForPreTraining])
+def test_the_folders_ema_is_exported_unless_raw_weights_are_asked_for(model_class, tmp_path, capsys):
+    """A fine-tuning (or pretraining) folder with model_ema.safetensors exports the EMA, the weights the recipe
+    selects and reports; --raw_weights True exports model.safetensors; each run says which."""
+    config = tiny_config(num_labels=5, is_causal=False, add_pooling_layer=True, layerscale_value=0.5)
+    model = randomised(model_class(config))
+    ema = randomised(model_class(config))
+    with torch.no_grad():  # the EMA: other weights than the model's
+        for parameter in ema.parameters():
+            parameter.mul_(0.5)
+    model.save_pretrained(tmp_path / "nepa")
+    save_processor(tmp_path / "nepa")
+    save_file({name: tensor.contiguous() for name, tensor in ema.state_dict().items()}, tmp_path / "nepa" / "model_ema.safetensors")
+    pixels = torch.randn(2, 3, 32, 32)
+
+    def exported_features(*flags):
+        folder = export_timm.main(["--model_name_or_path", str(tmp_path / "nepa"), "--output_dir", str(tmp_path / "timm"), *flags])
+        with torch.no_grad():
+            return load_timm(folder).forward_features(pixels), capsys.readouterr().out
+
+    with torch.no_grad():
+        expected = {name: net.vit_nepa(pixels).last_hidden_state for name, net in (("ema", ema.eval()), ("raw", model))}
+    features, said = exported_features()
+    torch.testing.assert_close(features, expected["ema"], rtol=0, atol=ATOL)
+    assert "exported the EMA weights (model_ema.safetensors)" in said
+    features, said = exported_features("--raw_weights", "True")
+    torch.testing.assert_close(features, expected["raw"], rtol=0, atol=ATOL)
+    assert "exported the raw weights (model.safetensors)" in said
+    (tmp_path / "nepa" / "model_ema.safetensors").unlink()
+    features, said = exported_features()
+    torch.testing.assert_close(features, expected["raw"], rtol=0, atol=ATOL)
+    assert "the folder has no EMA weights" in said

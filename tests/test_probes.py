@@ -198,11 +198,11 @@ def test_attention_mode_is_chosen_per_call(encoder_dir):
 
 def test_probe_flags_are_refused_where_they_do_not_apply(tmp_path, encoder_dir, dataset_dir):
     cases = [
-        (["--protocol", "finetuned", "--is_causal", "False"], "--is_causal is for the frozen protocols"),
-        (["--protocol", "knn", "--probe_lrs", "0.1"], "--probe_lrs is for --protocol linear / attentive"),
-        (["--protocol", "linear", "--learning_rate", "0.1"], "--learning_rate does not apply to the probes"),
+        (["--protocol", "finetuned", "--is_causal", "False"], "--is_causal is used only by the frozen protocols"),
+        (["--protocol", "knn", "--probe_lrs", "0.1"], r"--probe_lrs is used only by the trained probes \(--protocol linear / attentive\)"),
+        (["--protocol", "linear", "--learning_rate", "0.1"], "--learning_rate is not used: the probes train a grid"),
         (["--protocol", "linear", "--aa", "rand-m9"], "--aa is the attentive probe's augmentation"),
-        (["--protocol", "knn", "--crop_scale", "0.5", "1"], "--protocol knn uses none"),
+        (["--protocol", "knn", "--crop_scale", "0.5", "1"], "--crop_scale is used only by the trained probes"),
         (["--protocol", "attentive"], r"--attentive_blocks 6 asks for blocks -1..4, but the encoder has blocks 1..4"),
         (["--protocol", "linear", "--linear_features", "mean", "max"], r"--linear_features \['mean', 'max'\]: choose among"),
     ]
@@ -238,10 +238,9 @@ def test_frozen_eval_scripts_launch_their_recipe(tmp_path, size, name, protocol)
     argv = record.read_text().splitlines()
     assert argv[0] == "eval.py"
     args, data_args, training_args = eval_script.parse_arguments(
-        (eval_script.EvalArguments, eval_script.DataArguments, eval_script.EvalTrainingArguments), argv[1:]
+        (eval_script.EvalArguments, eval_script.DataArguments, eval_script.EvalTrainingArguments), argv[1:], eval_script.FLAG_USES
     )
-    eval_script.check_protocol_flags(args, data_args, training_args)
-    assert args.protocol == protocol and args.is_causal and training_args.bf16
+    assert args.protocol == protocol and args.is_causal is not False and training_args.bf16
     assert args.crop_pct == (0.875 if size == "b" else 0.95)
     if protocol == "knn":
         assert args.knn_k == [10, 20, 100, 200] and args.knn_temperature == 0.07

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image as PILImage
 from safetensors.torch import load_file
-from helpers import COMMON, REPO, save_processor, small_fashion_mnist, tiny_config
+from helpers import COMMON, REPO, fashion_mnist_canvases, save_processor, small_fashion_mnist, tiny_config
 from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
 
 from models.vit_nepa import ViTNepaBackbone, ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining
@@ -479,24 +479,17 @@ def test_sliding_window_covers_the_image_and_averages_overlaps():
 # The entry point: train, save, resume, evaluate
 # --------------------------------------------------------------------------------------------
 
-SEG_FLAGS = [
-    "--crop_size", "56", "--train_scale", "56", "56", "--ratio_range", "1", "1", "--photometric", "False",
-    "--eval_scale", "56", "56", "--eval_stride", "56", "--decoder_hidden_size", "32", "--auxiliary_channels", "32",
-    "--save_strategy", "no", *COMMON,
-]  # fmt: skip
+# The tiny recipe's flags, by where they apply (a run refuses flags it would not use).
+ENCODER_FLAGS = ["--decoder_hidden_size", "32", "--auxiliary_channels", "32"]  # building from an encoder
+TRAIN_FLAGS = ["--train_scale", "56", "56", "--ratio_range", "1", "1", "--photometric", "False"]
+EVAL_FLAGS = ["--eval_scale", "56", "56", "--eval_stride", "56"]
+SEG_FLAGS = ["--crop_size", "56", *ENCODER_FLAGS, *TRAIN_FLAGS, *EVAL_FLAGS, "--save_strategy", "no", *COMMON]
 
 
 @pytest.fixture(scope="module")
 def eight_canvases(tmp_path_factory) -> Path:
     """8 real Fashion-MNIST canvases, as both the training and the validation split (to overfit them)."""
-    root = tmp_path_factory.mktemp("canvases")
-    built = download_dataset.main(
-        ["--dataset", "fashion-mnist-seg", "--canvas_size", "56", "--max_per_split", "8", "--output_dir", str(root / "built")]
-    )
-    train = datasets.load_from_disk(str(built))["train"]
-    datasets.DatasetDict(train=train, validation=train).save_to_disk(str(root / "overfit"))
-    (root / "overfit" / "id2label.json").write_text((built / "id2label.json").read_text())
-    return root / "overfit"
+    return fashion_mnist_canvases(tmp_path_factory.mktemp("canvases"), 8)
 
 
 @pytest.fixture(scope="module")
@@ -523,11 +516,16 @@ def test_tiny_model_overfits_eight_canvases(eight_canvases, tiny_encoder, tmp_pa
     assert metrics["eval_mean_iou"] > 0.9, metrics
 
 
-def segmentation_args(encoder: Path, dataset: Path, output_dir: Path, *flags: str) -> list[str]:
+def segmentation_args(model: Path, dataset: Path, output_dir: Path, *flags: str) -> list[str]:
+    """The tiny recipe for `model` (an encoder or a saved segmentation folder) with the flags that `flags`' run uses."""
+    recipe = ["--crop_size", "56", "--save_strategy", "no", *COMMON]
+    recipe += ENCODER_FLAGS if train_segmentation.folder_model_type(model) != "upernet" else []
+    recipe += TRAIN_FLAGS if "--do_train" in flags else []
+    recipe += EVAL_FLAGS if "--do_eval" in flags or "--eval_strategy" in flags else []
     return [
-        "--model_name_or_path", str(encoder), "--dataset_name", str(dataset), "--load_from_disk", "True",
+        "--model_name_or_path", str(model), "--dataset_name", str(dataset), "--load_from_disk", "True",
         "--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
-        "--learning_rate", "1e-3", "--logging_steps", "1", "--seed", "0", *SEG_FLAGS, *flags,
+        "--learning_rate", "1e-3", "--logging_steps", "1", "--seed", "0", *recipe, *flags,
     ]  # fmt: skip
 
 
@@ -622,9 +620,9 @@ def test_saved_model_is_evaluated_with_do_eval_alone(eight_canvases, tiny_encode
     trained = train_segmentation.main(
         segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--do_eval", "--max_steps", "2", *ema)
     )
-    evaluated = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval", "--do_eval", *ema))
+    evaluated = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval", "--do_eval", *ema[:2]))
     (tmp_path / "seg" / "model_ema.safetensors").unlink()
-    without_ema = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval2", "--do_eval", *ema))
+    without_ema = train_segmentation.main(segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "eval2", "--do_eval", *ema[:2]))
     for key in ("eval_mean_iou", "eval_pixel_accuracy", "eval_ema_mean_iou", "eval_ema_pixel_accuracy"):
         assert evaluated[key] == trained[key], key
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["eval_mean_iou"] == trained["eval_mean_iou"]
@@ -660,8 +658,18 @@ def test_entry_point_refuses_bad_sizes_encoders_to_evaluate_and_classification_f
     with pytest.raises(ValueError, match="is an encoder, not a segmentation model"):
         train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "b", "--do_eval"))
     for flag in (["--labels_per_class", "2"], ["--crop_scale", "0.5", "1"], ["--crop_ratio", "1", "1"]):
-        with pytest.raises(ValueError, match=f"{flag[0]} is not used by train_segmentation.py: .* Leave it out"):
+        with pytest.raises(ValueError, match=f"{flag[0]} is not used: segmentation .* leave it out"):
             train_segmentation.main([*segmentation_args(tiny_encoder, eight_canvases, tmp_path / "c", "--do_train"), *flag])
+
+
+def test_a_saved_segmentation_folder_refuses_the_architecture_flags(eight_canvases, tiny_encoder, tmp_path):
+    """--is_causal, --drop_path, --out_indices, --decoder_hidden_size and --auxiliary_* build a model from an encoder;
+    a saved UperNet folder's config fixes them, so they are refused with it rather than ignored."""
+    train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "seg", "--do_train", "--max_steps", "1"))
+    for flag in (["--is_causal", "True"], ["--drop_path", "0.3"], ["--out_indices", "1", "2"], ["--decoder_hidden_size", "64"],
+                 ["--auxiliary_channels", "64"], ["--auxiliary_loss_weight", "1.0"]):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{flag[0]} is used only when building the model from an encoder folder"):
+            train_segmentation.main([*segmentation_args(tmp_path / "seg", eight_canvases, tmp_path / "e", "--do_eval"), *flag])
 
 
 @pytest.mark.parametrize("script, drop_path, decoder", [("nepa_b_ade20k.sh", 0.1, 768), ("nepa_l_ade20k.sh", 0.2, 1024)])

@@ -124,7 +124,7 @@ def saved_folders(tmp_path_factory, reference_fixture_dir) -> dict[str, Path]:
         pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
     train_segmentation.main([
         "--model_name_or_path", str(folders["pretrained"]), "--dataset_name", str(canvases), "--load_from_disk", "True",
-        "--output_dir", str(folders["segmentation"]), "--do_train", "--crop_size", "16", "--eval_stride", "16", "--train_scale", "56", "56",
+        "--output_dir", str(folders["segmentation"]), "--do_train", "--crop_size", "16", "--train_scale", "56", "56",
         "--decoder_hidden_size", "8", "--auxiliary_channels", "8", *RUN,
     ])  # fmt: skip
     folders["released"] = add_code_to_released_folder(reference_fixture_dir, root / "released")
@@ -170,7 +170,7 @@ def test_converter_adds_only_the_code_and_auto_map_to_a_released_folder(referenc
 def test_add_code_only_refuses_conversion_flags_and_other_models(tmp_path, capsys):
     with pytest.raises(SystemExit):
         init_nepa_cls_from_pretrain.main(["--pretrained_model_id", str(tmp_path), "--add_code_only", "--num_labels", "3"])
-    assert "leave out --num_labels" in capsys.readouterr().err
+    assert "--num_labels is used only" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
     with pytest.raises(SystemExit, match="not a vit_nepa one"):
         init_nepa_cls_from_pretrain.main(["--pretrained_model_id", str(tmp_path), "--add_code_only"])

@@ -34,7 +34,7 @@ from models.vit_nepa import ViTNepaForImageClassification, ViTNepaForPreTraining
 from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
 from nepa.data import BatchNormalize
 from nepa.ema import ModelEMA
-from nepa.metrics import accuracy_metrics, top5_indices
+from nepa.metrics import accuracy_metrics, top5_and_nll, top5_indices
 from nepa.optim import group_warmup_steps, layer_decay_cosine_schedule, layer_decay_param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -470,6 +470,20 @@ def test_conversion_rejects_a_config_of_another_width(tmp_path, pretrained_dir):
         init_nepa_cls_from_pretrain.convert(args)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("qk_norm", False), ("hidden_act", "silu"), ("layer_norm_eps", 1e-6), ("rope_theta", 10000.0), ("image_size", 32),
+     ("layerscale_value", None), ("qkv_bias", False)],
+)  # fmt: skip
+def test_conversion_refuses_a_config_that_changes_the_function(tmp_path, pretrained_dir, field, value):
+    """Only the fields meant to change (attention direction, pooling, regularisation, labels, QK-norm gaining
+    affine weights) may differ from the encoder's; any other is refused by name, and nothing is written."""
+    target = write_config_folder(tmp_path / "target", is_causal=False, add_pooling_layer=True, qk_norm_affine=True, **{field: value})
+    with pytest.raises(SystemExit, match=rf"{field}: pretrained \S+ vs target"):
+        convert(pretrained_dir, tmp_path / "cls", "--config_model_id", str(target))
+    assert not (tmp_path / "cls").exists()
+
+
 def test_argparse_scripts_spell_booleans_as_the_training_scripts_do(capsys):
     """`--flag True` / `--flag False` everywhere; the bare `--flag` of the release's converter still means True."""
     import download_dataset
@@ -747,10 +761,11 @@ def test_accuracy_metrics_on_hand_made_logits():
         ]
     )
     labels = torch.tensor([0, 5, 6, 5])
-    top5 = top5_indices((logits,), labels)  # the Trainer may hand over a tuple
+    top5, nll = top5_and_nll((logits,), labels)  # the Trainer may hand over a tuple
     assert top5.tolist()[1] == [1, 2, 3, 4, 5]
-    metrics = accuracy_metrics(EvalPrediction(predictions=top5.numpy(), label_ids=labels.numpy()))
-    assert metrics == {"accuracy": 0.25, "top5": 0.75}
+    torch.testing.assert_close(nll, torch.nn.functional.cross_entropy(logits, labels, reduction="none"))
+    metrics = accuracy_metrics(EvalPrediction(predictions=(top5.numpy(), nll.numpy()), label_ids=labels.numpy()))
+    assert metrics == {"accuracy": 0.25, "top5": 0.75, "loss": pytest.approx(nll.mean().item())}
     assert top5_indices(logits[:, :3]).shape == (4, 3)  # fewer than 5 classes: all of them
 
 
@@ -825,13 +840,14 @@ def test_recipe_scripts_count_the_gpus_torch_sees(tmp_path):
 
 @pytest.mark.parametrize("script", sorted(RECIPES))
 def test_recipe_scripts_launch_a_command_their_entry_point_accepts(tmp_path, script):
-    """Every flag a recipe passes exists and parses; training runs compile, use fused AdamW, bf16 and persistent
-    workers (docs/performance.md), and NUM_WORKERS=0 turns persistence off (torch refuses it without workers)."""
+    """Every flag a recipe passes exists, parses and is used by the run (the entry point's FLAG_USES); training runs
+    compile, use fused AdamW, bf16 and persistent workers (docs/performance.md), and NUM_WORKERS=0 turns persistence
+    off (torch refuses it without workers)."""
     module, names = RECIPES[script]
     classes = (DataArguments, NepaTrainingArguments, *(getattr(module, name) for name in names))
     argv = recipe_command(tmp_path, script)
     assert argv[0] == Path(module.__file__).name and argv[-2:] == ["--use_cpu", "True"]
-    _, training_args, *script_args = parse_arguments(classes, argv[1:])
+    _, training_args, *script_args = parse_arguments(classes, argv[1:], module.FLAG_USES)
     assert training_args.bf16
     if "eval/" in script:
         return

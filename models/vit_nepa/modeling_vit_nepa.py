@@ -650,12 +650,12 @@ class ViTNepaBackbone(BackboneMixin, ViTNepaPreTrainedModel):
         return tuple(maps), outputs
 
     @can_return_tuple
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
     ) -> BackboneOutput:
         r"""
         pixel_values: (batch, num_channels, height, width), height and width multiples of `patch_size`.
