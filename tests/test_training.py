@@ -939,6 +939,24 @@ def test_recipe_scripts_count_the_gpus_torch_sees(tmp_path):
     assert result.stdout.strip() == "1"  # no GPU: one process
 
 
+def test_recipe_switch_runs_the_papers_layer_decay_ramp(tmp_path):
+    """nepa_b_sft.sh runs the release's constant decay 0.65, and RECIPE=paper the paper's ramp 0.35 -> 1.0; RECIPE=paper
+    for ViT-L (no published ramp) and an unknown RECIPE are refused before anything is launched."""
+
+    def schedule(**env) -> tuple[float, float | None]:
+        argv = recipe_command(tmp_path, "finetune/nepa_b_sft.sh", **env)
+        args, _, training_args = parse_arguments(FINETUNE_ARGUMENTS, argv[1:])
+        return args.llrd, train_finetune.layer_decay_end(args, training_args)
+
+    assert schedule() == schedule(RECIPE="release") == (0.65, None)
+    assert schedule(RECIPE="paper") == (0.35, 1.0)
+    refusals = [("nepa_l_sft.sh", "paper", "publishes its layer-decay ramp for ViT-B only"), ("nepa_b_sft.sh", "papers", "RECIPE=papers: unknown")]
+    for script, recipe, message in refusals:
+        env = {**os.environ, "RECIPE": recipe, "MODEL": str(tmp_path), "DRY_RUN": "1", "NPROC_PER_NODE": "1", "REPORT_TO": "none"}
+        result = subprocess.run(["bash", str(REPO / "scripts" / "finetune" / script)], env=env, capture_output=True, text=True)
+        assert result.returncode == 1 and message in result.stderr and not result.stdout, (script, result.stdout, result.stderr)
+
+
 @pytest.mark.parametrize("script", sorted(RECIPES))
 def test_recipe_scripts_launch_a_command_their_entry_point_accepts(tmp_path, script):
     """Every flag a recipe passes exists and parses; training runs compile, use fused AdamW, bf16 and persistent
