@@ -1,16 +1,11 @@
 """scripts/layer_decay.py end to end at a tiny budget: one pretraining, three schedules fine-tuned alike, the table."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from helpers import small_fashion_mnist
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import layer_decay  # noqa: E402
+from scripts import layer_decay
 
 
 @pytest.mark.slow
