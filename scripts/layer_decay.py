@@ -4,16 +4,15 @@
     python scripts/layer_decay.py --table docs/figures/layer_decay.json   # the table of the committed results
 
 One NEPA pretraining of the demo's model under the miniature's settings (scripts/miniature.py, --pretrain_steps
-under one cosine schedule), converted to a classifier, then fine-tuned the demo's way (scripts/miniature.finetune_argv:
-1 % and 10 % of the labels, --seeds label subsets and fine-tuning seeds) under three layer-wise lr decays
-(SCHEDULES): the release scripts' constant 0.65 (`llrd_cosine_warmup`, each group warmed up over its own steps),
-the paper's ramp from 0.35 to 1.0 (`llrd_cosine`, one warm-up for every group), and none (1.0, the miniature's
-own protocol). Each seed's three fine-tunes see the same labelled images, so the table also gives the ramp's
-gain over the constant decay paired by seed. A stage whose result exists is reused; every run writes
-<output_dir>/final/results.json (with --encoder_step N: step<N>/results.json) with the commit and the command that
-produced it.
+under one cosine schedule), converted to a classifier (its final weights, or with --encoder_step a checkpoint of
+that schedule), then fine-tuned the demo's way (scripts/miniature.finetune_argv: 1 % and 10 % of the labels,
+--seeds label subsets and fine-tuning seeds) under three layer-wise lr decays (SCHEDULES): the release scripts'
+constant 0.65 (`llrd_cosine_warmup`, each group warmed up over its own steps), the paper's ramp from 0.35 to 1.0
+(`llrd_cosine`, one warm-up for every group), and none (1.0, the miniature's own protocol). Each seed's three
+fine-tunes see the same labelled images, so the table also gives the ramp's gain over the constant decay paired
+by seed. A stage whose result exists is reused; every run writes <output_dir>/final/results.json (with
+--encoder_step N: step<N>/results.json) with the commit and the command that produced it.
 """
-
 import argparse
 import json
 import os
@@ -49,8 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "weights, as scripts/pretraining_length.py judges the checkpoints of one schedule (without it, the pretraining "
         "runs to the end)",
     )  # fmt: skip
-    parser.add_argument("--seeds", type=int, default=3, help="label subsets and fine-tuning seeds per schedule")
     parser.add_argument("--label_percents", type=int, nargs="+", default=[1, 10], choices=sorted(miniature.FINETUNE_STEPS))
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[3],
+        help="label subsets and fine-tuning seeds per schedule: one count, or one per --label_percents",
+    )  # fmt: skip
     parser.add_argument(
         "--finetune_steps", type=int, default=None,
         help=f"steps of every fine-tune (default: the demo's per labelled fraction, {miniature.FINETUNE_STEPS})",
@@ -58,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--table", metavar="RESULTS", default=None, help="print the table of a results.json and stop")
     args = parser.parse_args(argv)
+    if len(args.seeds) not in (1, len(args.label_percents)):
+        parser.error(f"--seeds {args.seeds}: give one count, or one per --label_percents {args.label_percents}.")
+    args.seeds = args.seeds * len(args.label_percents) if len(args.seeds) == 1 else args.seeds
     if args.encoder_step is not None and (args.encoder_step % SAVE_STEPS or not 0 < args.encoder_step < args.pretrain_steps):
         parser.error(f"--encoder_step {args.encoder_step}: a checkpoint step, a multiple of {SAVE_STEPS} below --pretrain_steps.")
     return args
@@ -83,7 +88,7 @@ def table(results: dict) -> str:
         "|---|" + "---|" * (len(percents) + 1),
     ]
     for name, by_percent in results["scores"].items():
-        seeds = "/".join(sorted({str(len(values)) for values in by_percent.values()}))
+        seeds = "/".join(str(len(by_percent[p])) for p in percents)
         lines.append(f"| {name} | " + " | ".join(f"{mean_std(by_percent[p])} %" for p in percents) + f" | {seeds} |")
     gains = [paired_gain(results, percent) for percent in percents]
     lines.append("| ramp minus constant, paired by seed | " + " | ".join(f"{mean_std(g)} points" for g in gains) + " | |")
@@ -123,8 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     ])  # fmt: skip
 
     scores = {name: {str(percent): [] for percent in args.label_percents} for name in SCHEDULES}
-    for seed in range(args.seeds):  # seed by seed, so that an interrupted run has whole seeds to reuse
-        for percent in args.label_percents:
+    for percent, seeds in zip(args.label_percents, args.seeds):
+        for seed in range(seeds):  # seed by seed, so that an interrupted run has whole seeds to reuse
             for index, (name, flags) in enumerate(SCHEDULES.items()):
                 folder = judged / f"seed{seed}" / f"finetune{percent}-schedule{index}"
                 finetune = miniature.finetune_argv(classifier, folder, percent, seed, args.finetune_steps, dataset)
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "arguments": arguments,
         "schedules": SCHEDULES,
         "scores": scores,
-        "minutes": {"fine-tunes": sum(seconds(judged / f"seed{seed}") for seed in range(args.seeds)) / 60},  # wall, when run
+        "minutes": {"fine-tunes": sum(seconds(judged / f"seed{seed}") for seed in range(max(args.seeds))) / 60},  # wall, when run
     }
     if (pretrain / "train_results.json").exists():  # the Trainer's own timing of a pretraining that ran to its end
         results["minutes"]["pretraining"] = json.loads((pretrain / "train_results.json").read_text())["train_runtime"] / 60
