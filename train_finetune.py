@@ -9,9 +9,11 @@ evaluated beside the raw ones. `--freeze_vit True` is a linear probe. `--labels_
 trains on a seeded class-balanced labelled subset, the semi-supervised protocol; evaluation stays on the whole
 validation split. `--crop_scale` / `--crop_ratio` set the training crop. The architecture is the classifier
 folder's config; `--config_overrides` changes it (`--drop_path`, `--is_causal` spell two of its fields).
-Every `TrainingArguments` flag works, but the schedule is always the release's layer-wise cosine
-(`--lr_scheduler_type` other than cosine is refused); a run started again with the same command resumes from
-its newest complete checkpoint.
+Every `TrainingArguments` flag works, but the schedule is always one of the release's two layer-wise cosines
+(`--lr_scheduler_type` other than cosine is refused): `llrd_cosine_warmup` (the release scripts' constant decay,
+the default) or `llrd_cosine` (one warm-up for every group; with `--llrd_end` the decay ramps from `--llrd` to it,
+the paper's main-table recipe), named as the release names them in `--lr_scheduler_kwargs`. A run started again
+with the same command resumes from its newest complete checkpoint.
 """
 
 import logging
@@ -46,7 +48,7 @@ from nepa.data import (
     training_split,
 )
 from nepa.metrics import accuracy_metrics, top5_and_nll
-from nepa.optim import layer_decay_cosine_schedule, layer_decay_param_groups
+from nepa.optim import layer_decay_cosine_schedule, layer_decay_param_groups, layer_decay_ramp, layer_decay_ramp_schedule
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint, train_and_evaluate
 
 logger = logging.getLogger("train_finetune")
@@ -70,7 +72,15 @@ class FinetuneArguments:
     is_causal: bool | None = field(
         default=None, metadata={"help": "Causal attention while fine-tuning: --config_overrides is_causal=X."}
     )
-    llrd: float = field(default=0.65, metadata={"help": "Layer-wise lr decay (1 = none)."})
+    llrd: float = field(default=0.65, metadata={"help": "Layer-wise lr decay (1 = none); with --llrd_end, where it starts."})
+    llrd_end: float | None = field(
+        default=None,
+        metadata={
+            "help": "Ramp the layer-wise decay from --llrd to this over the run, along a half-cosine, under the "
+            "llrd_cosine schedule (the paper's ViT-B recipe: --llrd 0.35 --llrd_end 1.0). The same as the release's "
+            "--lr_scheduler_kwargs '{\"custom_scheduler_type\": \"llrd_cosine\", \"llrd_end\": X}'."
+        },
+    )
     head_lr: float | None = field(default=1e-3, metadata={"help": "Learning rate of the classifier and the final norm (fc_norm gets --learning_rate)."})
     crop_pct: float = crop_pct_field()
     resize_size: int | None = resize_size_field()
@@ -83,15 +93,15 @@ class FinetuneArguments:
     smoothing: float = field(default=0.1, metadata={"help": "Label smoothing."})
 
 
-# What the release's commands pass to name the schedule FinetuneTrainer builds.
-RELEASE_SCHEDULER_KWARGS = {"custom_scheduler_type": "llrd_cosine_warmup"}
+# The release's two layer-wise schedules, as its commands name them in --lr_scheduler_kwargs' custom_scheduler_type.
+CONSTANT_DECAY, DECAY_RAMP = "llrd_cosine_warmup", "llrd_cosine"
 
 
 @dataclass
 class FinetuneTrainingArguments(NepaTrainingArguments):
     lr_scheduler_type: SchedulerType | str = field(
         default="cosine",
-        metadata={"help": "cosine only: the release's layer-wise cosine, each group warmed up over its own steps."},
+        metadata={"help": "cosine only: one of the release's layer-wise cosines, which --lr_scheduler_kwargs names."},
     )
 
     def __post_init__(self):
@@ -99,13 +109,19 @@ class FinetuneTrainingArguments(NepaTrainingArguments):
         if self.lr_scheduler_type != SchedulerType.COSINE:
             raise ValueError(
                 f"--lr_scheduler_type {self.lr_scheduler_type.value}: train_finetune.py schedules the release's way, a "
-                f"half-cosine after a linear warm-up per layer group (--warmup_steps / --warmup_ratio set it). "
+                f"half-cosine after a linear warm-up per layer group (--warmup_steps / --warmup_ratio set it; "
+                f"--lr_scheduler_kwargs chooses which of its two layer-wise cosines). "
                 f"Leave the flag out or pass cosine."
             )
-        if self.lr_scheduler_kwargs not in (None, {}, RELEASE_SCHEDULER_KWARGS):
+        kwargs = self.lr_scheduler_kwargs or {}
+        takes = {CONSTANT_DECAY: set(), DECAY_RAMP: {"llrd_end"}}.get(kwargs.get("custom_scheduler_type", CONSTANT_DECAY))
+        end = kwargs.get("llrd_end", 1.0)
+        if takes is None or not set(kwargs) - {"custom_scheduler_type"} <= takes or type(end) not in (int, float):
             raise ValueError(
-                f"--lr_scheduler_kwargs {self.lr_scheduler_kwargs}: train_finetune.py's layer-wise cosine takes no "
-                f"arguments; leave the flag out (the release's {RELEASE_SCHEDULER_KWARGS} is accepted: it names this schedule)."
+                f"--lr_scheduler_kwargs {kwargs}: train_finetune.py takes the release's two layer-wise cosines, "
+                f'{{"custom_scheduler_type": "{CONSTANT_DECAY}"}} (constant --llrd, each group warmed up over its own '
+                f'steps; the default) or {{"custom_scheduler_type": "{DECAY_RAMP}", "llrd_end": 1.0}} (the decay ramps '
+                f"from --llrd to llrd_end, one warm-up for every group), and no other arguments."
             )
 
 
@@ -115,7 +131,7 @@ WITHOUT_FREEZE_VIT = Use(
 )
 # Where each flag of train_finetune.py applies beyond nepa.args' shared table (parse_arguments refuses it elsewhere).
 FLAG_USES = {
-    **dict.fromkeys(("llrd", "head_lr", "aa", "reprob", "mixup", "cutmix", "smoothing", "freeze_vit"), TRAINING),
+    **dict.fromkeys(("llrd", "llrd_end", "head_lr", "aa", "reprob", "mixup", "cutmix", "smoothing", "freeze_vit"), TRAINING),
     "freeze_embed": WITHOUT_FREEZE_VIT,
     "freeze_vit_layers": WITHOUT_FREEZE_VIT,
     "mixup_prob": Use("is used only with --do_train and --mixup or --cutmix above 0", lambda a: a.do_train and (a.mixup > 0 or a.cutmix > 0)),
@@ -123,6 +139,26 @@ FLAG_USES = {
     "crop_pct": EVALUATING,
     "resize_size": EVALUATING,
 }
+
+
+def layer_decay_end(args: FinetuneArguments, training_args: FinetuneTrainingArguments) -> float | None:
+    """Where the decay ends under `llrd_cosine` (--llrd_end or --lr_scheduler_kwargs' llrd_end; --llrd, constant,
+    when neither is given), or None for `llrd_cosine_warmup`. --llrd_end alone selects `llrd_cosine`."""
+    kwargs = training_args.lr_scheduler_kwargs or {}
+    named = kwargs.get("custom_scheduler_type")
+    if args.llrd_end is not None and kwargs.get("llrd_end", args.llrd_end) != args.llrd_end:
+        raise ValueError(f"--llrd_end {args.llrd_end} and --lr_scheduler_kwargs' llrd_end {kwargs['llrd_end']} disagree: pass one.")
+    if args.llrd_end is not None and named == CONSTANT_DECAY:
+        raise ValueError(
+            f"--llrd_end {args.llrd_end} ramps the decay under {DECAY_RAMP}, but --lr_scheduler_kwargs names "
+            f"{CONSTANT_DECAY}, which keeps it constant: leave --lr_scheduler_kwargs out, or name {DECAY_RAMP}."
+        )
+    if named != DECAY_RAMP and args.llrd_end is None:
+        return None
+    if args.llrd <= 0:
+        raise ValueError(f"--llrd {args.llrd} under {DECAY_RAMP}: the decay ramps from --llrd, which must be above 0.")
+    end = kwargs.get("llrd_end", args.llrd_end)
+    return args.llrd if end is None else float(end)
 
 
 def load_classifier(args: FinetuneArguments) -> ViTNepaForImageClassification:
@@ -166,10 +202,12 @@ def batch_augment(args: FinetuneArguments, num_labels: int, device) -> BatchAugm
 
 
 class FinetuneTrainer(NepaTrainer):
-    """Layer-wise lr decay groups with a separate head lr, and the per-group warm-up cosine schedule."""
+    """Layer-wise lr decay groups with a separate head lr, under the per-group warm-up cosine (`layer_decay_end`
+    None) or the decay ramp to `layer_decay_end`, whose current decay each logging line adds as `layer_decay`."""
 
-    def __init__(self, *args, layer_decay: float, head_lr: float | None, **kwargs):
+    def __init__(self, *args, layer_decay: float, head_lr: float | None, layer_decay_end: float | None = None, **kwargs):
         self.layer_decay = layer_decay
+        self.layer_decay_end = layer_decay_end
         self.head_lr = head_lr
         super().__init__(*args, **kwargs)
 
@@ -180,8 +218,17 @@ class FinetuneTrainer(NepaTrainer):
         if self.lr_scheduler is None:
             optimizer = self.optimizer if optimizer is None else optimizer
             warmup = self.args.get_warmup_steps(num_training_steps)
-            self.lr_scheduler = layer_decay_cosine_schedule(optimizer, warmup, num_training_steps)
+            if self.layer_decay_end is None:
+                self.lr_scheduler = layer_decay_cosine_schedule(optimizer, warmup, num_training_steps)
+            else:
+                self.lr_scheduler = layer_decay_ramp_schedule(optimizer, warmup, num_training_steps, self.layer_decay, self.layer_decay_end)
         return self.lr_scheduler
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "learning_rate" in logs and self.layer_decay_end is not None:  # the decay of the step that lr was logged for
+            step = self.state.global_step - 1
+            logs["layer_decay"] = layer_decay_ramp(step, self.state.max_steps, self.layer_decay, self.layer_decay_end)
+        super().log(logs, start_time)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -189,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         (FinetuneArguments, DataArguments, FinetuneTrainingArguments), argv, FLAG_USES
     )
     configure_logging(training_args)
+    decay_end = layer_decay_end(args, training_args)
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the arguments fails here, before the images are read.
@@ -218,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         preprocess_logits_for_metrics=top5_and_nll,
         layer_decay=args.llrd,
         head_lr=args.head_lr,
+        layer_decay_end=decay_end,
     )
     return train_and_evaluate(trainer, processor, checkpoint, args.model_name_or_path)
 

@@ -55,9 +55,10 @@ def layer_decay_param_groups(
 ) -> list[dict]:
     """Layer-wise lr decay: encoder layer i gets lr * decay**(L-1-i), the embeddings lr * decay**L, the other
     parameters above the layers (fc_norm, a segmentation decoder) lr, and the classifier and final norm `head_lr`
-    (lr when None). Each group records its `lr_factor` (1 above the layers), which the schedule uses to stretch the
-    warm-up of the lower layers. `num_layers` (L) defaults to `model.config.num_hidden_layers`; a model whose encoder
-    is a sub-model (a segmentation backbone) names it.
+    (lr when None). Each group records its `lr_factor` (1 above the layers), which `layer_decay_cosine_schedule`
+    uses to stretch the warm-up of the lower layers, and that factor's exponent `decay_exponent`, which
+    `layer_decay_ramp_schedule` raises the changing decay to. `num_layers` (L) defaults to
+    `model.config.num_hidden_layers`; a model whose encoder is a sub-model (a segmentation backbone) names it.
 
     The release's classification recipe runs the last layer at the full lr. `decay_last_layer` gives
     mmsegmentation's convention (the MAE / BEiT segmentation recipe) instead: every exponent one higher, so layer i
@@ -73,12 +74,13 @@ def layer_decay_param_groups(
         decay = uses_weight_decay(name, param)
         key = (index, head, decay)
         if key not in groups:
-            factor = layer_decay ** max(0, top - index)
+            exponent = max(0, top - index)
             groups[key] = {
                 "params": [],
                 "weight_decay": weight_decay if decay else 0.0,
-                "lr": head_lr if head and head_lr is not None else lr * factor,
-                "lr_factor": factor,
+                "lr": head_lr if head and head_lr is not None else lr * layer_decay**exponent,
+                "lr_factor": layer_decay**exponent,
+                "decay_exponent": exponent,
                 "layer": index,
             }
         groups[key]["params"].append(param)
@@ -105,3 +107,25 @@ def layer_decay_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: 
         group_warmup = group_warmup_steps(warmup_steps, group.get("lr_factor", 1.0))
         schedules.append(lambda step, w=group_warmup: warmup_cosine(step, w, total_steps))
     return LambdaLR(optimizer, schedules)
+
+
+def layer_decay_ramp(step: int, total_steps: int, start: float, end: float) -> float:
+    """The layer decay at `step` of the paper's schedule: from `start` at step 0 to `end` at `total_steps`, along a
+    half-cosine."""
+    return start + (end - start) * (1.0 - math.cos(math.pi * step / max(1, total_steps))) / 2.0
+
+
+def layer_decay_ramp_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, layer_decay: float, layer_decay_end: float
+) -> LambdaLR:
+    """The "llrd cosine" schedule (the release's `get_llrd_cosine_schedule`, the paper's main-table recipe): the
+    decay itself moves from `layer_decay` to `layer_decay_end` (`layer_decay_ramp`), so a group built by
+    `layer_decay_param_groups` at lr * layer_decay**e runs at lr * ramp(step)**e; every group warms up over the same
+    `warmup_steps`, then follows the half-cosine to 0. `layer_decay_end` equal to `layer_decay` keeps it constant;
+    `layer_decay` must be above 0."""
+
+    def schedule(step: int, exponent: int) -> float:
+        ramp = layer_decay_ramp(step, total_steps, layer_decay, layer_decay_end)
+        return (ramp / layer_decay) ** exponent * warmup_cosine(step, warmup_steps, total_steps)
+
+    return LambdaLR(optimizer, [lambda step, e=group["decay_exponent"]: schedule(step, e) for group in optimizer.param_groups])

@@ -397,6 +397,11 @@ def finetuning_with_schedule_arguments(tmp_path, model, dataset, pretrained, cla
     return train_finetune.main, ["--model_name_or_path", str(classifier), *no_data(tmp_path), *kwargs]
 
 
+def finetuning_with_two_ramp_ends(tmp_path, model, dataset, pretrained, classifier):
+    kwargs = ["--lr_scheduler_kwargs", '{"custom_scheduler_type": "llrd_cosine", "llrd_end": 1.0}', "--llrd_end", "0.9"]
+    return train_finetune.main, ["--model_name_or_path", str(classifier), *no_data(tmp_path), *kwargs]
+
+
 HEADS_MESSAGE = "hidden_size 32 is not divisible by num_attention_heads 5"
 
 
@@ -418,7 +423,8 @@ def case(arguments, error: type[Exception], message: str) -> pytest.param:
         case(missing_train_dir, FileNotFoundError, "no_such_folder is not a directory"),
         case(missing_validation_split, KeyError, r"no 'validation' split \(splits: \['train'\]\)"),
         case(finetuning_with_another_schedule, ValueError, "--lr_scheduler_type linear: train_finetune.py schedules the release's way"),
-        case(finetuning_with_schedule_arguments, ValueError, "--lr_scheduler_kwargs .* takes no arguments"),
+        case(finetuning_with_schedule_arguments, ValueError, "--lr_scheduler_kwargs .* takes the release.s two layer-wise cosines"),
+        case(finetuning_with_two_ramp_ends, ValueError, "--llrd_end 0.9 and --lr_scheduler_kwargs' llrd_end 1.0 disagree"),
     ],
 )
 def test_bad_arguments_fail_before_any_image_is_read(

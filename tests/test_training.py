@@ -4,6 +4,7 @@ classifier, fine-tuning with the paper's recipe, evaluation protocols, and the p
 through each script's `main(argv)`; one pretraining run is shared by the session."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from helpers import (
     write_config_folder,
 )
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import EvalPrediction
 
 import eval as eval_script
@@ -604,6 +606,124 @@ def test_schedule_warms_each_group_up_then_decays_by_half_cosine():
         assert np.all(np.diff(lrs[group_warmup:, column]) <= 1e-15)
 
 
+# The paper's layer-decay ramp, as the release's command line selects it (its llrd_cosine schedule).
+RELEASE_RAMP = ["--lr_scheduler_kwargs", '{"custom_scheduler_type": "llrd_cosine", "llrd_end": 1.0}']
+
+
+def paper_ramp_lr(name: str, step: int, total: int, warmup: int, start: float = 0.35, end: float = 1.0) -> float:
+    """The lr of tensor `name` at optimiser step `step` (0-based) of the ramp, written out from its description: the
+    decay goes from `start` to `end` as start + (end - start) * (1 - cos(pi t / T)) / 2; a tensor runs at its base lr
+    (HEAD_LR for the classifier and the final LayerNorm, LR for the rest) times decay ** scale (L-1-i in block i, L in
+    the embeddings, 0 elsewhere) times one linear warm-up for all, then a half-cosine to 0."""
+    if name.startswith(("classifier.", "vit_nepa.layernorm.")):
+        base, scale = HEAD_LR, 0
+    elif ".encoder.layer." in name:
+        base, scale = LR, LAYERS - 1 - int(name.split(".encoder.layer.")[1].split(".")[0])
+    elif ".embeddings." in name:
+        base, scale = LR, LAYERS
+    else:
+        base, scale = LR, 0
+    decay = start + (end - start) * (1 - math.cos(math.pi * step / total)) / 2
+    shape = step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    return base * decay**scale * shape
+
+
+@pytest.fixture
+def optimiser_steps(monkeypatch) -> list[dict[str, float]]:
+    """Every trainable tensor's lr, by name, before each optimiser step of the fine-tuning runs in a test."""
+    steps, models = [], []
+    load = train_finetune.load_classifier
+    monkeypatch.setattr(train_finetune, "load_classifier", lambda args: models.append(load(args)) or models[-1])
+
+    def record(optimizer, args, kwargs):
+        if models:
+            names = {id(param): name for name, param in models[-1].named_parameters()}
+            steps.append({names[id(param)]: group["lr"] for group in optimizer.param_groups for param in group["params"]})
+
+    handle = register_optimizer_step_pre_hook(record)
+    yield steps
+    handle.remove()
+
+
+@pytest.mark.parametrize("spelling", [RELEASE_RAMP, ["--llrd_end", "1.0"]], ids=["release-kwargs", "llrd_end-flag"])
+def test_layer_decay_ramp_steps_every_tensor_at_the_papers_lr(tmp_path, classifier_dir, dataset_dir, spelling, optimiser_steps):
+    """The release's ramp command line (or --llrd_end): every tensor's lr at every step is the paper's formula, and
+    the log shows the lowest group's (the embeddings') lr and the decay of that step."""
+    total, warmup = 12, 3
+    extra = ["--do_train", "--max_steps", str(total), "--warmup_steps", str(warmup), "--logging_steps", "1"]
+    extra += ["--save_strategy", "no", "--use_ema", "False", "--head_lr", str(HEAD_LR), "--llrd", "0.35", *spelling]
+    output_dir = tmp_path / "sft"
+    train_finetune.main(finetune_argv(classifier_dir, dataset_dir, output_dir, *extra))  # at --learning_rate LR
+
+    assert len(optimiser_steps) == total
+    assert any(".encoder.layer.0." in name for name in optimiser_steps[0])
+    for step, rates in enumerate(optimiser_steps):
+        for name, rate in rates.items():
+            assert rate == pytest.approx(paper_ramp_lr(name, step, total, warmup), rel=1e-9, abs=0), (step, name)
+    logged = [entry for entry in log_history(output_dir) if "learning_rate" in entry]
+    assert [entry["step"] for entry in logged] == list(range(1, total + 1))
+    for entry in logged:  # the lr and the decay the step just taken ran with
+        step = entry["step"] - 1
+        assert entry["learning_rate"] == pytest.approx(paper_ramp_lr("vit_nepa.embeddings.cls_token", step, total, warmup), rel=1e-9)
+        assert entry["layer_decay"] == pytest.approx(0.35 + 0.65 * (1 - math.cos(math.pi * step / total)) / 2, rel=1e-9)
+
+
+def test_layer_decay_ramp_resumes_mid_ramp_exactly(tmp_path, classifier_dir, dataset_dir, optimiser_steps):
+    """A run restarted from its step-4 checkpoint of 8 takes steps 5 to 8 at the same lrs and ends with the same weights
+    (augmentation off, as in test_ema_survives_a_resume)."""
+    extra = ["--do_train", "--max_steps", "8", "--warmup_steps", "2", "--save_steps", "4", "--use_ema", "False"]
+    extra += ["--llrd", "0.35", *RELEASE_RAMP, "--drop_path", "0"]
+    extra += ["--aa", "", "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--smoothing", "0"]
+    whole, resumed = finetune_whole_and_resumed(tmp_path, classifier_dir, dataset_dir, extra, "checkpoint-4")
+    assert len(optimiser_steps) == 8 + 4
+    assert optimiser_steps[8:] == optimiser_steps[4:8]
+    assert optimiser_steps[4] != optimiser_steps[5]
+    expected, actual = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+FINETUNE_ARGUMENTS = (train_finetune.FinetuneArguments, DataArguments, train_finetune.FinetuneTrainingArguments)
+
+
+def schedule_flags(*flags: str):
+    return parse_arguments(FINETUNE_ARGUMENTS, ["--model_name_or_path", "unused", "--output_dir", "unused", *flags])
+
+
+@pytest.mark.parametrize(
+    "flags, end",
+    [
+        ([], None),
+        (["--lr_scheduler_kwargs", '{"custom_scheduler_type": "llrd_cosine_warmup"}'], None),
+        (["--lr_scheduler_kwargs", '{"custom_scheduler_type": "llrd_cosine"}'], 0.65),  # constant, one warm-up for all
+        (RELEASE_RAMP, 1.0),
+        (["--llrd_end", "1.0"], 1.0),
+        ([*RELEASE_RAMP, "--llrd_end", "1.0"], 1.0),
+    ],
+)
+def test_the_flags_choose_the_layer_decay_schedule(flags, end):
+    """None: llrd_cosine_warmup (constant decay, per-group warm-up); a number: llrd_cosine, ramping to it."""
+    args, _, training_args = schedule_flags(*flags)
+    assert train_finetune.layer_decay_end(args, training_args) == end
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr_scheduler_kwargs", '{"custom_scheduler_type": "llrd_cosine_warmup", "llrd_end": 1.0}'], "takes the release's two"),
+        (["--lr_scheduler_kwargs", '{"custom_scheduler_type": "llrd_cosine", "llrd_end": "high"}'], "takes the release's two"),
+        (["--lr_scheduler_kwargs", '{"custom_scheduler_type": "cosine_ramp"}'], "takes the release's two"),
+        (["--lr_scheduler_kwargs", '{"custom_scheduler_type": "llrd_cosine_warmup"}', "--llrd_end", "1.0"], "keeps it constant"),
+        ([*RELEASE_RAMP, "--llrd_end", "0.9"], "disagree: pass one"),
+        (["--llrd", "0", "--llrd_end", "1.0"], "must be above 0"),
+    ],
+)
+def test_contradictory_layer_decay_schedules_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        args, _, training_args = schedule_flags(*flags)
+        train_finetune.layer_decay_end(args, training_args)
+
+
 # --------------------------------------------------------------------------------------------
 # EMA
 # --------------------------------------------------------------------------------------------
@@ -836,6 +956,24 @@ def test_recipe_scripts_count_the_gpus_torch_sees(tmp_path):
     real_torch = {key: value for key, value in env.items() if key != "PYTHONPATH"}
     result = subprocess.run(count, env={**real_torch, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
     assert result.stdout.strip() == "1"  # no GPU: one process
+
+
+def test_recipe_switch_runs_the_papers_layer_decay_ramp(tmp_path):
+    """nepa_b_sft.sh runs the release's constant decay 0.65, and RECIPE=paper the paper's ramp 0.35 -> 1.0; RECIPE=paper
+    for ViT-L (no published ramp) and an unknown RECIPE are refused before anything is launched."""
+
+    def schedule(**env) -> tuple[float, float | None]:
+        argv = recipe_command(tmp_path, "finetune/nepa_b_sft.sh", **env)
+        args, _, training_args = parse_arguments(FINETUNE_ARGUMENTS, argv[1:])
+        return args.llrd, train_finetune.layer_decay_end(args, training_args)
+
+    assert schedule() == schedule(RECIPE="release") == (0.65, None)
+    assert schedule(RECIPE="paper") == (0.35, 1.0)
+    refusals = [("nepa_l_sft.sh", "paper", "publishes its layer-decay ramp for ViT-B only"), ("nepa_b_sft.sh", "papers", "RECIPE=papers: unknown")]
+    for script, recipe, message in refusals:
+        env = {**os.environ, "RECIPE": recipe, "MODEL": str(tmp_path), "DRY_RUN": "1", "NPROC_PER_NODE": "1", "REPORT_TO": "none"}
+        result = subprocess.run(["bash", str(REPO / "scripts" / "finetune" / script)], env=env, capture_output=True, text=True)
+        assert result.returncode == 1 and message in result.stderr and not result.stdout, (script, result.stdout, result.stderr)
 
 
 @pytest.mark.parametrize("script", sorted(RECIPES))

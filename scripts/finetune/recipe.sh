@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's ImageNet-1k fine-tuning recipe (docs/recipes.md) for the classifier in MODEL:
+# The paper's ImageNet-1k fine-tuning recipe (docs/recipes.md) for the classifier in MODEL, as the release runs it:
 # total batch 1024, 100 epochs, AdamW (0.9, 0.999), wd 0.05, lr BASE_LR * batch / 256 with layer-wise decay
 # LLRD (fc_norm at the full lr), head lr 1e-3 for the classifier and final norm, per-group warm-up WARMUP then
 # cosine, drop path DROP_PATH, patch embedding frozen, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25,
@@ -9,9 +9,26 @@
 # Speed (docs/performance.md): fused AdamW, torch.compile (--torch_compile False turns it off), workers kept
 # between epochs.
 # Checkpoints every epoch and every SAVE_EVERY_MINUTES (30), the newest 2 and the best kept.
-# Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS, SAVE_EVERY_MINUTES; extra
-# flags pass through.
+# RECIPE chooses the layer decay (docs/recipes.md, "The paper's recipe and the release's"): release (the default) runs
+# the release scripts' constant LLRD under llrd_cosine_warmup; paper runs the paper's ramp from PAPER_LLRD to
+# PAPER_LLRD_END under llrd_cosine, one warm-up for every group (set by nepa_b_sft.sh; the paper gives none for ViT-L).
+# Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS, SAVE_EVERY_MINUTES, RECIPE;
+# extra flags pass through.
 set -euo pipefail
+case "${RECIPE:=release}" in
+  release) DECAY_FLAGS=(--llrd "$LLRD") ;;
+  paper)
+    if [ -z "${PAPER_LLRD:-}" ]; then
+      echo "RECIPE=paper: the paper publishes its layer-decay ramp for ViT-B only (nepa_b_sft.sh: 0.35 -> 1.0), none for" \
+        "this model. Run RECIPE=release, or choose a ramp yourself: add --llrd START --llrd_end END to the command." >&2
+      exit 1
+    fi
+    DECAY_FLAGS=(--llrd "$PAPER_LLRD" --llrd_end "$PAPER_LLRD_END") ;;
+  *)
+    echo "RECIPE=$RECIPE: unknown. RECIPE=release (the default) runs the release scripts' constant layer decay;" \
+      "RECIPE=paper runs the paper's layer-decay ramp (docs/recipes.md)." >&2
+    exit 1 ;;
+esac
 source "$(dirname "$0")/../common.sh"
 
 : "${MODEL:?set MODEL to a classifier folder from init_nepa_cls_from_pretrain.py}"
@@ -28,7 +45,7 @@ launch train_finetune.py \
   --num_train_epochs "${EPOCHS:-100}" \
   --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size "$PER_DEVICE_BATCH" \
   --gradient_accumulation_steps "$(gradient_accumulation "$TOTAL_BATCH" "$PER_DEVICE_BATCH")" \
-  --learning_rate "$(scaled_lr "$BASE_LR" "$TOTAL_BATCH")" --head_lr 1e-3 --llrd "$LLRD" \
+  --learning_rate "$(scaled_lr "$BASE_LR" "$TOTAL_BATCH")" --head_lr 1e-3 "${DECAY_FLAGS[@]}" \
   --warmup_steps "$WARMUP" \
   --optim adamw_torch_fused --adam_beta1 0.9 --adam_beta2 0.999 --weight_decay 0.05 \
   --drop_path "$DROP_PATH" --is_causal False --freeze_embed True \
