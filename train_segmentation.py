@@ -78,6 +78,7 @@ UNUSED_DATA_FLAGS = {
     "labels_per_class": "segmentation trains on the whole training split (or --max_train_samples images of it)",
     "crop_scale": "segmentation crops mmsegmentation's way: --train_scale, --ratio_range, --crop_size, --cat_max_ratio",
     "crop_ratio": "segmentation crops mmsegmentation's way: --train_scale, --ratio_range, --crop_size, --cat_max_ratio",
+    "images_in_memory": "segmentation's masks and multi-scale crops have no in-memory path",
 }
 
 
