@@ -30,15 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining  # noqa: E402
-from nepa.data import (  # noqa: E402
-    BatchNormalize,
-    FinetuneTransform,
-    ImageDataset,
-    ImagesInMemory,
-    PretrainTransform,
-    collate_images,
-    labelled_subset,
-)
+from nepa import data  # noqa: E402
 from scripts import miniature  # noqa: E402
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -49,12 +41,12 @@ def stages(dataset: datasets.DatasetDict) -> dict:
     pretrain, finetune = miniature.PRETRAIN, miniature.FINETUNE
     return {
         "pretraining": (
-            dataset["train"], PretrainTransform(28, pretrain["crop_scale"]), pretrain["per_device_train_batch_size"],
+            dataset["train"], data.PretrainTransform(28, pretrain["crop_scale"]), pretrain["per_device_train_batch_size"],
             ViTNepaForPreTraining, miniature.PRETRAIN_CONFIG,
         ),
         "fine-tuning, 10 % labels": (
-            labelled_subset(dataset["train"], 0.1, 0),
-            FinetuneTransform(28, finetune["aa"], MEAN, finetune["crop_scale"], finetune["crop_ratio"]),
+            data.labelled_subset(dataset["train"], 0.1, 0),
+            data.FinetuneTransform(28, finetune["aa"], MEAN, finetune["crop_scale"], finetune["crop_ratio"]),
             finetune["per_device_train_batch_size"], ViTNepaForImageClassification, miniature.FINETUNE_CONFIG,
         ),
     }  # fmt: skip
@@ -67,7 +59,7 @@ class Step:
         torch.manual_seed(0)
         self.model = model_class(ViTNepaConfig.from_pretrained(ROOT / config_folder)).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-        self.normalize = BatchNormalize(MEAN, STD)
+        self.normalize = data.BatchNormalize(MEAN, STD)
         self.takes_labels = model_class is ViTNepaForImageClassification
 
     def __call__(self, batch: dict) -> None:
@@ -107,15 +99,15 @@ def main(argv=None) -> None:
     rows = []
     for name, (split, transform, batch_size, model_class, config) in stages(dataset).items():
         start = time.perf_counter()
-        in_memory = ImagesInMemory(split, transform, label_column="label", seed=0)
+        in_memory = data.ImagesInMemory(split, transform, label_column="label", seed=0)
         decode = time.perf_counter() - start
-        per_image = ImageDataset(split, transform, seed=0)
+        per_image = data.ImageDataset(split, transform, seed=0)
         loaders = {
             "per image": lambda: torch.utils.data.DataLoader(
-                per_image, batch_size=batch_size, shuffle=True, collate_fn=collate_images, num_workers=args.workers
+                per_image, batch_size=batch_size, shuffle=True, collate_fn=data.collate_images, num_workers=args.workers
             ),
             "in memory": lambda: torch.utils.data.DataLoader(
-                in_memory, batch_size=batch_size, shuffle=True, collate_fn=collate_images, num_workers=0
+                in_memory, batch_size=batch_size, shuffle=True, collate_fn=data.collate_images, num_workers=0
             ),
         }
         step = Step(model_class, config)
