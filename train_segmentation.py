@@ -102,6 +102,7 @@ FLAG_USES = {
     "labels_per_class": unused("segmentation trains on the whole training split (or --max_train_samples images of it)"),
     "crop_scale": unused(CROPS_INSTEAD),
     "crop_ratio": unused(CROPS_INSTEAD),
+    "images_in_memory": unused("segmentation's masks and multi-scale crops have no in-memory path"),
 }
 
 

@@ -54,6 +54,13 @@ class DataArguments:
     strict_images: bool = field(
         default=False, metadata={"help": "Stop at the first undecodable image instead of skipping and logging it."}
     )
+    images_in_memory: bool = field(
+        default=False,
+        metadata={
+            "help": "Small datasets: decode each split once into one uint8 tensor and crop and flip whole batches "
+            "(the same crops and resampling); no dataloader workers needed. Refuses RandAugment (--aa). See docs/usage.md."
+        },
+    )
 
     def __post_init__(self):
         for name in ("crop_scale", "crop_ratio"):

@@ -11,6 +11,7 @@ training device (`BatchNormalize`, `BatchAugment`, applied by `nepa.trainer.Nepa
 
 import io
 import logging
+import math
 import os
 import random
 from contextlib import contextmanager
@@ -113,6 +114,107 @@ DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
 DEFAULT_CROP_PCT = 0.875  # evaluation: the centre crop's share of the resized shorter side (timm's default)
 
 
+def triangle_filter(t: torch.Tensor) -> torch.Tensor:
+    return (1 - t.abs()).clamp_(min=0)
+
+
+def cubic_filter(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """Keys' cubic convolution with PIL's and torch's a = -0.5."""
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = (((t - 5) * t + 8) * t - 4) * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def resampling_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, filter) -> torch.Tensor:
+    """(batch, out_size, in_size) weights that resample pixels [start, start + length) of each row to out_size
+    pixels: the separable filter of torch's (and PIL's) antialiased resize, stretched by the scale when it shrinks,
+    normalised over the pixels inside the crop (so the crop's edge is clamped, as when cropping first)."""
+    scale = (length / out_size).double()
+    stretch = scale.clamp(min=1.0)
+    centre = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale[:, None]  # in crop coordinates
+    pixel = torch.arange(in_size, dtype=torch.float64) - start[:, None]  # each input pixel, in crop coordinates
+    weights = filter((pixel[:, None, :] + 0.5 - centre[:, :, None]) / stretch[:, None, None])
+    inside = (pixel >= 0) & (pixel < length[:, None])
+    weights = weights * inside[:, None, :]
+    return (weights / weights.sum(-1, keepdim=True)).float()
+
+
+class BatchResizedCrop:
+    """RandomResizedCrop and horizontal flip of a whole batch of same-size uint8 images, in two batched matmuls.
+
+    The boxes are drawn as torchvision's `RandomResizedCrop` draws them (ten tries of an area fraction uniform in
+    `scale` and an aspect ratio log-uniform in `ratio`, rounded sides, a uniform corner; else the central crop that
+    fits `ratio`), for every image of the batch at once. Each box is resampled with the weights of torch's
+    antialiased bilinear or bicubic resize of the cropped image (`resampling_weights`), as one matrix per image for
+    the rows and one for the columns: the pixels of `TF.resized_crop(..., antialias=True)` up to rounding (torch's
+    uint8 kernels use fixed-point weights). Drawn from `generator`, so the caller decides how the batch is seeded."""
+
+    TRIES = 10
+    FILTERS = {"bilinear": triangle_filter, "bicubic": cubic_filter}
+
+    def __init__(self, size: int, scale=DEFAULT_CROP_SCALE, ratio=DEFAULT_CROP_RATIO, interpolation="bilinear", flip=True):
+        self.size = size
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.filter = self.FILTERS[interpolation]
+        self.flip = flip
+
+    def boxes(self, count: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """(count, 4) integer boxes `left, top, width, height`, distributed as `RandomResizedCrop.make_params`."""
+        shape = (count, self.TRIES)
+        area = height * width * torch.empty(shape, dtype=torch.float64).uniform_(*self.scale, generator=generator)
+        log_ratio = torch.empty(shape, dtype=torch.float64)
+        log_ratio.uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=generator)
+        aspect = torch.exp(log_ratio)
+        crop_w = torch.round(torch.sqrt(area * aspect)).long()
+        crop_h = torch.round(torch.sqrt(area / aspect)).long()
+        fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+        first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first try that fits, as the loop takes it
+        crop_w, crop_h = crop_w.gather(1, first)[:, 0], crop_h.gather(1, first)[:, 0]
+        corner = torch.rand(count, 2, dtype=torch.float64, generator=generator)
+        top = (corner[:, 0] * (height - crop_h + 1)).long()
+        left = (corner[:, 1] * (width - crop_w + 1)).long()
+        fallback = ~fits.any(dim=1)
+        if fallback.any():
+            w, h = self.central_crop(height, width)
+            crop_w[fallback], crop_h[fallback] = w, h
+            top[fallback], left[fallback] = (height - h) // 2, (width - w) // 2
+        return torch.stack([left, top, crop_w, crop_h], dim=1)
+
+    def central_crop(self, height: int, width: int) -> tuple[int, int]:
+        """RandomResizedCrop's fallback when no try fits: the whole image, cut to the nearest ratio in `ratio`."""
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            return width, int(round(width / min(self.ratio)))
+        if in_ratio > max(self.ratio):
+            return int(round(height * max(self.ratio))), height
+        return width, height
+
+    def resample(self, pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """uint8 (batch, C, H, W) and boxes `left, top, width, height` -> uint8 (batch, C, size, size)."""
+        height, width = pixels.shape[-2:]
+        left, top, crop_w, crop_h = boxes.unbind(1)
+        rows = resampling_weights(top, crop_h, height, self.size, self.filter)  # (batch, size, H)
+        columns = resampling_weights(left, crop_w, width, self.size, self.filter)  # (batch, size, W)
+        # Width first, rounded to 8 bits, then height: the passes of torch's uint8 kernel (bicubic overshoots, and
+        # the intermediate clamp is part of its result).
+        count, channels = pixels.shape[:2]
+        crops = torch.bmm(pixels.float().view(count, channels * height, width), columns.transpose(1, 2))
+        crops = crops.round_().clamp_(0, 255).view(count, channels, height, self.size).transpose(1, 2)
+        crops = torch.bmm(rows, crops.reshape(count, height, channels * self.size))
+        crops = crops.view(count, self.size, channels, self.size).transpose(1, 2)
+        return crops.round_().clamp_(0, 255).to(torch.uint8)
+
+    def __call__(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        count, _, height, width = pixels.shape
+        crops = self.resample(pixels, self.boxes(count, height, width, generator))
+        if self.flip:
+            flipped = torch.rand(count, generator=generator) < 0.5
+            crops[flipped] = crops[flipped].flip(-1)
+        return crops
+
+
 class PretrainTransform:
     """RandomResizedCrop + horizontal flip on uint8 tensors (normalisation happens per batch)."""
 
@@ -120,9 +222,14 @@ class PretrainTransform:
         self.augment = v2.Compose(
             [v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True), v2.RandomHorizontalFlip()]
         )
+        self.batch_crop = BatchResizedCrop(size, scale, ratio)
 
     def __call__(self, record: dict) -> torch.Tensor:
         return self.augment(decode_rgb_tensor(record))
+
+    def in_memory(self):
+        """(what `ImagesInMemory` applies to each image once, what it applies to each batch)."""
+        return decode_rgb_tensor, self.batch_crop
 
 
 class EvalTransform:
@@ -137,6 +244,10 @@ class EvalTransform:
 
     def __call__(self, record: dict) -> torch.Tensor:
         return self.resize(decode_rgb_tensor(record))
+
+    def in_memory(self):
+        """Deterministic: applied to each image once, when `ImagesInMemory` decodes the split."""
+        return self, None
 
 
 class ChannelsLastResizedCrop(v2.RandomResizedCrop):
@@ -166,6 +277,8 @@ class FinetuneTransform:
                 v2.RandomHorizontalFlip(),
             ]
         )
+        self.batch_crop = BatchResizedCrop(size, scale, ratio, interpolation="bicubic")
+        self.auto_augment = auto_augment
         self.rand_augment = None
         if auto_augment:
             from timm.data import create_transform
@@ -181,6 +294,16 @@ class FinetuneTransform:
             return pixels
         image = Image.fromarray(pixels.permute(1, 2, 0).numpy())  # (H, W, 3) view of channels-last memory
         return TF.pil_to_tensor(self.rand_augment(image))
+
+    def in_memory(self):
+        """The crop and flip per batch (`BatchResizedCrop`, bicubic); RandAugment is PIL's, image by image, and has
+        no batch form here."""
+        if self.auto_augment:
+            raise ValueError(
+                f"--images_in_memory crops whole batches and cannot apply RandAugment (--aa {self.auto_augment}): pass "
+                f"--aa '' to train without it, or --images_in_memory False to keep it."
+            )
+        return decode_rgb_tensor, self.batch_crop
 
 
 # --- dataset ---------------------------------------------------------------------------------------
@@ -265,6 +388,71 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.label_column:
             example["labels"] = row[self.label_column]
         return example
+
+
+class ImagesInMemory(torch.utils.data.Dataset):
+    """A split decoded once into one uint8 tensor (N, 3, H, W): the fast path for small images (`--images_in_memory`).
+
+    For datasets that fit in memory (Fashion-MNIST's 60,000 images are 141 MiB at 28 px in RGB, CIFAR-10's 50,000
+    154 MiB). `transform.in_memory()` names what runs once per image (the decode; evaluation's resize and centre
+    crop, which are deterministic) and what runs per batch (`BatchResizedCrop`): the dataloader fetches a whole batch
+    through `__getitems__`: one crop call per batch instead of a transform per image, fast enough without workers.
+
+    As `ImageDataset`: undecodable images are left out with a log line (`strict=True`: an error), and a batch's
+    random crops are drawn from a seed of (`seed`, the epoch, the batch's indices), so a resumed run draws what the
+    uninterrupted one drew. Every image must have one size after the per-image step."""
+
+    def __init__(self, split: datasets.Dataset, transform, image_column="image", label_column="label", strict=False,
+                 seed: int | None = None):  # fmt: skip
+        once, self.batch_transform = transform.in_memory()
+        records = split.cast_column(image_column, datasets.Image(decode=False))[image_column]
+        labels = split[label_column] if label_column else None
+        kept, images = [], None
+        for index, record in enumerate(records):
+            try:
+                image = once(record)
+            except BadImageError as error:
+                if strict:
+                    raise
+                logger.warning("skipped %s", error)
+                continue
+            if images is None:
+                images = torch.empty((len(records), *image.shape), dtype=torch.uint8)
+            if image.shape != images.shape[1:]:
+                raise ValueError(
+                    f"--images_in_memory needs images of one size; {record_path(record)} is {tuple(image.shape)} "
+                    f"and the first was {tuple(images.shape[1:])}. Leave --images_in_memory off for this dataset."
+                )
+            images[len(kept)] = image
+            kept.append(index)
+        if not kept:
+            raise BadImageError(f"all {len(records)} images of the split", "none decodes")
+        self.pixels = images[: len(kept)]
+        self.labels = torch.tensor([labels[index] for index in kept]) if labels is not None else None
+        self.seed = torch.initial_seed() if seed is None else seed
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        logger.info("%d images in memory: %.0f MiB", len(kept), self.pixels.numel() / 2**20)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        pixels = self.pixels[indices]
+        if self.batch_transform is not None:
+            seed = np.random.SeedSequence([self.seed, int(self.epoch), *indices]).generate_state(2)
+            generator = torch.Generator().manual_seed(int(seed[0]) << 32 | int(seed[1]))
+            pixels = self.batch_transform(pixels, generator)
+        examples = [{"pixel_values": image} for image in pixels]
+        if self.labels is not None:
+            for example, label in zip(examples, self.labels[indices].tolist()):
+                example["labels"] = label
+        return examples
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
 
 
 def collate_images(examples: list[dict]) -> dict:
@@ -456,4 +644,6 @@ def check_labels_fit(split: datasets.Dataset, label_column: str, num_labels: int
 def image_dataset(split: datasets.Dataset, transform, data_args, labels: bool = True, dataset_class=ImageDataset) -> ImageDataset:
     """`ImageDataset` (or a subclass) of a split with the columns and strictness that `DataArguments` name."""
     label_column = data_args.label_column_name if labels else None
+    if data_args.images_in_memory:
+        dataset_class = ImagesInMemory
     return dataset_class(split, transform, data_args.image_column_name, label_column, data_args.strict_images)

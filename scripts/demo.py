@@ -5,11 +5,13 @@ under the semi-supervised protocol: k-NN and linear probes of the frozen encoder
 labels, and fine-tuning on 1 % and 10 % of the labels (a seeded, class-balanced subset, the same images
 for both encoders), every score on the 10,000 test images. `--seeds N` repeats the probes and
 fine-tunes with N label subsets and prints mean ± std. The settings are those of scripts/miniature.py
-(chosen by the sweep in docs/miniature.md).
+(chosen by the sweep in docs/miniature.md); every stage reads its images through the in-memory fast path
+(`--images_in_memory`, docs/usage.md).
 
-Every stage calls an entry point's `main(argv)` in this one process, so imports and the dataset are
-paid for once. The table goes to outputs/demo/results.md (per-seed figures to results.json); a
-second run reuses every stage whose results exist (--rerun starts over).
+Every stage calls an entry point's `main(argv)` in this one process, so imports are paid for once. The
+table goes to outputs/demo/results.md, the per-seed figures, stage times, commit and command to
+results.json (`--table results.json` prints the table again from such a file: the README's comes from
+docs/figures/demo.json); a second run reuses every stage whose results exist (--rerun starts over).
 """
 
 import argparse
@@ -23,9 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts import miniature  # noqa: E402
-from scripts.experiment import Stages, mean_std  # noqa: E402
+from scripts.experiment import Stages, mean_std, provenance  # noqa: E402
 
-COMMON = ["--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "1"]
+# The in-memory path needs no worker process: the crops of a batch take one call in the training process.
+COMMON = ["--use_cpu", "True", "--report_to", "none", "--images_in_memory", "True", "--dataloader_num_workers", "0"]
 
 
 def accuracy(folder: Path) -> float:
@@ -51,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch threads (default: torch's choice, all cores); on a CPU shared with other work, 1 can be faster",
     )  # fmt: skip
     parser.add_argument("--rerun", action="store_true", help="run every stage again")
+    parser.add_argument("--table", metavar="RESULTS_JSON", help="print the table of a results.json this script wrote, and stop")
     args = parser.parse_args(argv)
     unknown = [p for p in args.label_percents if args.finetune_steps is None and p not in miniature.FINETUNE_STEPS]
     if unknown:
@@ -58,9 +62,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def table(results: dict) -> str:
+    """The demo's table in Markdown, from what `main` returns (or wrote to results.json)."""
+    arguments, scores = results["arguments"], results["scores"]
+    seeds = arguments["seeds"]
+    columns = list(next(iter(scores.values())))
+    lines = [
+        f"# NEPA demo: Fashion-MNIST, {Path(miniature.PRETRAIN_CONFIG).name} on the CPU",
+        "",
+        f"NEPA pretraining {arguments['pretrain_steps']:,} steps of {results['pretrain_batch_size']} images; "
+        f"probes fitted on {miniature.PROBE_LABELS_PERCENT} % of the labels; top-1 on all test images; "
+        + ("one seed." if seeds == 1 else f"mean ± std over {seeds} seeds (label subsets and fine-tuning)."),
+        f"Commit {results['commit']}: `{results['command']}`",
+        "",
+        "| encoder | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    lines += [f"| {row} | " + " | ".join(f"{mean_std(values[column])} %" for column in columns) + " |" for row, values in scores.items()]
+    lines += ["", "| stage | minutes |", "|---|---|"]
+    lines += [f"| {kind} | {seconds / 60:.1f} |" for kind, seconds in results["seconds"].items() if kind != "total"]
+    lines += [f"| total (this run) | {results['seconds']['total'] / 60:.1f} |", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    start = time.time()
+    if args.table:
+        results = json.loads(Path(args.table).read_text())
+        print(table(results))
+        return results
+    start, measured_by = time.time(), provenance()  # the code as the run starts
     import torch
 
     import download_dataset
@@ -110,26 +141,16 @@ def main(argv: list[str] | None = None) -> dict:
                 stages.run(f"fine-tuning, {percent:g} % labels", folder / "eval_results.json", train_finetune.main, [*argv, *COMMON])
                 scores[row][column].append(accuracy(folder))
 
-    total = time.time() - start
-    lines = [
-        f"# NEPA demo: Fashion-MNIST, {Path(miniature.PRETRAIN_CONFIG).name} on the CPU",
-        "",
-        f"NEPA pretraining {args.pretrain_steps} steps of {miniature.PRETRAIN['per_device_train_batch_size']} images; "
-        f"probes fitted on {miniature.PROBE_LABELS_PERCENT} % of the labels; top-1 on all test images; "
-        + ("one seed." if args.seeds == 1 else f"mean ± std over {args.seeds} seeds (label subsets and fine-tuning)."),
-        "",
-        "| encoder | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    lines += [f"| {row} | " + " | ".join(f"{mean_std(scores[row][column])} %" for column in columns) + " |" for row in encoders]
-    lines += ["", "| stage | minutes |", "|---|---|"]
-    lines += [f"| {kind} | {seconds / 60:.1f} |" for kind, seconds in stages.seconds.items()]
-    lines += [f"| total (this run) | {total / 60:.1f} |", ""]
-    table = "\n".join(lines)
-    (out / "results.md").write_text(table)
-    results = {"scores": scores, "seconds": {**stages.seconds, "total": total}, "arguments": vars(args)}
+    results = {
+        **measured_by,
+        "arguments": vars(args),
+        "pretrain_batch_size": miniature.PRETRAIN["per_device_train_batch_size"],
+        "scores": scores,
+        "seconds": {**stages.seconds, "total": time.time() - start},
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print("\n" + table)
+    (out / "results.md").write_text(table(results))
+    print("\n" + table(results))
     print(f"written to {out / 'results.md'}")
     return results
 

@@ -5,9 +5,14 @@ A stage is one run of an entry point whose result file marks it done: running a 
 whose result exists, so an interrupted experiment resumes where it stopped.
 """
 
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Stages:
@@ -43,3 +48,15 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def provenance() -> dict:
+    """What produced a results file: the commit checked out (with `+changes` when the tree differs from it) and the
+    command line, so that a table printed from the file says which code measured it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+changes"
+    return {"commit": commit, "command": shlex.join(["python", *sys.argv])}

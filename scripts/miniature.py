@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIG = "configs/pretrain/nepa-tiny-patch7-28"
 FINETUNE_CONFIG = "configs/finetune/nepa-tiny-patch7-28-sft"
 DATASET = "data/fashion-mnist-hf"
-PRETRAIN_STEPS = 1000
+PRETRAIN_STEPS = 2000
 
 # NEPA pretraining: the paper's optimiser (AdamW, beta2 0.95, cosine) at a small-batch learning rate, on
 # crops of at least half the image (an 8 % crop of 28 px is 8 x 8 pixels; (0.5, 1) gave +3 k-NN points).

@@ -2,6 +2,7 @@
 runner every experiment driver shares (scripts/experiment.py)."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def test_mean_std_of_no_one_and_several_seeds():
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_a_second_run_reuses_them(tmp_path):
+def test_demo_runs_every_stage_and_a_second_run_reuses_them(tmp_path, capsys):
     dataset = small_fashion_mnist(tmp_path / "fashion-mnist")
     argv = [
         "--dataset", str(dataset), "--output_dir", str(tmp_path / "demo"), "--seeds", "2",
@@ -90,6 +91,13 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_them(tmp_path):
     table = (tmp_path / "demo" / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| NEPA-pretrained |", "| random init |"))]
     assert len(rows) == 2 and all(row.count("±") == len(columns) for row in rows)
+    # The results say which code and command measured them, and print the same table again.
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}(\+changes)?", saved["commit"]) and "demo" in saved["command"]
+    assert f"Commit {saved['commit']}" in table
+    capsys.readouterr()
+    demo.main(["--table", str(tmp_path / "demo" / "results.json")])
+    assert capsys.readouterr().out.strip() == table.strip()
 
     again = demo.main(argv)
     assert set(again["seconds"]) == {"start-up", "total"}  # nothing trained or evaluated the second time

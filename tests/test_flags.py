@@ -64,6 +64,7 @@ ALWAYS_USED = {
     "image": "test_maps_for_every_image_mode",
     "trainer_state": "test_training_curves",
     "knn_eval_steps": "test_knn_and_rankme_are_logged_at_the_asked_steps",
+    "images_in_memory": "test_entry_points_train_from_memory_and_refuse_randaugment",
 }
 
 # A value other than the default for each flag whose type alone does not give a valid one.

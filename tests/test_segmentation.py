@@ -657,8 +657,8 @@ def test_entry_point_refuses_bad_sizes_encoders_to_evaluate_and_classification_f
         train_segmentation.main([*segmentation_args(tiny_encoder, eight_canvases, tmp_path / "a", "--do_train"), "--crop_size", "50"])
     with pytest.raises(ValueError, match="is an encoder, not a segmentation model"):
         train_segmentation.main(segmentation_args(tiny_encoder, eight_canvases, tmp_path / "b", "--do_eval"))
-    for flag in (["--labels_per_class", "2"], ["--crop_scale", "0.5", "1"], ["--crop_ratio", "1", "1"]):
-        with pytest.raises(ValueError, match=f"{flag[0]} is not used: segmentation .* leave it out"):
+    for flag in (["--labels_per_class", "2"], ["--crop_scale", "0.5", "1"], ["--crop_ratio", "1", "1"], ["--images_in_memory", "True"]):
+        with pytest.raises(ValueError, match=f"{flag[0]} is not used: segmentation.* leave it out"):
             train_segmentation.main([*segmentation_args(tiny_encoder, eight_canvases, tmp_path / "c", "--do_train"), *flag])
 
 
