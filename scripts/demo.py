@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = json.loads(Path(args.table).read_text())
         print(table(results))
         return results
-    start, measured_by = time.time(), provenance()  # the code as the run starts
+    start, measured_by = time.time(), provenance("scripts/demo.py", argv)  # the code as the run starts
     import torch
 
     import download_dataset

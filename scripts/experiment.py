@@ -50,13 +50,14 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def provenance() -> dict:
+def provenance(script: str, argv: list[str] | None) -> dict:
     """What produced a results file: the commit checked out (with `+changes` when the tree differs from it) and the
-    command line, so that a table printed from the file says which code measured it."""
+    command line (`python SCRIPT ARGV`; `argv` None: the process's own arguments), so that a table printed from the
+    file says which code measured it, however the driver was called."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+changes"
-    return {"commit": commit, "command": shlex.join(["python", *sys.argv])}
+    return {"commit": commit, "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])}

@@ -16,7 +16,6 @@ by seed. A stage whose result exists is reused; every run writes <output_dir>/fi
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts import demo, miniature  # noqa: E402
-from scripts.experiment import mean_std  # noqa: E402
+from scripts.experiment import mean_std, provenance  # noqa: E402
 from scripts.pretraining_length import TimedStages, checkpoint, seconds  # noqa: E402
 
 # train_finetune.py's flags for each schedule, after the miniature's (whose --llrd is 1.0).
@@ -66,12 +65,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.encoder_step is not None and (args.encoder_step % SAVE_STEPS or not 0 < args.encoder_step < args.pretrain_steps):
         parser.error(f"--encoder_step {args.encoder_step}: a checkpoint step, a multiple of {SAVE_STEPS} below --pretrain_steps.")
     return args
-
-
-def commit() -> str:
-    """The repository's commit, marked -dirty when tracked files differ from it."""
-    result = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=REPO, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
 
 
 def paired_gain(results: dict, percent: str) -> list[float]:
@@ -141,8 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("dataset", "output_dir"):  # relative to the repository, so that the saved results name no machine
         arguments[key] = os.path.relpath((REPO / arguments[key]).resolve(), REPO)
     results = {
-        "commit": commit(),
-        "command": " ".join(["python scripts/layer_decay.py", *(sys.argv[1:] if argv is None else argv)]),
+        **provenance("scripts/layer_decay.py", argv),
         "arguments": arguments,
         "schedules": SCHEDULES,
         "scores": scores,

@@ -3,6 +3,7 @@ runner every experiment driver shares (scripts/experiment.py)."""
 
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_them(tmp_path, capsys):
     assert len(rows) == 2 and all(row.count("±") == len(columns) for row in rows)
     # The results say which code and command measured them, and print the same table again.
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert re.fullmatch(r"[0-9a-f]{40}(\+changes)?", saved["commit"]) and "demo" in saved["command"]
+    assert re.fullmatch(r"[0-9a-f]{40}(\+changes)?", saved["commit"])
+    assert saved["command"] == shlex.join(["python", "scripts/demo.py", *argv])  # the driver's call, not the process's
     assert f"Commit {saved['commit']}" in table
     capsys.readouterr()
     demo.main(["--table", str(tmp_path / "demo" / "results.json")])

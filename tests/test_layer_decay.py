@@ -1,6 +1,7 @@
 """scripts/layer_decay.py end to end at a tiny budget: one pretraining, three schedules fine-tuned alike, the table."""
 
 import json
+import shlex
 
 import pytest
 from helpers import small_fashion_mnist
@@ -16,8 +17,8 @@ def test_layer_decay_fine_tunes_each_schedule_on_the_same_encoder(tmp_path):
     argv += ["--finetune_steps", "3", "--threads", "1"]
     results = layer_decay.main(argv)
 
-    assert results["command"] == "python scripts/layer_decay.py " + " ".join(argv)
-    assert len(results["commit"].removesuffix("-dirty")) == 40
+    assert results["command"] == shlex.join(["python", "scripts/layer_decay.py", *argv])
+    assert len(results["commit"].removesuffix("+changes")) == 40
     assert set(results["scores"]) == set(layer_decay.SCHEDULES)
     assert all(len(values) == 2 for by_percent in results["scores"].values() for values in by_percent.values())
     # Each schedule ran as its flags say, on the one converted encoder.
