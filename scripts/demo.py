@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts import miniature  # noqa: E402
-from scripts.experiment import Stages, mean_std, provenance  # noqa: E402
+from scripts.experiment import Stages, mean_std, print_saved_table, provenance  # noqa: E402
 
 # The in-memory path needs no worker process: the crops of a batch take one call in the training process.
 COMMON = ["--use_cpu", "True", "--report_to", "none", "--images_in_memory", "True", "--dataloader_num_workers", "0"]
@@ -88,9 +88,7 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.table:
-        results = json.loads(Path(args.table).read_text())
-        print(table(results))
-        return results
+        return print_saved_table(args.table, table)
     start, measured_by = time.time(), provenance("scripts/demo.py", argv)  # the code as the run starts
     import torch
 

@@ -5,6 +5,7 @@ A stage is one run of an entry point whose result file marks it done: running a 
 whose result exists, so an interrupted experiment resumes where it stopped.
 """
 
+import json
 import shlex
 import statistics
 import subprocess
@@ -61,3 +62,10 @@ def provenance(script: str, argv: list[str] | None) -> dict:
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+changes"
     return {"commit": commit, "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])}
+
+
+def print_saved_table(results_file: str, table) -> dict:
+    """A driver's `--table FILE`: the results it saved there, printed with its own `table` and returned."""
+    results = json.loads(Path(results_file).read_text())
+    print(table(results))
+    return results

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts import demo, miniature  # noqa: E402
-from scripts.experiment import mean_std, provenance  # noqa: E402
+from scripts.experiment import mean_std, print_saved_table, provenance  # noqa: E402
 from scripts.pretraining_length import TimedStages, checkpoint, seconds  # noqa: E402
 
 # train_finetune.py's flags for each schedule, after the miniature's (whose --llrd is 1.0).
@@ -91,9 +91,7 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.table:
-        results = json.loads(Path(args.table).read_text())
-        print(table(results))
-        return results
+        return print_saved_table(args.table, table)
     import torch
 
     import init_nepa_cls_from_pretrain
