@@ -93,8 +93,8 @@ MONITORING = Use("is used only with --knn_eval_steps N (the k-NN it sets is off 
 FLAG_USES = {
     "config_name": Use("is used only without --model_name_or_path, whose folder gives the config", lambda a: not a.model_name_or_path),
     "embed_lr": TRAINING,
-    "labels_per_class": unused("it picks labelled images for fine-tuning; pretraining reads no labels"),
-    "label_column_name": unused("pretraining reads no labels"),
+    "labels_per_class": unused("it picks labelled images for fine-tuning; pretraining trains on every image"),
+    "label_column_name": Use("is used only with --knn_eval_steps N: only its k-NN reads labels", lambda a: a.knn_eval_steps > 0),
     "knn_train_samples": MONITORING,
     "knn_eval_samples": MONITORING,
     "knn_crop_pct": MONITORING,

@@ -195,3 +195,16 @@ def test_subsets_are_seeded_and_class_balanced():
     assert rows(93, 0) == rows(93, 0) and rows(93, 0) != rows(93, 1)
     unlabelled = split.remove_columns("label")
     assert list(sample_rows(unlabelled, 93, 0)["row"]) != list(range(93))  # a random pick, not the first rows
+
+
+def test_the_label_column_is_taken_for_the_knn_and_refused_without_it():
+    """The monitor reads labels from --label_column_name; without --knn_eval_steps nothing does."""
+    import train_pretrain
+    from nepa.args import DataArguments, parse_arguments
+
+    classes = (train_pretrain.ModelArguments, DataArguments, train_pretrain.NepaTrainingArguments, train_pretrain.MonitorArguments)
+    argv = ["--output_dir", "out", "--label_column_name", "fine_label"]
+    _, data_args, _, _ = parse_arguments(classes, [*argv, "--knn_eval_steps", "5"], train_pretrain.FLAG_USES)
+    assert data_args.label_column_name == "fine_label"
+    with pytest.raises(ValueError, match="^--label_column_name is used only with --knn_eval_steps"):
+        parse_arguments(classes, argv, train_pretrain.FLAG_USES)
