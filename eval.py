@@ -46,6 +46,7 @@ from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
     EvalTransform,
     FinetuneTransform,
+    RAND_AUGMENT,
     PretrainTransform,
     get_split,
     image_dataset,
@@ -65,7 +66,6 @@ PROTOCOLS = ("finetuned", "knn", "linear", "attentive")
 # (docs/miniature.md); 8 values over two decades around them.
 LINEAR_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2)
 ATTENTIVE_LRS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3)  # AIMv2, Table A2 (arXiv 2411.14402)
-ATTENTIVE_AA = "rand-m9-mstd0.5-inc1"
 
 
 @dataclass
@@ -124,7 +124,7 @@ class EvalArguments:
     )
     aa: str | None = field(
         default=None,
-        metadata={"help": f"timm RandAugment policy of the attentive probe's training images (default {ATTENTIVE_AA}; '' for none)."},
+        metadata={"help": f"timm RandAugment policy of the attentive probe's training images (default {RAND_AUGMENT}; '' for none)."},
     )
     crop_pct: float = crop_pct_field()
     resize_size: int | None = resize_size_field()
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         elif args.protocol == "linear":
             train_transform, protocol = PretrainTransform(size, data_args.crop_scale, data_args.crop_ratio), train_probes
         else:
-            policy = ATTENTIVE_AA if args.aa is None else args.aa
+            policy = RAND_AUGMENT if args.aa is None else args.aa
             train_transform = FinetuneTransform(size, policy, processor.image_mean, data_args.crop_scale, data_args.crop_ratio)
             protocol = train_probes
         train_dataset = image_dataset(train_split, train_transform, data_args)

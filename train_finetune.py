@@ -37,6 +37,7 @@ from nepa.args import (
 )
 from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import (
+    RAND_AUGMENT,
     BatchAugment,
     EvalTransform,
     FinetuneTransform,
@@ -84,7 +85,7 @@ class FinetuneArguments:
     head_lr: float | None = field(default=1e-3, metadata={"help": "Learning rate of the classifier and the final norm (fc_norm gets --learning_rate)."})
     crop_pct: float = crop_pct_field()
     resize_size: int | None = resize_size_field()
-    aa: str | None = field(default="rand-m9-mstd0.5-inc1", metadata={"help": "timm RandAugment policy ('' for none)."})
+    aa: str | None = field(default=RAND_AUGMENT, metadata={"help": "timm RandAugment policy ('' for none)."})
     reprob: float = field(default=0.25, metadata={"help": "Random erasing probability."})
     mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0 = off)."})
     cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0 = off)."})

@@ -38,6 +38,7 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nepa.data import (  # noqa: E402
+    RAND_AUGMENT,
     BatchAugment,
     BatchNormalize,
     ChannelsLastResizedCrop,
@@ -50,7 +51,6 @@ from nepa.data import (  # noqa: E402
 )
 
 MEAN = STD = (0.5, 0.5, 0.5)
-RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 
 def make_photographs(count: int, seed: int = 0) -> list[dict]:

@@ -35,6 +35,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from nepa.data import (  # noqa: E402
+    RAND_AUGMENT,
     FinetuneTransform,
     ImageDataset,
     PretrainTransform,
@@ -49,7 +50,6 @@ STAGES = {
     "pretrain": dict(script="scripts/pretrain/nepa_b.sh", batch=256),
     "finetune": dict(script="scripts/finetune/nepa_b_sft.sh", batch=128),
 }
-FINETUNE_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 
 @cache
@@ -96,7 +96,7 @@ def loader_images_per_second(stage: str, dataset_dir: Path, workers: int, batche
     if stage == "pretrain":
         dataset = ImageDataset(split, PretrainTransform(IMAGE_SIZE), label_column=None, seed=0)
     else:
-        dataset = ImageDataset(split, FinetuneTransform(IMAGE_SIZE, FINETUNE_AUTO_AUGMENT, IMAGENET_MEAN), seed=0)
+        dataset = ImageDataset(split, FinetuneTransform(IMAGE_SIZE, RAND_AUGMENT, IMAGENET_MEAN), seed=0)
     batch = STAGES[stage]["batch"]
     loader = torch.utils.data.DataLoader(
         dataset, batch, shuffle=True, num_workers=workers, collate_fn=collate_images, pin_memory=True,

@@ -111,6 +111,8 @@ def open_rgb_pil(record: dict) -> Image.Image:
 # crop recognisable (an 8 % crop of a 28 px image is 8 x 8 pixels).
 DEFAULT_CROP_SCALE = (0.08, 1.0)
 DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
+# The paper's RandAugment policy (timm's notation), for fine-tuning and the attentive probe alike.
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 DEFAULT_CROP_PCT = 0.875  # evaluation: the centre crop's share of the resized shorter side (timm's default)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from nepa.data import RAND_AUGMENT  # noqa: E402
 from scripts import miniature  # noqa: E402
 from scripts.experiment import Stages, mean_std  # noqa: E402
 
@@ -30,7 +31,7 @@ from scripts.experiment import Stages, mean_std  # noqa: E402
 AUGMENTATION = {
     "none": dict(crop_scale=(1.0, 1.0), aa="", reprob=0, mixup=0, cutmix=0, smoothing=0.0),
     "light": dict(crop_scale=(0.35, 1.0), aa="rand-m5-mstd0.5-inc1", reprob=0, mixup=0, cutmix=0, smoothing=0.1),
-    "full": dict(crop_scale=(0.08, 1.0), aa="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
+    "full": dict(crop_scale=(0.08, 1.0), aa=RAND_AUGMENT, reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1),
 }
 # What the sweep holds fixed: the release's fine-tuning structure (layer decay 0.65, frozen patch projection,
 # drop path 0.1, AdamW wd 0.05, bidirectional) at batch 64, warm-up 10 %, no EMA (a few thousand steps).
