@@ -3,6 +3,7 @@
     python scripts/ablations/run.py --table shift          # shift / causal masking / stop-gradient
     python scripts/ablations/run.py --table masking        # input masking ratio 0 / 0.4 / 0.6
     python scripts/ablations/run.py --table components     # LayerScale, RoPE, QK-norm, gated MLP
+    python scripts/ablations/run.py --print docs/figures/ablations/shift.json   # a saved table, printed
 
 Each row changes the base config (--config) only through `train_pretrain.py --config_overrides`,
 and is measured as the demo measures its encoder, with the settings of scripts/miniature.py (the
@@ -11,7 +12,8 @@ command lines of `miniature.pretrain_argv`, `probe_argv` and `finetune_argv`): p
 on the frozen encoder fitted on 10 % of the labels (class-balanced, seeded) and, with --finetune, the
 demo's fine-tune on 10 % of the labels; every score is top-1 on the whole test split. --seeds N
 repeats every row with N seeds (pretraining, probes and fine-tune) and the table gives mean ± std.
-The table, beside the paper's ImageNet figures, goes to `<output_dir>/<table>.md` and is printed.
+The table, beside the paper's ImageNet figures, is printed and written to `<output_dir>/<table>.md`; its figures,
+per row and seed, with the commit and command that measured them, to `<output_dir>/<table>.json`.
 
 A stage whose results exist is not run again (a failed pretraining counts as a result: its error is
 kept in `failed.txt`); --rerun starts the table's rows from scratch, and rows run with other
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from scripts import miniature  # noqa: E402
-from scripts.experiment import Stages, mean_std  # noqa: E402
+from scripts.experiment import Stages, mean_std, print_saved_table, provenance  # noqa: E402
 
 DEFAULT_DATASET = miniature.DATASET
 FINETUNE_PERCENT = 10  # the semi-supervised protocol of the demo
@@ -92,7 +94,8 @@ TABLES = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", required=True, choices=sorted(TABLES))
+    parser.add_argument("--table", choices=sorted(TABLES))
+    parser.add_argument("--print", metavar="FILE", help="print the table saved in FILE (a <table>.json) and stop")
     parser.add_argument("--dataset", default=DEFAULT_DATASET, help="a download_dataset.py folder")
     parser.add_argument("--config", default=miniature.PRETRAIN_CONFIG, help="the base pretraining config")
     parser.add_argument("--max_steps", type=int, default=200, help="pretraining steps of every row (the rest: scripts/miniature.py)")
@@ -111,7 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "several times faster than threads contending for the cores",
     )
     parser.add_argument("--rerun", action="store_true", help="delete this table's row folders and run them again")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.table and not args.print:
+        parser.error("give --table (to run one) or --print FILE (to show a saved one)")
+    return args
 
 
 def ensure_dataset(path: str) -> None:
@@ -262,14 +268,17 @@ def number(summaries: list[dict], key: str, scale: float = 1.0, digits: int = 3)
     return mean_std([summary[key] for summary in summaries if summary[key] is not None], scale, digits)
 
 
-def markdown_table(table: dict, row_summaries: list[list[dict]], finetune: bool) -> str:
-    header = [*table["columns"], f"paper ({table['paper']})", "outcome", "final NEPA loss", "target_cosine"]
+def markdown_table(results: dict) -> str:
+    """The table of a saved `<table>.json`: each row's switches and paper figure, then its measures over the seeds."""
+    finetune = results["finetune"]
+    header = [*results["columns"], f"paper ({results['paper']})", "outcome", "final NEPA loss", "target_cosine"]
     header += ["k-NN top-1", "linear top-1"] + ([f"fine-tune top-1 ({FINETUNE_PERCENT} % labels)"] if finetune else [])
     header += ["pretrain min"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (switches, paper, _), summaries in zip(table["rows"], row_summaries):
+    for row in results["rows"]:
+        summaries = row["seeds"]
         outcomes = " / ".join(dict.fromkeys(verdict(summary) for summary in summaries))
-        cells = [*switches, paper, outcomes, number(summaries, "loss", digits=4), number(summaries, "target_cosine")]
+        cells = [*row["switches"], row["paper"], outcomes, number(summaries, "loss", digits=4), number(summaries, "target_cosine")]
         cells += [number(summaries, "knn", 100, 1), number(summaries, "linear", 100, 1)]
         cells += [number(summaries, "finetune", 100, 1)] if finetune else []
         cells.append(number(summaries, "minutes", digits=1))
@@ -283,6 +292,9 @@ def row_name(overrides: dict) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.print:
+        print_saved_table(args.print, markdown_table)
+        return
     ensure_dataset(args.dataset)
     if not (REPO / args.config / "config.json").is_file() and not (Path(args.config) / "config.json").is_file():
         raise SystemExit(f"--config {args.config} has no config.json.")
@@ -301,8 +313,17 @@ def main() -> None:
         print(f"\n=== {args.table}: {' / '.join(table['columns'])} = {' / '.join(switches)}  ({row_dir.name})", flush=True)
         run_row(args, stages, row_dir, overrides, env)
 
-    summaries = [[seed_summary(seed_dir) for _, seed_dir in seed_dirs(args, row_dir)] for row_dir in row_dirs]
-    text = markdown_table(table, summaries, args.finetune)
+    results = {
+        "table": args.table, **provenance("scripts/ablations/run.py", None),
+        "columns": table["columns"], "paper": table["paper"], "finetune": args.finetune,
+        "rows": [
+            {"switches": switches, "paper": paper, "overrides": overrides,
+             "seeds": [{"seed": seed, **seed_summary(seed_dir)} for seed, seed_dir in seed_dirs(args, row_dir)]}
+            for row_dir, (switches, paper, overrides) in zip(row_dirs, table["rows"])
+        ],
+    }  # fmt: skip
+    (table_dir.parent / f"{args.table}.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown_table(results)
     (table_dir.parent / f"{args.table}.md").write_text(text + "\n")
     print(f"\n{text}\n\nwritten to {table_dir.parent / f'{args.table}.md'} ({(time.time() - started) / 60:.1f} min)")
 
