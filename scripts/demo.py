@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fine-tune on these percentages of each class's labels (100: all of them)",
     )  # fmt: skip
     parser.add_argument(
-        "--finetune_steps", type=int, default=None,
-        help=f"steps of every fine-tune (default: per labelled fraction, {miniature.FINETUNE_STEPS})",
+        "--finetune_steps", type=int, nargs="+", default=None,
+        help=f"steps of the fine-tunes, one per --label_percents (default: {miniature.FINETUNE_STEPS})",
     )  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=None,
@@ -56,9 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rerun", action="store_true", help="run every stage again")
     parser.add_argument("--table", metavar="RESULTS_JSON", help="print the table of a results.json this script wrote, and stop")
     args = parser.parse_args(argv)
-    unknown = [p for p in args.label_percents if args.finetune_steps is None and p not in miniature.FINETUNE_STEPS]
-    if unknown:
-        parser.error(f"no step budget for {unknown} % of the labels: pass --finetune_steps, or use {list(miniature.FINETUNE_STEPS)}.")
+    if args.finetune_steps is None:
+        unknown = [p for p in args.label_percents if p not in miniature.FINETUNE_STEPS]
+        if unknown:
+            parser.error(f"no step budget for {unknown} % of the labels: pass --finetune_steps, or use {list(miniature.FINETUNE_STEPS)}.")
+        args.finetune_steps = [miniature.FINETUNE_STEPS[p] for p in args.label_percents]
+    elif len(args.finetune_steps) != len(args.label_percents):
+        parser.error(f"--finetune_steps takes one value per --label_percents ({len(args.label_percents)}), got {len(args.finetune_steps)}.")
     return args
 
 
@@ -133,9 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
                 argv = miniature.probe_argv(encoder, folder, protocol, seed, dataset)
                 stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [*argv, *COMMON])
                 scores[row][column].append(accuracy(folder))
-            for percent, column in zip(args.label_percents, columns[2:]):
+            for percent, steps, column in zip(args.label_percents, args.finetune_steps, columns[2:]):
                 folder = out / f"seed{seed}" / f"finetune{percent:g}-{encoder.name}"
-                argv = miniature.finetune_argv(classifiers[row], folder, percent, seed, args.finetune_steps, dataset)
+                argv = miniature.finetune_argv(classifiers[row], folder, percent, seed, steps, dataset)
                 stages.run(f"fine-tuning, {percent:g} % labels", folder / "eval_results.json", train_finetune.main, [*argv, *COMMON])
                 scores[row][column].append(accuracy(folder))
 

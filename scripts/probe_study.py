@@ -4,7 +4,8 @@ attention, over seeds (each seed draws its own 10 % labelled subset and the prob
 `eval.py` in this process with the settings of scripts/miniature.py, timed.
 
     python scripts/demo.py                                  # makes outputs/demo/pretrain and outputs/demo/random-init
-    python scripts/probe_study.py --seeds 3 --threads 1     # -> outputs/probe_study/results.md
+    python scripts/probe_study.py --seeds 3 --threads 1     # -> outputs/probe_study/results.md and .json
+    python scripts/probe_study.py --print docs/figures/probe_study.json   # a saved table, printed
 
 A second run reuses every result that exists.
 """
@@ -20,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 from scripts import miniature  # noqa: E402
 from scripts.demo import COMMON  # noqa: E402
-from scripts.experiment import mean_std  # noqa: E402
+from scripts.experiment import mean_std, print_saved_table, provenance  # noqa: E402
 
 PROTOCOLS = {"knn": "k-NN", "linear": "linear (best head)", "attentive": "attentive"}
 ATTENTION = {"causal": "True", "bidirectional": "False"}
@@ -36,7 +37,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS), help="run only these")
     parser.add_argument("--attention", nargs="+", default=list(ATTENTION), choices=list(ATTENTION), help="run only these")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--print", metavar="FILE", help="print the table of a results.json this script wrote, and stop")
     args = parser.parse_args(argv)
+    if args.print:
+        return print_saved_table(args.print, table)
+    measured_by = provenance("scripts/probe_study.py", argv)
 
     import torch
 
@@ -68,6 +73,19 @@ def main(argv: list[str] | None = None) -> dict:
                     records.append(dict(seed=seed, encoder=encoder_name, attention=attention, protocol=protocol,
                                         accuracy=metrics["eval_accuracy"], head=metrics.get("eval_best_head"), seconds=seconds))  # fmt: skip
 
+    results = {**measured_by, "arguments": {k: v for k, v in vars(args).items() if k != "print"}, "records": records}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table(results))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print("\n" + table(results))
+    return results
+
+
+def table(results: dict) -> str:
+    """The study's table in Markdown, from what `main` returns (or wrote to results.json)."""
+    arguments, records = results["arguments"], results["records"]
+    protocols = arguments["protocols"]
+
     def cell(encoder, attention, protocol, key="accuracy", scale=100.0) -> str:
         values = [r[key] for r in records if (r["encoder"], r["attention"], r["protocol"]) == (encoder, attention, protocol)]
         return mean_std(values, scale) if values else ""
@@ -76,24 +94,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"# Frozen-encoder protocols in miniature: Fashion-MNIST, {Path(miniature.PRETRAIN_CONFIG).name}",
         "",
         f"Probes fitted on {miniature.PROBE_LABELS_PERCENT} % of the labels, top-1 % on the 10,000 test images, "
-        f"mean ± std over {args.seeds} seeds.",
+        f"mean ± std over {arguments['seeds']} seeds.",
         "",
-        "| encoder | attention | " + " | ".join(PROTOCOLS[p] for p in args.protocols) + " |",
-        "|---|---|" + "---|" * len(args.protocols),
+        "| encoder | attention | " + " | ".join(PROTOCOLS[p] for p in protocols) + " |",
+        "|---|---|" + "---|" * len(protocols),
     ]
-    for encoder_name in encoders:
-        for attention in args.attention:
-            lines.append(f"| {encoder_name} | {attention} | " + " | ".join(cell(encoder_name, attention, p) for p in args.protocols) + " |")
+    for encoder_name in arguments["encoders"]:
+        for attention in arguments["attention"]:
+            lines.append(f"| {encoder_name} | {attention} | " + " | ".join(cell(encoder_name, attention, p) for p in protocols) + " |")
     lines += ["", "Seconds per run (mean ± std over all its runs): " + ", ".join(
-        f"{PROTOCOLS[p]} {mean_std([r['seconds'] for r in records if r['protocol'] == p], 1.0)} s" for p in args.protocols)]  # fmt: skip
+        f"{PROTOCOLS[p]} {mean_std([r['seconds'] for r in records if r['protocol'] == p], 1.0)} s" for p in protocols)]  # fmt: skip
     heads = sorted({r["head"] for r in records if r["head"]})
     lines += ["", "Best heads chosen: " + ", ".join(f"{h} ({sum(r['head'] == h for r in records)})" for h in heads), ""]
-    table = "\n".join(lines)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(records, indent=2))
-    print("\n" + table)
-    return {"records": records}
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_them(tmp_path, capsys):
     dataset = small_fashion_mnist(tmp_path / "fashion-mnist")
     argv = [
         "--dataset", str(dataset), "--output_dir", str(tmp_path / "demo"), "--seeds", "2",
-        "--pretrain_steps", "2", "--finetune_steps", "2", "--label_percents", "10", "100",
+        "--pretrain_steps", "2", "--finetune_steps", "2", "3", "--label_percents", "10", "100",
     ]  # fmt: skip
     results = demo.main(argv)
 
@@ -89,6 +89,10 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_them(tmp_path, capsys):
     # Every score is on the whole test split.
     finetuned = json.loads((tmp_path / "demo" / "seed1" / "finetune10-pretrain" / "eval_results.json").read_text())
     assert round(finetuned["eval_runtime"] * finetuned["eval_samples_per_second"]) == 300
+    # --finetune_steps gives each labelled fraction its own budget.
+    for percent, steps in (("10", 2), ("100", 3)):
+        state = json.loads((tmp_path / "demo" / "seed1" / f"finetune{percent}-pretrain" / "trainer_state.json").read_text())
+        assert state["global_step"] == steps
     table = (tmp_path / "demo" / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| NEPA-pretrained |", "| random init |"))]
     assert len(rows) == 2 and all(row.count("±") == len(columns) for row in rows)

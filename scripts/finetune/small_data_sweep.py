@@ -6,9 +6,12 @@ takes a user's folder: download_dataset.py --imagefolder, init_nepa_cls_from_pre
 class count from the data), train_finetune.py. The encoder is the demo's tiny ViT, NEPA-pretrained on all
 60,000 Fashion-MNIST training images (--pretrain_steps steps with scripts/miniature.py's settings). Each fine-tune
 runs in its own single-threaded process, --jobs at a time, and the table of top-1 on the validation folder
-(mean ± std over --seeds) is printed and written to OUTPUT/results.md.
+(mean ± std over the seeds) is printed and written to OUTPUT/results.md. The table holds every fine-tune in
+OUTPUT, so that runs of several calls (one grid each) add up to one table; OUTPUT/results.json keeps them, with
+the commit and command of the call that wrote it.
 
     python scripts/finetune/small_data_sweep.py --jobs 2
+    python scripts/finetune/small_data_sweep.py --print docs/figures/small_data_sweep.json   # a saved table
 """
 
 import argparse
@@ -24,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from nepa.data import RAND_AUGMENT  # noqa: E402
 from scripts import miniature  # noqa: E402
-from scripts.experiment import Stages, mean_std  # noqa: E402
+from scripts.experiment import Stages, mean_std, print_saved_table, provenance  # noqa: E402
 
 # Augmentation strengths. "none": the whole image and a flip. "light": crops of at least 35 % of the image,
 # RandAugment at magnitude 5, label smoothing. "full": the ImageNet recipe's augmentation (recipe.sh).
@@ -95,7 +98,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[10, 30])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--print", metavar="FILE", help="print the table of a results.json this script wrote, and stop")
     args = parser.parse_args()
+    if args.print:
+        print_saved_table(args.print, table)
+        return
+    measured_by = provenance("scripts/finetune/small_data_sweep.py", None)
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
 
@@ -122,17 +130,33 @@ def main() -> None:
         for epochs in args.epochs for aug in args.augmentations for lr in args.learning_rates for seed in range(args.seeds)
     ]  # fmt: skip
     with ThreadPoolExecutor(args.jobs) as pool:
-        accuracies = list(pool.map(lambda r: finetune(classifier, dataset, out / "runs" / "-".join(map(str, r)), *r), runs))
+        list(pool.map(lambda r: finetune(classifier, dataset, out / "runs" / "-".join(map(str, r)), *r), runs))
 
-    table = {}
-    for (aug, lr, epochs, _), accuracy in zip(runs, accuracies):
-        table.setdefault((epochs, aug, lr), []).append(accuracy)
-    lines = ["| epochs | augmentation | lr (batch 64) | top-1 (%) |", "|---|---|---|---|"]
-    for (epochs, aug, lr), values in table.items():
-        lines.append(f"| {epochs} | {aug} | {lr:g} | {mean_std(values)} |")
-    print("\n".join(lines))
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    results = {**measured_by, "pretrain_steps": args.pretrain_steps, "runs": finished_runs(out / "runs")}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(table(results) + "\n")
+    print(table(results))
 
+
+def finished_runs(folder: Path) -> list[dict]:
+    """Every fine-tune of the sweep's output folder that has its result, by (epochs, augmentation, lr, seed)."""
+    runs = []
+    for result in folder.glob("*/eval_results.json"):
+        aug, rest = result.parent.name.split("-", 1)
+        lr, epochs, seed = rest.rsplit("-", 2)  # a learning rate may be written 1e-05
+        accuracy = json.loads(result.read_text())["eval_accuracy"]
+        runs.append(dict(epochs=int(epochs), augmentation=aug, lr=float(lr), seed=int(seed), accuracy=accuracy))
+    return sorted(runs, key=lambda run: (run["epochs"], list(AUGMENTATION).index(run["augmentation"]), run["lr"], run["seed"]))
+
+
+def table(results: dict) -> str:
+    """Top-1 of each (epochs, augmentation, lr), mean ± std over its seeds, from what results.json holds."""
+    cells: dict[tuple, list[float]] = {}
+    for run in results["runs"]:
+        cells.setdefault((run["epochs"], run["augmentation"], run["lr"]), []).append(run["accuracy"])
+    lines = ["| epochs | augmentation | lr (batch 64) | top-1 (%) | seeds |", "|---|---|---|---|---|"]
+    lines += [f"| {epochs} | {aug} | {lr:g} | {mean_std(values)} | {len(values)} |" for (epochs, aug, lr), values in cells.items()]
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
