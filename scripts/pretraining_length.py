@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts import demo, miniature  # noqa: E402
-from scripts.experiment import Stages, mean_std  # noqa: E402
+from scripts.experiment import Stages, mean_std, provenance  # noqa: E402
 
 FIGURE = REPO / "docs" / "figures" / "pretraining_length.png"
 RANDOM = "random-init"
@@ -191,7 +191,7 @@ def layerscale(pretrain: Path) -> dict[int, float]:
     return dict(sorted(means.items()))
 
 
-def collect(args) -> dict:
+def collect(args, measured_by: dict) -> dict:
     out = Path(args.output_dir)
     encoders = {RANDOM: 0, **{f"steps{step}": step for step in args.steps}}
     scores = {}
@@ -228,6 +228,7 @@ def collect(args) -> dict:
     for key in ("dataset", "output_dir"):  # relative to the repository, so that the saved results name no machine
         arguments[key] = os.path.relpath(arguments[key], REPO)
     results = {
+        **measured_by,
         "arguments": arguments,
         "encoders": scores,
         "collapse": collapse,
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = json.loads(Path(args.results or out / "results.json").read_text())
         plot(results, (REPO / args.figure).resolve())
         return results
+    measured_by = provenance("scripts/pretraining_length.py", argv)  # the code as the run starts
     import torch
 
     import train_pretrain
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
                 encoder = checkpoint(out / run / "pretrain", step)
                 if encoder is not None:
                     probe(args, stages, encoder, "knn", out / run / f"knn-steps{step}", 0)
-    results = collect(args)
+    results = collect(args, measured_by)
     print("\n" + table(results))
     return results
 
