@@ -122,10 +122,7 @@ class EvalArguments:
         default_factory=lambda: list(ATTENTIVE_BLOCKS),
         metadata={"help": "Tokens of the attentive probe: K (average of the last K blocks) or FIRST LAST (blocks FIRST..LAST, 1-based)."},
     )
-    aa: str | None = field(
-        default=None,
-        metadata={"help": f"timm RandAugment policy of the attentive probe's training images (default {RAND_AUGMENT}; '' for none)."},
-    )
+    aa: str | None = field(default=RAND_AUGMENT, metadata={"help": "timm RandAugment policy of the attentive probe's training images ('' for none)."})
     crop_pct: float = crop_pct_field()
     resize_size: int | None = resize_size_field()
 
@@ -222,8 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         elif args.protocol == "linear":
             train_transform, protocol = PretrainTransform(size, data_args.crop_scale, data_args.crop_ratio), train_probes
         else:
-            policy = RAND_AUGMENT if args.aa is None else args.aa
-            train_transform = FinetuneTransform(size, policy, processor.image_mean, data_args.crop_scale, data_args.crop_ratio)
+            train_transform = FinetuneTransform(size, args.aa, processor.image_mean, data_args.crop_scale, data_args.crop_ratio)
             protocol = train_probes
         train_dataset = image_dataset(train_split, train_transform, data_args)
         trainer, metrics = protocol(args, trainer_kwargs, training_args, train_dataset, classes)

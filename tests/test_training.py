@@ -20,6 +20,7 @@ from helpers import (
     IMAGE_SIZE,
     build_image_dataset,
     build_reference_dataset,
+    recipe_command,
     save_processor,
     tiny_config,
     write_config_folder,
@@ -920,21 +921,6 @@ RECIPES = {
     "eval/nepa_b_sft_eval.sh": (eval_script, ("EvalArguments",)),
     "eval/nepa_l_sft_eval.sh": (eval_script, ("EvalArguments",)),
 }
-
-
-def recipe_command(tmp_path, script: str, **env) -> list[str]:
-    """The command line a recipe script launches on one GPU, recorded by a stand-in for Python (which still runs
-    the scripts' `python -c` arithmetic). `--use_cpu True` goes through as an extra flag: bf16 needs it here."""
-    stand_in, record = tmp_path / "python", tmp_path / "argv"
-    stand_in.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\nprintf "%s\\n" "$@" > {record}\n')
-    stand_in.chmod(0o755)
-    model = tmp_path / "classifier"
-    model.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHON": str(stand_in), "NPROC_PER_NODE": "1", "REPORT_TO": "none", "MODEL": str(model), **env}
-    command = ["bash", str(REPO / "scripts" / script), "--use_cpu", "True"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return record.read_text().splitlines()
 
 
 def test_recipe_scripts_count_the_gpus_torch_sees(tmp_path):
