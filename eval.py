@@ -57,15 +57,22 @@ from nepa.data import (
 )
 from nepa.ema import EMA_WEIGHTS_NAME, ModelEMA
 from nepa.metrics import accuracy_metrics, top5_and_nll
-from nepa.probes import ATTENTIVE_BLOCKS, KNN_K, KNN_TEMPERATURE, LINEAR_FEATURES, ProbeGrid, ProbeTrainer, knn_evaluate, load_frozen_encoder
+from nepa.probes import (
+    ATTENTIVE_BLOCKS,
+    ATTENTIVE_LRS,
+    KNN_K,
+    KNN_TEMPERATURE,
+    LINEAR_FEATURES,
+    LINEAR_LRS,
+    ProbeGrid,
+    ProbeTrainer,
+    knn_evaluate,
+    load_frozen_encoder,
+)
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint
 
 logger = logging.getLogger("eval")
 PROTOCOLS = ("finetuned", "knn", "linear", "attentive")
-# AdamW (the Trainer's default optimiser) on standardised features: the miniature's best heads were at 0.03 to 0.1
-# (docs/miniature.md); 8 values over two decades around them.
-LINEAR_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2)
-ATTENTIVE_LRS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3)  # AIMv2, Table A2 (arXiv 2411.14402)
 
 
 @dataclass
