@@ -31,11 +31,10 @@ from nepa.args import (
     config_overrides_field,
     configure_logging,
     crop_pct_field,
-    load_config,
     parse_arguments,
     resize_size_field,
 )
-from nepa.checkpoint import load_image_processor, load_model, local_folder
+from nepa.checkpoint import load_config, load_image_processor, load_model
 from nepa.data import (
     RAND_AUGMENT,
     BatchAugment,
@@ -163,10 +162,10 @@ def layer_decay_end(args: FinetuneArguments, training_args: FinetuneTrainingArgu
 
 
 def load_classifier(args: FinetuneArguments) -> ViTNepaForImageClassification:
-    folder = local_folder(args.model_name_or_path, "--model_name_or_path", args.model_revision)
-    config = load_config(folder, args.config_overrides, drop_path_prob=args.drop_path, is_causal=args.is_causal)
+    flag = "--model_name_or_path"
+    config = load_config(args.model_name_or_path, flag, args.config_overrides, args.model_revision, drop_path_prob=args.drop_path, is_causal=args.is_causal)
     return load_model(
-        ViTNepaForImageClassification, folder, "--model_name_or_path", "classifier",
+        ViTNepaForImageClassification, args.model_name_or_path, flag, "classifier",
         "it is a pretraining checkpoint. Convert it first with init_nepa_cls_from_pretrain.py.", config=config,
     )  # fmt: skip
 

@@ -19,8 +19,8 @@ from transformers import TrainerCallback, set_seed
 
 from models.vit_nepa import ViTNepaForPreTraining
 from nepa.args import TRAINING, DataArguments, NepaTrainingArguments, Use, config_overrides_field, configure_logging
-from nepa.args import load_config, parse_arguments, unused
-from nepa.checkpoint import load_image_processor, load_model, local_folder
+from nepa.args import parse_arguments, unused
+from nepa.checkpoint import load_config, load_image_processor, load_model
 from nepa.data import (
     DEFAULT_CROP_PCT,
     EvalTransform,
@@ -105,8 +105,8 @@ def build_model(model_args: ModelArguments) -> ViTNepaForPreTraining:
     if not (model_args.config_name or model_args.model_name_or_path):
         raise ValueError("pass --config_name (train from scratch) or --model_name_or_path (continue from weights).")
     flag = "--model_name_or_path" if model_args.model_name_or_path else "--config_name"
-    source = local_folder(model_args.model_name_or_path or model_args.config_name, flag)
-    config = load_config(source, model_args.config_overrides)
+    source = model_args.model_name_or_path or model_args.config_name
+    config = load_config(source, flag, model_args.config_overrides)
     if model_args.model_name_or_path:
         instead = "continue from a folder train_pretrain.py saved, or start from --config_name."
         return load_model(ViTNepaForPreTraining, source, flag, "pretraining", instead, config=config)

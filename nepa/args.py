@@ -3,7 +3,6 @@
 Every `TrainingArguments` flag works beside these, and a single `.json` argument replaces the
 whole command line (`python train_pretrain.py configs/my_run.json`)."""
 
-import json
 import logging
 import os
 import sys
@@ -98,41 +97,6 @@ def crop_pct_field():
 def resize_size_field():
     """The `--resize_size` field beside `--crop_pct`."""
     return field(default=None, metadata={"help": "Evaluation: resize the shorter side to this instead (overrides crop_pct)."})
-
-
-def parse_config_overrides(text: str | None) -> dict:
-    """`'a=1,b=false,c=null'` -> `{"a": 1, "b": False, "c": None}`; a value that is not JSON stays a string."""
-    overrides = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config_overrides item {item!r} is not key=value.")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
-
-
-def load_config(source: str, config_overrides: str | None, **spelled):
-    """The `ViTNepaConfig` of folder `source` with `--config_overrides` applied, and then the fields that an entry
-    point's own flags spell out (`drop_path_prob=args.drop_path`; `None` = not given, the config's value stays)."""
-    from models.vit_nepa import ViTNepaConfig
-
-    config = ViTNepaConfig.from_pretrained(source)
-    overrides = parse_config_overrides(config_overrides)
-    for key, value in spelled.items():
-        if value is None:
-            continue
-        if key in overrides and overrides[key] != value:
-            raise ValueError(f"--config_overrides sets {key}={overrides[key]} and a flag sets it to {value}: pass one.")
-        overrides[key] = value
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise ValueError(f"--config_overrides: ViTNepaConfig has no field {key!r}.")
-        setattr(config, key, value)
-    config.check_geometry()
-    return config
 
 
 @dataclass(frozen=True)
