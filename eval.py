@@ -47,7 +47,7 @@ from nepa.data import (
     EvalTransform,
     FinetuneTransform,
     RAND_AUGMENT,
-    PretrainTransform,
+    RandomCropFlip,
     get_split,
     image_dataset,
     load_image_dataset,
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.protocol == "knn":
             train_transform, protocol = transform, evaluate_knn
         elif args.protocol == "linear":
-            train_transform, protocol = PretrainTransform(size, data_args.crop_scale, data_args.crop_ratio), train_probes
+            train_transform, protocol = RandomCropFlip(size, data_args.crop_scale, data_args.crop_ratio), train_probes
         else:
             train_transform = FinetuneTransform(size, args.aa, processor.image_mean, data_args.crop_scale, data_args.crop_ratio)
             protocol = train_probes

@@ -24,7 +24,7 @@ from nepa.checkpoint import load_config, load_image_processor, load_model
 from nepa.data import (
     DEFAULT_CROP_PCT,
     EvalTransform,
-    PretrainTransform,
+    RandomCropFlip,
     get_split,
     image_dataset,
     load_image_dataset,
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = load_image_dataset(data_args)
     train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed, data_args.label_column_name)
-    transform = PretrainTransform(size, data_args.crop_scale, data_args.crop_ratio)
+    transform = RandomCropFlip(size, data_args.crop_scale, data_args.crop_ratio)
     train_dataset = image_dataset(train_split, transform, data_args, labels=False)
     eval_dataset = None
     if training_args.do_eval:
