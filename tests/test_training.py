@@ -225,7 +225,7 @@ def test_trainers_override_public_trainer_methods_that_the_trainer_calls(tmp_pat
     from nepa.nonfinite import NonFiniteLossGuard
     from nepa.probes import ProbeTrainer
     from nepa.segmentation import SegmentationTrainer
-    from nepa.trainer import NepaTrainer, _StepHooks
+    from nepa.trainer import CheckpointCompletion, DatasetEpoch, EmaUpdate, NepaTrainer, ThroughputClock
 
     trainers = (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer)
     for trainer_class in (*trainers, ProbeTrainer, SegmentationTrainer):
@@ -244,7 +244,7 @@ def test_trainers_override_public_trainer_methods_that_the_trainer_calls(tmp_pat
 
     overrides = [(cls, name) for cls in trainers for name in vars(cls) if not name.startswith("_") and hasattr(Trainer, name)]
     overrides += [(NepaTrainer, "_save_checkpoint")]
-    overrides += [(cls, name) for cls in (NonFiniteLossGuard, _StepHooks) for name in vars(cls) if name.startswith("on_")]
+    overrides += [(cls, name) for cls in (NonFiniteLossGuard, ThroughputClock, EmaUpdate, DatasetEpoch, CheckpointCompletion) for name in vars(cls) if name.startswith("on_")]
     for cls, name in overrides:
         monkeypatch.setattr(cls, name, recording(cls, name, vars(cls)[name]))
     schedule = ["--max_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--do_eval"]
