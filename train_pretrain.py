@@ -32,7 +32,7 @@ from nepa.data import (
 )
 from nepa.metrics import mean_pairwise_cosine
 from nepa.optim import pretraining_param_groups
-from nepa.probes import KnnMonitor, knn_monitor
+from nepa.probes import KNN_K, KNN_TEMPERATURE, KnnMonitor, knn_monitor
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint, train_and_evaluate
 
 logger = logging.getLogger("train_pretrain")
@@ -56,8 +56,8 @@ class MonitorArguments:
     knn_eval_steps: int = option(
         0,
         "Every N optimiser steps and at the end, a k-NN of the current weights (eval.py --protocol knn: "
-        "k = 20, T = 0.07, mean patch tokens) and RankMe of its features, logged as eval_knn_top1, eval_knn_top5, "
-        "eval_rankme (eval_ema_* for the EMA); RankMe alone on a dataset without labels. 0: off.",
+        f"k = {KNN_K}, T = {KNN_TEMPERATURE}, mean patch tokens) and RankMe of its features, logged as eval_knn_top1, "
+        "eval_knn_top5, eval_rankme (eval_ema_* for the EMA); RankMe alone on a dataset without labels. 0: off.",
     )
     knn_train_samples: int = option(
         50_000, "Train images of the k-NN bank, picked as eval.py --max_train_samples picks them."

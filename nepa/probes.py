@@ -224,7 +224,7 @@ def untouched_random_state(device: torch.device):
 
 class KnnMonitor:
     """The k-NN and RankMe of a model while it trains (`train_pretrain.py --knn_eval_steps`): eval.py's k-NN protocol
-    (k = 20, T = 0.07, mean patch tokens of the model in eval mode, sharded across processes) on a bank of train
+    (`KNN_K`, `KNN_TEMPERATURE`, mean patch tokens of the model in eval mode, sharded across processes) on a bank of train
     images and queries of validation images, and RankMe of the bank's features; without labels (`queries` None),
     RankMe alone. With the trainer's EMA, the same again on the EMA's weights. The training is left as it was: the
     model's mode, its weights (the EMA is applied and taken off) and every random state."""

@@ -10,8 +10,8 @@
 # bf16, torchrun on every GPU of every node (scripts/common.sh); the probes checkpoint every SAVE_STEPS steps and a
 # second run resumes. MODEL is a pretraining output or a released pretrained checkpoint (downloaded with
 # `hf download`; the script says which when MODEL is missing). nepa_{b,l}_{knn,linear,attentive}.sh set the rest.
-# Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, IS_CAUSAL (True: the default; False:
-# bidirectional attention), NUM_WORKERS, SAVE_STEPS; extra flags pass through (e.g. --num_train_epochs 1).
+# Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, IS_CAUSAL (unset: causal, eval.py's default;
+# False: bidirectional attention), NUM_WORKERS, SAVE_STEPS; extra flags pass through (e.g. --num_train_epochs 1).
 set -euo pipefail
 source "$(dirname "$0")/../common.sh"
 
@@ -37,7 +37,7 @@ fi
 launch eval.py \
   --model_name_or_path "$MODEL" \
   "${DATA_FLAGS[@]}" \
-  --protocol "$PROTOCOL" --is_causal "${IS_CAUSAL:-True}" \
+  --protocol "$PROTOCOL" ${IS_CAUSAL:+--is_causal "$IS_CAUSAL"} \
   --output_dir "${OUTPUT_DIR:-outputs/$(basename "$MODEL")-$PROTOCOL}" \
   ${CROP_PCT:+--crop_pct "$CROP_PCT"} \
   --per_device_eval_batch_size 256 \
