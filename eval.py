@@ -26,7 +26,7 @@ multi-GPU under torchrun like the training scripts; docs/recipes.md has the Imag
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import set_seed
@@ -38,6 +38,7 @@ from nepa.args import (
     Use,
     configure_logging,
     crop_pct_field,
+    option,
     parse_arguments,
     resize_size_field,
     unused,
@@ -47,7 +48,7 @@ from nepa.data import (
     EvalTransform,
     FinetuneTransform,
     RAND_AUGMENT,
-    PretrainTransform,
+    RandomCropFlip,
     get_split,
     image_dataset,
     load_image_dataset,
@@ -57,15 +58,22 @@ from nepa.data import (
 )
 from nepa.ema import EMA_WEIGHTS_NAME, ModelEMA
 from nepa.metrics import accuracy_metrics, top5_and_nll
-from nepa.probes import ATTENTIVE_BLOCKS, KNN_K, KNN_TEMPERATURE, LINEAR_FEATURES, ProbeGrid, ProbeTrainer, knn_evaluate, load_frozen_encoder
+from nepa.probes import (
+    ATTENTIVE_BLOCKS,
+    ATTENTIVE_LRS,
+    KNN_K,
+    KNN_TEMPERATURE,
+    LINEAR_FEATURES,
+    LINEAR_LRS,
+    ProbeGrid,
+    ProbeTrainer,
+    knn_evaluate,
+    load_frozen_encoder,
+)
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint
 
 logger = logging.getLogger("eval")
 PROTOCOLS = ("finetuned", "knn", "linear", "attentive")
-# AdamW (the Trainer's default optimiser) on standardised features: the miniature's best heads were at 0.03 to 0.1
-# (docs/miniature.md); 8 values over two decades around them.
-LINEAR_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2)
-ATTENTIVE_LRS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3)  # AIMv2, Table A2 (arXiv 2411.14402)
 
 
 @dataclass
@@ -73,58 +81,56 @@ class EvalTrainingArguments(NepaTrainingArguments):
     """The probes' training defaults: DINOv2's linear-probe schedule (10 epochs, cosine, no clipping) at a per-device
     batch of 128 (1024 on 8 GPUs), with the Trainer's AdamW."""
 
-    per_device_train_batch_size: int = field(default=128, metadata={"help": "Images per device per probe step."})
-    num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs of the probes (DINOv2: 10; AIMv2's attentive probe: 100)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "The probes' schedule; cosine ends at --probe_min_lr."})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "Clip each probe head's gradient norm to this (0: none, DINOv2's)."})
-    use_ema: bool | None = field(
-        default=None,
-        metadata={
-            "help": "--protocol finetuned: evaluate the folder's EMA weights (model_ema.safetensors) beside the raw ones "
-            "as eval_ema_* (default: when the folder has them; True: require them; False: the raw weights only)."
-        },
+    per_device_train_batch_size: int = option(128, "Images per device per probe step.")
+    num_train_epochs: float = option(10.0, "Epochs of the probes (DINOv2: 10; AIMv2's attentive probe: 100).")
+    lr_scheduler_type: str = option("cosine", "The probes' schedule; cosine ends at --probe_min_lr.")
+    max_grad_norm: float = option(0.0, "Clip each probe head's gradient norm to this (0: none, DINOv2's).")
+    use_ema: bool | None = option(
+        None,
+        "--protocol finetuned: evaluate the folder's EMA weights (model_ema.safetensors) beside the raw ones "
+        "as eval_ema_* (default: when the folder has them; True: require them; False: the raw weights only).",
     )
 
 
 @dataclass
 class EvalArguments:
-    model_name_or_path: str = field(metadata={"help": "A saved ViT-NEPA folder (a classifier, or any encoder for the frozen protocols)."})
-    image_processor_name: str | None = field(default=None, metadata={"help": "Default: --model_name_or_path."})
-    protocol: str = field(
-        default="finetuned",
-        metadata={
-            "help": "finetuned: the classifier's predictions. knn: weighted k-NN on frozen mean patch tokens, the train "
-            "split's features sharded across processes. linear: a grid of linear heads (--probe_lrs x --linear_features) "
-            "on frozen features of augmented images, trained under the Trainer. attentive: AIM's attentive probe (one "
-            "learned query over the averaged tokens of --attentive_blocks), one head per --probe_lrs value.",
-            "choices": PROTOCOLS,
-        },
+    model_name_or_path: str = option(
+        help="A saved ViT-NEPA folder (a classifier, or any encoder for the frozen protocols)."
     )
-    is_causal: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Frozen protocols: run the encoder with causal attention (True, the default: as NEPA pretrains it) or "
-            "bidirectional (False), whatever its config says. The finetuned protocol runs the classifier as configured."
-        },
+    image_processor_name: str | None = option(None, "Default: --model_name_or_path.")
+    protocol: str = option(
+        "finetuned",
+        "finetuned: the classifier's predictions. knn: weighted k-NN on frozen mean patch tokens, the train "
+        "split's features sharded across processes. linear: a grid of linear heads (--probe_lrs x --linear_features) "
+        "on frozen features of augmented images, trained under the Trainer. attentive: AIM's attentive probe (one "
+        "learned query over the averaged tokens of --attentive_blocks), one head per --probe_lrs value.",
+        choices=PROTOCOLS,
     )
-    knn_k: list[int] = field(default_factory=lambda: [KNN_K], metadata={"help": "Neighbours of the k-NN protocol; several in one pass, the first is eval_accuracy."})
-    knn_temperature: float = field(default=KNN_TEMPERATURE, metadata={"help": "Vote weight exp(cosine / T) of the k-NN protocol."})
-    probe_lrs: list[float] | None = field(
-        default=None,
-        metadata={"help": f"Learning rates of the probe heads (default: linear {list(LINEAR_LRS)}, attentive {list(ATTENTIVE_LRS)})."},
+    is_causal: bool | None = option(
+        None,
+        "Frozen protocols: run the encoder with causal attention (True, the default: as NEPA pretrains it) or "
+        "bidirectional (False), whatever its config says. The finetuned protocol runs the classifier as configured.",
     )
-    probe_min_lr: float = field(default=0.0, metadata={"help": "Where --lr_scheduler_type cosine ends, for every head (AIMv2: 1e-5)."})
-    linear_features: list[str] = field(
+    knn_k: list[int] = option(
+        default_factory=lambda: [KNN_K],
+        help="Neighbours of the k-NN protocol; several in one pass, the first is eval_accuracy.",
+    )
+    knn_temperature: float = option(KNN_TEMPERATURE, "Vote weight exp(cosine / T) of the k-NN protocol.")
+    probe_lrs: list[float] | None = option(
+        None,
+        f"Learning rates of the probe heads (default: linear {list(LINEAR_LRS)}, attentive {list(ATTENTIVE_LRS)}).",
+    )
+    probe_min_lr: float = option(0.0, "Where --lr_scheduler_type cosine ends, for every head (AIMv2: 1e-5).")
+    linear_features: list[str] = option(
         default_factory=lambda: list(LINEAR_FEATURES),
-        metadata={"help": "Features of the linear heads: mean (patch tokens), cls, last4 (the last 4 blocks' mean tokens, concatenated)."},
+        help="Features of the linear heads: mean (patch tokens), cls, last4 (the last 4 blocks' mean tokens, concatenated).",
     )
-    attentive_blocks: list[int] = field(
+    attentive_blocks: list[int] = option(
         default_factory=lambda: list(ATTENTIVE_BLOCKS),
-        metadata={"help": "Tokens of the attentive probe: K (average of the last K blocks) or FIRST LAST (blocks FIRST..LAST, 1-based)."},
+        help="Tokens of the attentive probe: K (average of the last K blocks) or FIRST LAST (blocks FIRST..LAST, 1-based).",
     )
-    aa: str | None = field(
-        default=None,
-        metadata={"help": f"timm RandAugment policy of the attentive probe's training images (default {RAND_AUGMENT}; '' for none)."},
+    aa: str | None = option(
+        RAND_AUGMENT, "timm RandAugment policy of the attentive probe's training images ('' for none)."
     )
     crop_pct: float = crop_pct_field()
     resize_size: int | None = resize_size_field()
@@ -220,10 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.protocol == "knn":
             train_transform, protocol = transform, evaluate_knn
         elif args.protocol == "linear":
-            train_transform, protocol = PretrainTransform(size, data_args.crop_scale, data_args.crop_ratio), train_probes
+            train_transform, protocol = RandomCropFlip(size, data_args.crop_scale, data_args.crop_ratio), train_probes
         else:
-            policy = RAND_AUGMENT if args.aa is None else args.aa
-            train_transform = FinetuneTransform(size, policy, processor.image_mean, data_args.crop_scale, data_args.crop_ratio)
+            train_transform = FinetuneTransform(size, args.aa, processor.image_mean, data_args.crop_scale, data_args.crop_ratio)
             protocol = train_probes
         train_dataset = image_dataset(train_split, train_transform, data_args)
         trainer, metrics = protocol(args, trainer_kwargs, training_args, train_dataset, classes)

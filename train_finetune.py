@@ -17,7 +17,7 @@ with the same command resumes from its newest complete checkpoint.
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from transformers import SchedulerType, set_seed
 
@@ -31,11 +31,11 @@ from nepa.args import (
     config_overrides_field,
     configure_logging,
     crop_pct_field,
-    load_config,
+    option,
     parse_arguments,
     resize_size_field,
 )
-from nepa.checkpoint import load_image_processor, load_model, local_folder
+from nepa.checkpoint import load_config, load_image_processor, load_model
 from nepa.data import (
     RAND_AUGMENT,
     BatchAugment,
@@ -57,41 +57,36 @@ logger = logging.getLogger("train_finetune")
 
 @dataclass
 class FinetuneArguments:
-    model_name_or_path: str = field(metadata={"help": "A classifier folder (init_nepa_cls_from_pretrain.py writes one)."})
-    model_revision: str | None = field(
-        default=None,
-        metadata={"help": "The Hub revision the folder was downloaded from (the release's commands pass `init`)."},
+    model_name_or_path: str = option(help="A classifier folder (init_nepa_cls_from_pretrain.py writes one).")
+    model_revision: str | None = option(
+        None, "The Hub revision the folder was downloaded from (the release's commands pass `init`)."
     )
-    image_processor_name: str | None = field(default=None, metadata={"help": "Default: --model_name_or_path."})
-    freeze_embed: bool = field(default=True, metadata={"help": "Freeze the patch projection."})
-    freeze_vit: bool = field(default=False, metadata={"help": "Linear probe: train only fc_norm and the classifier."})
-    freeze_vit_layers: int = field(default=0, metadata={"help": "Freeze the embeddings and the first N layers."})
+    image_processor_name: str | None = option(None, "Default: --model_name_or_path.")
+    freeze_embed: bool = option(True, "Freeze the patch projection.")
+    freeze_vit: bool = option(False, "Linear probe: train only fc_norm and the classifier.")
+    freeze_vit_layers: int = option(0, "Freeze the embeddings and the first N layers.")
     config_overrides: str | None = config_overrides_field()
-    drop_path: float | None = field(
-        default=None, metadata={"help": "Stochastic depth of the last layer: --config_overrides drop_path_prob=X."}
+    drop_path: float | None = option(None, "Stochastic depth of the last layer: --config_overrides drop_path_prob=X.")
+    is_causal: bool | None = option(None, "Causal attention while fine-tuning: --config_overrides is_causal=X.")
+    llrd: float = option(0.65, "Layer-wise lr decay (1 = none); with --llrd_end, where it starts.")
+    llrd_end: float | None = option(
+        None,
+        "Ramp the layer-wise decay from --llrd to this over the run, along a half-cosine, under the "
+        "llrd_cosine schedule (the paper's ViT-B recipe: --llrd 0.35 --llrd_end 1.0). The same as the release's "
+        "--lr_scheduler_kwargs '{\"custom_scheduler_type\": \"llrd_cosine\", \"llrd_end\": X}'.",
     )
-    is_causal: bool | None = field(
-        default=None, metadata={"help": "Causal attention while fine-tuning: --config_overrides is_causal=X."}
+    head_lr: float | None = option(
+        1e-3, "Learning rate of the classifier and the final norm (fc_norm gets --learning_rate)."
     )
-    llrd: float = field(default=0.65, metadata={"help": "Layer-wise lr decay (1 = none); with --llrd_end, where it starts."})
-    llrd_end: float | None = field(
-        default=None,
-        metadata={
-            "help": "Ramp the layer-wise decay from --llrd to this over the run, along a half-cosine, under the "
-            "llrd_cosine schedule (the paper's ViT-B recipe: --llrd 0.35 --llrd_end 1.0). The same as the release's "
-            "--lr_scheduler_kwargs '{\"custom_scheduler_type\": \"llrd_cosine\", \"llrd_end\": X}'."
-        },
-    )
-    head_lr: float | None = field(default=1e-3, metadata={"help": "Learning rate of the classifier and the final norm (fc_norm gets --learning_rate)."})
     crop_pct: float = crop_pct_field()
     resize_size: int | None = resize_size_field()
-    aa: str | None = field(default=RAND_AUGMENT, metadata={"help": "timm RandAugment policy ('' for none)."})
-    reprob: float = field(default=0.25, metadata={"help": "Random erasing probability."})
-    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0 = off)."})
-    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0 = off)."})
-    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
-    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of cutmix instead of mixup."})
-    smoothing: float = field(default=0.1, metadata={"help": "Label smoothing."})
+    aa: str | None = option(RAND_AUGMENT, "timm RandAugment policy ('' for none).")
+    reprob: float = option(0.25, "Random erasing probability.")
+    mixup: float = option(0.8, "Mixup alpha (0 = off).")
+    cutmix: float = option(1.0, "CutMix alpha (0 = off).")
+    mixup_prob: float = option(1.0, "Probability of mixing a batch.")
+    mixup_switch_prob: float = option(0.5, "Probability of cutmix instead of mixup.")
+    smoothing: float = option(0.1, "Label smoothing.")
 
 
 # The release's two layer-wise schedules, as its commands name them in --lr_scheduler_kwargs' custom_scheduler_type.
@@ -100,9 +95,8 @@ CONSTANT_DECAY, DECAY_RAMP = "llrd_cosine_warmup", "llrd_cosine"
 
 @dataclass
 class FinetuneTrainingArguments(NepaTrainingArguments):
-    lr_scheduler_type: SchedulerType | str = field(
-        default="cosine",
-        metadata={"help": "cosine only: one of the release's layer-wise cosines, which --lr_scheduler_kwargs names."},
+    lr_scheduler_type: SchedulerType | str = option(
+        "cosine", "cosine only: one of the release's layer-wise cosines, which --lr_scheduler_kwargs names."
     )
 
     def __post_init__(self):
@@ -163,10 +157,10 @@ def layer_decay_end(args: FinetuneArguments, training_args: FinetuneTrainingArgu
 
 
 def load_classifier(args: FinetuneArguments) -> ViTNepaForImageClassification:
-    folder = local_folder(args.model_name_or_path, "--model_name_or_path", args.model_revision)
-    config = load_config(folder, args.config_overrides, drop_path_prob=args.drop_path, is_causal=args.is_causal)
+    flag = "--model_name_or_path"
+    config = load_config(args.model_name_or_path, flag, args.config_overrides, args.model_revision, drop_path_prob=args.drop_path, is_causal=args.is_causal)
     return load_model(
-        ViTNepaForImageClassification, folder, "--model_name_or_path", "classifier",
+        ViTNepaForImageClassification, args.model_name_or_path, flag, "classifier",
         "it is a pretraining checkpoint. Convert it first with init_nepa_cls_from_pretrain.py.", config=config,
     )  # fmt: skip
 

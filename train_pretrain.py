@@ -13,18 +13,18 @@ and `eval_rankme` (and `eval_ema_*` of the EMA), without changing the training i
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from transformers import TrainerCallback, set_seed
 
 from models.vit_nepa import ViTNepaForPreTraining
 from nepa.args import TRAINING, DataArguments, NepaTrainingArguments, Use, config_overrides_field, configure_logging
-from nepa.args import load_config, parse_arguments, unused
-from nepa.checkpoint import load_image_processor, load_model, local_folder
+from nepa.args import option, parse_arguments, unused
+from nepa.checkpoint import load_config, load_image_processor, load_model
 from nepa.data import (
     DEFAULT_CROP_PCT,
     EvalTransform,
-    PretrainTransform,
+    RandomCropFlip,
     get_split,
     image_dataset,
     load_image_dataset,
@@ -32,7 +32,7 @@ from nepa.data import (
 )
 from nepa.metrics import mean_pairwise_cosine
 from nepa.optim import pretraining_param_groups
-from nepa.probes import KnnMonitor, knn_monitor
+from nepa.probes import KNN_K, KNN_TEMPERATURE, KnnMonitor, knn_monitor
 from nepa.trainer import NepaTrainer, image_inputs, resume_checkpoint, train_and_evaluate
 
 logger = logging.getLogger("train_pretrain")
@@ -40,34 +40,32 @@ logger = logging.getLogger("train_pretrain")
 
 @dataclass
 class ModelArguments:
-    config_name: str | None = field(
-        default=None, metadata={"help": "A folder with config.json (and preprocessor_config.json) to start from scratch."}
+    config_name: str | None = option(
+        None, "A folder with config.json (and preprocessor_config.json) to start from scratch."
     )
-    model_name_or_path: str | None = field(default=None, metadata={"help": "A saved NEPA folder to continue from."})
-    image_processor_name: str | None = field(
-        default=None, metadata={"help": "Folder of preprocessor_config.json; default: the config or model folder."}
+    model_name_or_path: str | None = option(None, "A saved NEPA folder to continue from.")
+    image_processor_name: str | None = option(
+        None, "Folder of preprocessor_config.json; default: the config or model folder."
     )
     config_overrides: str | None = config_overrides_field()
-    embed_lr: float | None = field(default=None, metadata={"help": "A separate learning rate for the embeddings."})
+    embed_lr: float | None = option(None, "A separate learning rate for the embeddings.")
 
 
 @dataclass
 class MonitorArguments:
-    knn_eval_steps: int = field(
-        default=0,
-        metadata={
-            "help": "Every N optimiser steps and at the end, a k-NN of the current weights (eval.py --protocol knn: "
-            "k = 20, T = 0.07, mean patch tokens) and RankMe of its features, logged as eval_knn_top1, eval_knn_top5, "
-            "eval_rankme (eval_ema_* for the EMA); RankMe alone on a dataset without labels. 0: off."
-        },
+    knn_eval_steps: int = option(
+        0,
+        "Every N optimiser steps and at the end, a k-NN of the current weights (eval.py --protocol knn: "
+        f"k = {KNN_K}, T = {KNN_TEMPERATURE}, mean patch tokens) and RankMe of its features, logged as eval_knn_top1, "
+        "eval_knn_top5, eval_rankme (eval_ema_* for the EMA); RankMe alone on a dataset without labels. 0: off.",
     )
-    knn_train_samples: int = field(
-        default=50_000, metadata={"help": "Train images of the k-NN bank, picked as eval.py --max_train_samples picks them."}
+    knn_train_samples: int = option(
+        50_000, "Train images of the k-NN bank, picked as eval.py --max_train_samples picks them."
     )
-    knn_eval_samples: int = field(
-        default=10_000, metadata={"help": "Validation images the k-NN scores, picked as eval.py --max_eval_samples picks them."}
+    knn_eval_samples: int = option(
+        10_000, "Validation images the k-NN scores, picked as eval.py --max_eval_samples picks them."
     )
-    knn_crop_pct: float = field(default=DEFAULT_CROP_PCT, metadata={"help": "The k-NN images' centre crop, as eval.py --crop_pct."})
+    knn_crop_pct: float = option(DEFAULT_CROP_PCT, "The k-NN images' centre crop, as eval.py --crop_pct.")
 
     def __post_init__(self):
         if self.knn_eval_steps < 0:
@@ -105,8 +103,8 @@ def build_model(model_args: ModelArguments) -> ViTNepaForPreTraining:
     if not (model_args.config_name or model_args.model_name_or_path):
         raise ValueError("pass --config_name (train from scratch) or --model_name_or_path (continue from weights).")
     flag = "--model_name_or_path" if model_args.model_name_or_path else "--config_name"
-    source = local_folder(model_args.model_name_or_path or model_args.config_name, flag)
-    config = load_config(source, model_args.config_overrides)
+    source = model_args.model_name_or_path or model_args.config_name
+    config = load_config(source, flag, model_args.config_overrides)
     if model_args.model_name_or_path:
         instead = "continue from a folder train_pretrain.py saved, or start from --config_name."
         return load_model(ViTNepaForPreTraining, source, flag, "pretraining", instead, config=config)
@@ -166,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = load_image_dataset(data_args)
     train_split = get_split(dataset, "train", data_args.max_train_samples, training_args.seed, data_args.label_column_name)
-    transform = PretrainTransform(size, data_args.crop_scale, data_args.crop_ratio)
+    transform = RandomCropFlip(size, data_args.crop_scale, data_args.crop_ratio)
     train_dataset = image_dataset(train_split, transform, data_args, labels=False)
     eval_dataset = None
     if training_args.do_eval:

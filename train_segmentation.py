@@ -17,7 +17,7 @@ torchrun, ...); a run started again with the same command resumes from its newes
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +25,8 @@ import torch
 from transformers import AutoConfig, UperNetConfig, UperNetForSemanticSegmentation, set_seed
 
 from models.vit_nepa import ViTNepaBackbone
-from nepa.args import EVALUATING, TRAINING, DataArguments, NepaTrainingArguments, Use, configure_logging, parse_arguments, unused
+from nepa.args import EVALUATING, TRAINING, DataArguments, NepaTrainingArguments, Use, configure_logging, option, parse_arguments
+from nepa.args import unused
 from nepa.checkpoint import load_image_processor, load_model, local_folder
 from nepa.data import get_split, image_dataset, load_image_dataset
 from nepa.segmentation import (
@@ -44,35 +45,35 @@ logger = logging.getLogger("train_segmentation")
 
 @dataclass
 class SegmentationTrainingArguments(NepaTrainingArguments):
-    use_ema: bool = field(
-        default=False, metadata={"help": "Keep an EMA of the weights (off: the MAE/BEiT ADE20K recipe keeps none)."}
-    )
+    use_ema: bool = option(False, "Keep an EMA of the weights (off: the MAE/BEiT ADE20K recipe keeps none).")
 
 
 @dataclass
 class SegmentationArguments:
-    model_name_or_path: str = field(
-        metadata={"help": "A NEPA pretraining / classification folder, or a segmentation folder this script saved."}
+    model_name_or_path: str = option(
+        help="A NEPA pretraining / classification folder, or a segmentation folder this script saved."
     )
-    image_processor_name: str | None = field(default=None, metadata={"help": "Default: --model_name_or_path."})
+    image_processor_name: str | None = option(None, "Default: --model_name_or_path.")
     # The architecture flags build a model from an encoder folder (defaults in ENCODER_DEFAULTS); a saved
     # segmentation folder fixes its own, and they are refused with it.
-    out_indices: list[int] | None = field(
-        default=None, metadata={"help": "Blocks (1-based) feeding the pyramid; default 4 6 8 12 (B), 8 12 16 24 (L)."}
+    out_indices: list[int] | None = option(
+        None, "Blocks (1-based) feeding the pyramid; default 4 6 8 12 (B), 8 12 16 24 (L)."
     )
-    is_causal: bool | None = field(default=None, metadata={"help": "Keep causal attention (default False: bidirectional)."})
-    drop_path: float | None = field(default=None, metadata={"help": "Stochastic depth of the last block (default 0.1)."})
-    llrd: float = field(default=0.65, metadata={"help": "Layer-wise lr decay over the encoder blocks (1 = none)."})
-    decoder_hidden_size: int | None = field(default=None, metadata={"help": "UperNet channels (default 512)."})
-    auxiliary_channels: int | None = field(default=None, metadata={"help": "Channels of the auxiliary FCN head (default 256)."})
-    auxiliary_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the auxiliary head's loss (default 0.4)."})
-    crop_size: int = field(default=504, metadata={"help": "Training crop and evaluation window (a multiple of the patch size)."})
-    train_scale: list[int] = field(default_factory=lambda: [2048, 512], metadata={"help": "Base scale of the random resize."})
-    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata={"help": "Random resize ratios."})
-    cat_max_ratio: float = field(default=0.75, metadata={"help": "Redraw crops where one class covers this much."})
-    photometric: bool = field(default=True, metadata={"help": "Photometric distortion in training."})
-    eval_scale: list[int] = field(default_factory=lambda: [2048, 512], metadata={"help": "Keep-ratio resize for evaluation."})
-    eval_stride: int = field(default=336, metadata={"help": "Stride of the evaluation's sliding windows."})
+    is_causal: bool | None = option(None, "Keep causal attention (default False: bidirectional).")
+    drop_path: float | None = option(None, "Stochastic depth of the last block (default 0.1).")
+    llrd: float = option(0.65, "Layer-wise lr decay over the encoder blocks (1 = none).")
+    decoder_hidden_size: int | None = option(None, "UperNet channels (default 512).")
+    auxiliary_channels: int | None = option(None, "Channels of the auxiliary FCN head (default 256).")
+    auxiliary_loss_weight: float | None = option(None, "Weight of the auxiliary head's loss (default 0.4).")
+    # 504 = 36 x 14, not mmsegmentation's 512: a multiple of the patch size 14, the closest below 512 (518 costs 6 %
+    # more tokens), whose even 36 x 36 grid makes the neck's half-resolution level exact; windows stride two thirds.
+    crop_size: int = option(504, "Training crop and evaluation window (a multiple of the patch size).")
+    train_scale: list[int] = option(default_factory=lambda: [2048, 512], help="Base scale of the random resize.")
+    ratio_range: list[float] = option(default_factory=lambda: [0.5, 2.0], help="Random resize ratios.")
+    cat_max_ratio: float = option(0.75, "Redraw crops where one class covers this much.")
+    photometric: bool = option(True, "Photometric distortion in training.")
+    eval_scale: list[int] = option(default_factory=lambda: [2048, 512], help="Keep-ratio resize for evaluation.")
+    eval_stride: int = option(336, "Stride of the evaluation's sliding windows.")
 
 
 # Fewer images than this in a BatchNorm's batch get a warning at start-up.
@@ -106,6 +107,12 @@ FLAG_USES = {
 }
 
 
+def encoder_architecture(args: SegmentationArguments) -> SimpleNamespace:
+    """The architecture flags built from an encoder folder: those given, else `ENCODER_DEFAULTS`."""
+    given = {name: getattr(args, name) for name in ENCODER_DEFAULTS if getattr(args, name) is not None}
+    return SimpleNamespace(**{**ENCODER_DEFAULTS, **given})
+
+
 def build_model(args: SegmentationArguments, model_type: str, id2label: dict[int, str] | None) -> UperNetForSemanticSegmentation:
     flag = "--model_name_or_path"
     if model_type == "upernet":
@@ -122,8 +129,7 @@ def build_model(args: SegmentationArguments, model_type: str, id2label: dict[int
             "the dataset folder has no id2label.json, so the number of classes is unknown: build the dataset with "
             "download_dataset.py (--dataset ade20k or fashion-mnist-seg)."
         )
-    given = {name: getattr(args, name) for name in ENCODER_DEFAULTS if getattr(args, name) is not None}
-    architecture = SimpleNamespace(**{**ENCODER_DEFAULTS, **given})
+    architecture = encoder_architecture(args)
     overrides = dict(is_causal=architecture.is_causal, drop_path_prob=architecture.drop_path)
     if args.out_indices is not None:
         overrides["out_indices"] = args.out_indices

@@ -45,7 +45,7 @@ from nepa.data import (  # noqa: E402
     EvalTransform,
     FinetuneTransform,
     ImageDataset,
-    PretrainTransform,
+    RandomCropFlip,
     collate_images,
     decode_rgb_tensor,
 )
@@ -140,7 +140,7 @@ def build_pipelines(size: int, split: datasets.Dataset) -> tuple[dict[str, tuple
             T.Normalize(MEAN, STD),
         ]
     )
-    project_pretrain = project(PretrainTransform(size), normalize_batch)
+    project_pretrain = project(RandomCropFlip(size), normalize_batch)
     pipelines = {
         "pretraining (RandomResizedCrop, flip)": (plain(plain_pretrain), *project_pretrain),
         "pretraining, plain with ToTensor first": (plain(tensor_first), *project_pretrain),
@@ -176,7 +176,7 @@ def augmentation_parameters(size: int) -> list[tuple[str, str]]:
     )
     transforms = {
         "pretraining, plain": T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()]),
-        "pretraining, project": PretrainTransform(size),
+        "pretraining, project": RandomCropFlip(size),
         "fine-tuning, plain": plain_finetune,
         "fine-tuning, project": FinetuneTransform(size, RAND_AUGMENT, MEAN),
     }

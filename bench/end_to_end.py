@@ -38,7 +38,7 @@ from nepa.data import (  # noqa: E402
     RAND_AUGMENT,
     FinetuneTransform,
     ImageDataset,
-    PretrainTransform,
+    RandomCropFlip,
     collate_images,
     get_split,
 )
@@ -94,7 +94,7 @@ def loader_images_per_second(stage: str, dataset_dir: Path, workers: int, batche
 
     split = get_split(datasets.load_from_disk(str(dataset_dir)), "train")
     if stage == "pretrain":
-        dataset = ImageDataset(split, PretrainTransform(IMAGE_SIZE), label_column=None, seed=0)
+        dataset = ImageDataset(split, RandomCropFlip(IMAGE_SIZE), label_column=None, seed=0)
     else:
         dataset = ImageDataset(split, FinetuneTransform(IMAGE_SIZE, RAND_AUGMENT, IMAGENET_MEAN), seed=0)
     batch = STAGES[stage]["batch"]

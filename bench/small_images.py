@@ -41,7 +41,7 @@ def stages(dataset: datasets.DatasetDict) -> dict:
     pretrain, finetune = miniature.PRETRAIN, miniature.FINETUNE
     return {
         "pretraining": (
-            dataset["train"], data.PretrainTransform(28, pretrain["crop_scale"]), pretrain["per_device_train_batch_size"],
+            dataset["train"], data.RandomCropFlip(28, pretrain["crop_scale"]), pretrain["per_device_train_batch_size"],
             ViTNepaForPreTraining, miniature.PRETRAIN_CONFIG,
         ),
         "fine-tuning, 10 % labels": (

@@ -3,7 +3,6 @@
 Every `TrainingArguments` flag works beside these, and a single `.json` argument replaces the
 whole command line (`python train_pretrain.py configs/my_run.json`)."""
 
-import json
 import logging
 import os
 import sys
@@ -19,47 +18,44 @@ from transformers.hf_argparser import string_to_bool
 from .data import DEFAULT_CROP_PCT, DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE
 
 
+def option(default=MISSING, help: str = "", *, default_factory=MISSING, **metadata):
+    """A dataclass field that `HfArgumentParser` makes a flag: its default (or `default_factory`; neither: required)
+    and its `--help` text; `metadata` adds argparse's keywords (`choices=...`)."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help, **metadata})
+
+
 @dataclass
 class DataArguments:
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "A Hub dataset id, or a `save_to_disk` folder with --load_from_disk True."}
+    dataset_name: str | None = option(None, "A Hub dataset id, or a `save_to_disk` folder with --load_from_disk True.")
+    load_from_disk: bool = option(False, "Read --dataset_name with datasets.load_from_disk.")
+    train_dir: str | None = option(None, "An image folder (class subfolders) for training.")
+    validation_dir: str | None = option(None, "An image folder for validation.")
+    cache_dir: str | None = option(None, "Where datasets caches downloads.")
+    image_column_name: str = option("image", "The column holding the images.")
+    label_column_name: str = option("label", "The column holding the class labels.")
+    max_train_samples: int | None = option(
+        None, "Train on a subset of this size, drawn with --seed (class-balanced when labelled)."
     )
-    load_from_disk: bool = field(default=False, metadata={"help": "Read --dataset_name with datasets.load_from_disk."})
-    train_dir: str | None = field(default=None, metadata={"help": "An image folder (class subfolders) for training."})
-    validation_dir: str | None = field(default=None, metadata={"help": "An image folder for validation."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where datasets caches downloads."})
-    image_column_name: str = field(default="image", metadata={"help": "The column holding the images."})
-    label_column_name: str = field(default="label", metadata={"help": "The column holding the class labels."})
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Train on a subset of this size, drawn with --seed (class-balanced when labelled)."}
+    max_eval_samples: int | None = option(
+        None, "Evaluate on a subset of this size, drawn with --seed (class-balanced when labelled)."
     )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate on a subset of this size, drawn with --seed (class-balanced when labelled)."}
+    labels_per_class: float | None = option(
+        None,
+        "Train on a class-balanced labelled subset: N images of each class, or (below 1) that fraction of "
+        "each class, drawn with --seed (the same images for every model given the same seed).",
     )
-    labels_per_class: float | None = field(
-        default=None,
-        metadata={
-            "help": "Train on a class-balanced labelled subset: N images of each class, or (below 1) that fraction of "
-            "each class, drawn with --seed (the same images for every model given the same seed)."
-        },
-    )
-    crop_scale: list[float] = field(
+    crop_scale: list[float] = option(
         default_factory=lambda: [*DEFAULT_CROP_SCALE],
-        metadata={"help": "Training RandomResizedCrop: MIN MAX fraction of the image's area."},
+        help="Training RandomResizedCrop: MIN MAX fraction of the image's area.",
     )
-    crop_ratio: list[float] = field(
-        default_factory=lambda: [*DEFAULT_CROP_RATIO],
-        metadata={"help": "Training RandomResizedCrop: MIN MAX aspect ratio."},
+    crop_ratio: list[float] = option(
+        default_factory=lambda: [*DEFAULT_CROP_RATIO], help="Training RandomResizedCrop: MIN MAX aspect ratio."
     )
-    strict_images: bool = field(
-        default=False, metadata={"help": "Stop at the first undecodable image instead of skipping and logging it."}
-    )
-    images_in_memory: bool = field(
-        default=False,
-        metadata={
-            "help": "Small datasets: decode each split once into one uint8 tensor and crop and flip whole batches "
-            "(the same crops and resampling); no dataloader workers needed. Refuses RandAugment (--aa). See docs/usage.md."
-        },
+    strict_images: bool = option(False, "Stop at the first undecodable image instead of skipping and logging it.")
+    images_in_memory: bool = option(
+        False,
+        "Small datasets: decode each split once into one uint8 tensor and crop and flip whole batches "
+        "(the same crops and resampling); no dataloader workers needed. Refuses RandAugment (--aa). See docs/usage.md.",
     )
 
     def __post_init__(self):
@@ -84,55 +80,19 @@ class DataArguments:
 
 def config_overrides_field():
     """The `--config_overrides` field of an entry point's model arguments."""
-    return field(
-        default=None,
-        metadata={"help": "Comma-separated key=value config changes (JSON values), e.g. 'nepa_shift=false,qk_norm=false'."},
+    return option(
+        None, "Comma-separated key=value config changes (JSON values), e.g. 'nepa_shift=false,qk_norm=false'."
     )
 
 
 def crop_pct_field():
     """The `--crop_pct` field of an entry point that evaluates on centre crops."""
-    return field(default=DEFAULT_CROP_PCT, metadata={"help": "Evaluation: resize the shorter side to size / crop_pct, centre-crop."})
+    return option(DEFAULT_CROP_PCT, "Evaluation: resize the shorter side to size / crop_pct, centre-crop.")
 
 
 def resize_size_field():
     """The `--resize_size` field beside `--crop_pct`."""
-    return field(default=None, metadata={"help": "Evaluation: resize the shorter side to this instead (overrides crop_pct)."})
-
-
-def parse_config_overrides(text: str | None) -> dict:
-    """`'a=1,b=false,c=null'` -> `{"a": 1, "b": False, "c": None}`; a value that is not JSON stays a string."""
-    overrides = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config_overrides item {item!r} is not key=value.")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
-
-
-def load_config(source: str, config_overrides: str | None, **spelled):
-    """The `ViTNepaConfig` of folder `source` with `--config_overrides` applied, and then the fields that an entry
-    point's own flags spell out (`drop_path_prob=args.drop_path`; `None` = not given, the config's value stays)."""
-    from models.vit_nepa import ViTNepaConfig
-
-    config = ViTNepaConfig.from_pretrained(source)
-    overrides = parse_config_overrides(config_overrides)
-    for key, value in spelled.items():
-        if value is None:
-            continue
-        if key in overrides and overrides[key] != value:
-            raise ValueError(f"--config_overrides sets {key}={overrides[key]} and a flag sets it to {value}: pass one.")
-        overrides[key] = value
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise ValueError(f"--config_overrides: ViTNepaConfig has no field {key!r}.")
-        setattr(config, key, value)
-    config.check_geometry()
-    return config
+    return option(None, "Evaluation: resize the shorter side to this instead (overrides crop_pct).")
 
 
 @dataclass(frozen=True)
@@ -228,35 +188,26 @@ class NepaTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus what `NepaTrainer` adds, and `--warmup_ratio`, which the original release's
     commands pass and Transformers 5 replaced by a fractional `--warmup_steps`."""
 
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Kept False: batches carry labels that an encoder's forward does not take."}
+    remove_unused_columns: bool = option(
+        False, "Kept False: batches carry labels that an encoder's forward does not take."
     )
-    warmup_ratio: float | None = field(
-        default=None,
-        metadata={"help": "Warm up over this fraction of the training steps: the same as --warmup_steps with a value below 1."},
+    warmup_ratio: float | None = option(
+        None, "Warm up over this fraction of the training steps: the same as --warmup_steps with a value below 1."
     )
 
-    use_ema: bool = field(
-        default=True, metadata={"help": "Keep an EMA of the weights, evaluate and save it too (the release's default)."}
+    use_ema: bool = option(True, "Keep an EMA of the weights, evaluate and save it too (the release's default).")
+    ema_decay: float = option(0.9999, "EMA decay per optimiser step.")
+    save_every_minutes: float | None = option(
+        None,
+        "Also save a checkpoint when this many minutes have passed since the last one (--save_total_limit "
+        "keeps the newest complete ones), so a run stopped without warning loses at most that long.",
     )
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimiser step."})
-    save_every_minutes: float | None = field(
-        default=None,
-        metadata={
-            "help": "Also save a checkpoint when this many minutes have passed since the last one (--save_total_limit "
-            "keeps the newest complete ones), so a run stopped without warning loses at most that long."
-        },
-    )
-    skip_nonfinite_loss: bool = field(
-        default=False, metadata={"help": "Drop a step whose loss is NaN/inf instead of stopping the run."}
-    )
-    logging_nan_inf_filter: bool = field(
-        default=False,
-        metadata={
-            "help": "Off: NepaTrainer stops on (or, with --skip_nonfinite_loss, drops) a step with a NaN/inf loss, "
-            "checked on the device; the Trainer's filter would make the CPU wait for the GPU every micro-step to hide "
-            "such losses from the log."
-        },
+    skip_nonfinite_loss: bool = option(False, "Drop a step whose loss is NaN/inf instead of stopping the run.")
+    logging_nan_inf_filter: bool = option(
+        False,
+        "Off: NepaTrainer stops on (or, with --skip_nonfinite_loss, drops) a step with a NaN/inf loss, "
+        "checked on the device; the Trainer's filter would make the CPU wait for the GPU every micro-step to hide "
+        "such losses from the log.",
     )
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
-"""Saved folders: loading them, the one way every entry point does it, finding the newest complete checkpoint, and
+"""Saved folders: loading them, the one way every entry point does it (`local_folder` -> `load_config`, a folder's
+config with the run's changes -> `load_model`, its weights, complete), finding the newest complete checkpoint, and
 saying what a failed checkpoint write leaves.
 
 Models, configs and image processors load from local folders only, never from the Hugging Face Hub: a Hub id
@@ -17,6 +18,8 @@ import torch.distributed as dist
 from transformers import AutoImageProcessor
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from models.vit_nepa import ViTNepaConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,6 +35,40 @@ def local_folder(path: str | Path, flag: str, revision: str | None = None) -> Pa
         f"{flag} {path} is not a local folder; models load from local folders only. Where there is network, run "
         f"`hf download {path}{revision} --local-dir DIR` and pass {flag} DIR."
     )
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`'a=1,b=false,c=null'` -> `{"a": 1, "b": False, "c": None}`; a value that is not JSON stays a string."""
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config_overrides item {item!r} is not key=value.")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def load_config(path: str | Path, flag: str, config_overrides: str | None, revision: str | None = None, **spelled) -> ViTNepaConfig:
+    """The `ViTNepaConfig` of the local folder `path` (passed as `flag`; `revision`: the Hub revision a user names)
+    with `--config_overrides` applied, and then the fields that an entry point's own flags spell out
+    (`drop_path_prob=args.drop_path`; `None` = not given, the config's value stays)."""
+    config = ViTNepaConfig.from_pretrained(local_folder(path, flag, revision))
+    overrides = parse_config_overrides(config_overrides)
+    for key, value in spelled.items():
+        if value is None:
+            continue
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"--config_overrides sets {key}={overrides[key]} and a flag sets it to {value}: pass one.")
+        overrides[key] = value
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"--config_overrides: ViTNepaConfig has no field {key!r}.")
+        setattr(config, key, value)
+    config.check_geometry()
+    return config
 
 
 def load_model(model_class, path: str | Path, flag: str, tensors: str, instead: str, optional=(), **kwargs):

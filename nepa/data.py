@@ -217,8 +217,9 @@ class BatchResizedCrop:
         return crops
 
 
-class PretrainTransform:
-    """RandomResizedCrop + horizontal flip on uint8 tensors (normalisation happens per batch)."""
+class RandomCropFlip:
+    """RandomResizedCrop + horizontal flip on uint8 tensors (normalisation happens per batch): the training images of
+    pretraining and of the linear probe."""
 
     def __init__(self, size: int, scale=DEFAULT_CROP_SCALE, ratio=DEFAULT_CROP_RATIO):
         self.augment = v2.Compose(

@@ -104,7 +104,7 @@ class NonFiniteLossGuard(TrainerCallback):
             del optimizer.found_inf  # this step's flag only
 
     def on_save(self, args, state, control, **kwargs):
-        self.settle(args)  # before `_StepHooks.on_save` marks the checkpoint complete
+        self.settle(args)  # before `CheckpointCompletion.on_save` marks the checkpoint complete
         if args.should_save and self.skipped_steps:
             folder = checkpoint_folder(args.output_dir, state.global_step)
             (folder / SKIPPED_STEPS_NAME).write_text(json.dumps({"skipped_steps": self.skipped_steps}) + "\n")

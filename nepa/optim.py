@@ -92,12 +92,13 @@ def group_warmup_steps(warmup_steps: int, lr_factor: float) -> int:
     return max(1, warmup_steps - round(warmup_steps * min(lr_factor, 1.0)))
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak lr: linear warm-up, then a half-cosine to 0 at `total_steps`."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float = 0.0) -> float:
+    """Multiplier of the peak lr: linear warm-up, then a half-cosine to `floor` (a fraction of the peak) at
+    `total_steps`."""
     if step < warmup_steps:
         return step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def layer_decay_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:

@@ -32,13 +32,18 @@ from models.vit_nepa import ViTNepaModel
 from .checkpoint import load_model
 from .data import collate_images, get_split, has_class_labels, image_dataset, num_classes
 from .metrics import rankme, top1_top5_hits, top5_and_nll, top5_indices
+from .optim import warmup_cosine
 from .trainer import NepaTrainer
 
 logger = logging.getLogger(__name__)
 
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO's k-NN
 LINEAR_FEATURES = ("mean", "cls", "last4")
+# AdamW (the Trainer's default optimiser) on standardised features: the miniature's best heads were at 0.03 to 0.1
+# (docs/miniature.md); 8 values over two decades around them.
+LINEAR_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2)
 ATTENTIVE_BLOCKS = (6,)  # AIM's: the last 6 blocks' tokens, averaged
+ATTENTIVE_LRS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3)  # AIMv2, Table A2 (arXiv 2411.14402)
 
 
 def load_frozen_encoder(path: str, is_causal: bool) -> ViTNepaModel:
@@ -219,7 +224,7 @@ def untouched_random_state(device: torch.device):
 
 class KnnMonitor:
     """The k-NN and RankMe of a model while it trains (`train_pretrain.py --knn_eval_steps`): eval.py's k-NN protocol
-    (k = 20, T = 0.07, mean patch tokens of the model in eval mode, sharded across processes) on a bank of train
+    (`KNN_K`, `KNN_TEMPERATURE`, mean patch tokens of the model in eval mode, sharded across processes) on a bank of train
     images and queries of validation images, and RankMe of the bank's features; without labels (`queries` None),
     RankMe alone. With the trainer's EMA, the same again on the EMA's weights. The training is left as it was: the
     model's mode, its weights (the EMA is applied and taken off) and every random state."""
@@ -395,14 +400,6 @@ class ProbeGrid(nn.Module):
 # --- training and evaluating the grid under the Trainer ---------------------------------------------------------
 
 
-def warmup_cosine_to_floor(step: int, warmup: int, total: int, floor: float) -> float:
-    """Linear warm-up to 1, then half a cosine down to `floor` (a fraction of the peak) at `total` steps."""
-    if step < warmup:
-        return step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 class HeadGradientClipping(TrainerCallback):
     """Clip each head's gradient norm on its own to `max_grad_norm` (clipping all heads together would let one head's
     large gradient shrink the others' steps)."""
@@ -448,7 +445,7 @@ class ProbeTrainer(NepaTrainer):
             optimizer = optimizer or self.optimizer
             warmup = self.args.get_warmup_steps(num_training_steps)
             lambdas = [
-                partial(warmup_cosine_to_floor, warmup=warmup, total=num_training_steps, floor=min(1.0, self.min_lr / group["lr"]))
+                partial(warmup_cosine, warmup_steps=warmup, total_steps=num_training_steps, floor=min(1.0, self.min_lr / group["lr"]))
                 for group in optimizer.param_groups
             ]
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

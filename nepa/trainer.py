@@ -127,22 +127,41 @@ def set_up_workers(loader, seed: int):
     return loader
 
 
-class _StepHooks(TrainerCallback):
+class NepaCallback(TrainerCallback):
+    """A callback that acts on its `NepaTrainer`."""
+
     def __init__(self, trainer: "NepaTrainer"):
         self.trainer = trainer
 
+
+class ThroughputClock(NepaCallback):
+    """Starts the clock of the logged `images_per_second` when training begins (or resumes)."""
+
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.last_log = (time.perf_counter(), state.global_step)
+
+
+class EmaUpdate(NepaCallback):
+    """Moves the EMA of the weights after every optimiser step."""
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.ema is not None:
             self.trainer.ema.update()
 
+
+class DatasetEpoch(NepaCallback):
+    """Tells the training dataset each epoch as it begins, for its per-epoch augmentation draws. accelerate forwards
+    the epoch only for some sampler layouts (not under several processes, nor in the epoch a run resumes in);
+    `state.epoch` is the resumed one's, e.g. 2.5 -> 2."""
+
     def on_epoch_begin(self, args, state, control, **kwargs):
-        # accelerate forwards the epoch to the dataset only for some sampler layouts (not under several processes,
-        # nor in the epoch a run resumes in), so set it here; `state.epoch` is the resumed one's, e.g. 2.5 -> 2.
         if hasattr(self.trainer.train_dataset, "set_epoch"):
             self.trainer.train_dataset.set_epoch(int(state.epoch))
+
+
+class CheckpointCompletion(NepaCallback):
+    """Once every process has written checkpoint-N, marks it complete (`CHECKPOINT_COMPLETE`) and then deletes the old
+    checkpoints beyond the trainer's `save_total_limit`: a checkpoint is deleted only after a newer one is complete."""
 
     def on_save(self, args, state, control, **kwargs):
         # The Trainer has written checkpoint-N (and, through `save_model`, the EMA) and called this in every process.
@@ -174,14 +193,14 @@ class NepaTrainer(Trainer):
     4. step or skip: `NonFiniteLossGuard.on_pre_optimizer_step` sums the count over processes and flags the step
        (a fused optimiser skips it on the device through `found_inf`; another's gradients are dropped), then the
        optimiser steps, and `on_optimizer_step` clears the flag; the scheduler steps and the gradients are zeroed;
-    5. EMA: `_StepHooks.on_step_end` updates it (`nepa.ema.ModelEMA`);
+    5. EMA: `EmaUpdate.on_step_end` updates it (`nepa.ema.ModelEMA`);
     6. stop signal or timed checkpoint: `PreemptionCheckpoints.on_step_end` asks for a save (`nepa.preemption`);
     7. log: `log` adds the `record()`ed scalars, the skipped-step count and `images_per_second`; the guard reads
        its flag here at the latest;
     8. evaluate: `evaluate`, and again with the EMA's weights (pretraining adds the k-NN monitor,
        `train_pretrain.NepaPretrainer.evaluate`, whose `MonitorSchedule` asks for this every --knn_eval_steps);
     9. save: `Trainer` writes checkpoint-N (`save_model` adds the EMA), and `_save_checkpoint` stops every process
-       if any write failed; then, in callback order, the guard (`skipped_steps.json`), `_StepHooks.on_save`
+       if any write failed; then, in callback order, the guard (`skipped_steps.json`), `CheckpointCompletion.on_save`
        (marker, old checkpoints deleted, every process waits) and `PreemptionCheckpoints` (exit after a stop
        signal).
     """
@@ -207,8 +226,9 @@ class NepaTrainer(Trainer):
         self.last_log: tuple[float, int] | None = None  # (time, global step) of the last training log line
         self._recorded: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.add_callback(self.nonfinite_guard)
-        self.add_callback(_StepHooks(self))
-        self.add_callback(PreemptionCheckpoints(self.args.save_every_minutes))  # after _StepHooks marks checkpoints
+        for callback in (ThroughputClock, EmaUpdate, DatasetEpoch, CheckpointCompletion):
+            self.add_callback(callback(self))
+        self.add_callback(PreemptionCheckpoints(self.args.save_every_minutes))  # after CheckpointCompletion marks checkpoints
 
     # --- optimisation ---------------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
 """What the tests share: tiny model configs and folders, and datasets built from local files only."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,20 @@ def fashion_mnist_canvases(root: Path, count: int, canvas_size: int = 56) -> Pat
     DatasetDict(train=split, validation=split).save_to_disk(str(root / "both"))
     (root / "both" / "id2label.json").write_text((built / "id2label.json").read_text())
     return root / "both"
+
+
+def recipe_command(tmp_path, script: str, **env) -> list[str]:
+    """The command line a recipe script (`scripts/<script>`) launches on one GPU (NPROC_PER_NODE in `env` for more),
+    from the entry point's name on, recorded by a stand-in for Python (which still runs the scripts' `python -c`
+    arithmetic). `--use_cpu True` goes through as an extra flag: bf16 needs it here."""
+    stand_in, record = tmp_path / "python", tmp_path / "argv"
+    stand_in.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\nprintf "%s\\n" "$@" > {record}\n')
+    stand_in.chmod(0o755)
+    model = tmp_path / "classifier"
+    model.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHON": str(stand_in), "NPROC_PER_NODE": "1", "REPORT_TO": "none", "MODEL": str(model), **env}
+    command = ["bash", str(REPO / "scripts" / script), "--use_cpu", "True"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    argv = record.read_text().splitlines()
+    return argv[next(index for index, value in enumerate(argv) if value.endswith(".py")):]

@@ -23,7 +23,7 @@ from nepa.data import (
     FinetuneTransform,
     ImageDataset,
     ImagesInMemory,
-    PretrainTransform,
+    RandomCropFlip,
 )
 
 INTERPOLATION = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
@@ -119,7 +119,7 @@ def test_the_dataset_decodes_once_and_seeds_each_batch_from_the_epoch_and_its_im
         assert torch.equal(evaluation[index]["pixel_values"], per_image[index]["pixel_values"])
         assert evaluation[index]["labels"] == index
 
-    training = ImagesInMemory(split, PretrainTransform(28, (0.3, 1.0)), label_column=None, seed=0)
+    training = ImagesInMemory(split, RandomCropFlip(28, (0.3, 1.0)), label_column=None, seed=0)
     assert "labels" not in training[0]
     batch = lambda indices: torch.stack([example["pixel_values"] for example in training.__getitems__(indices)])  # noqa: E731
     first_epoch = batch([3, 1, 4])
@@ -134,7 +134,7 @@ def test_what_the_batch_path_cannot_do_is_refused():
         FinetuneTransform(28, "rand-m9-mstd0.5-inc1", (0.5,) * 3).in_memory()
     mixed = png_split([np.zeros((28, 28, 3), np.uint8), np.zeros((32, 28, 3), np.uint8)])
     with pytest.raises(ValueError, match="--images_in_memory needs images of one size"):
-        ImagesInMemory(mixed, PretrainTransform(28), seed=0)
+        ImagesInMemory(mixed, RandomCropFlip(28), seed=0)
 
 
 def test_entry_points_train_from_memory_and_refuse_randaugment(tmp_path):

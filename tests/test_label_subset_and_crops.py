@@ -16,7 +16,7 @@ import train_finetune
 import train_pretrain
 from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
 from nepa.args import DataArguments, parse_arguments
-from nepa.data import FinetuneTransform, PretrainTransform, labelled_subset
+from nepa.data import FinetuneTransform, RandomCropFlip, labelled_subset
 
 
 def unbalanced_split() -> Dataset:
@@ -70,7 +70,7 @@ def test_crop_flags_parse_into_the_data_arguments():
 
 
 @pytest.mark.parametrize(
-    "make", [lambda scale, ratio: PretrainTransform(16, scale, ratio), lambda scale, ratio: FinetuneTransform(16, None, (0.5,) * 3, scale, ratio)]
+    "make", [lambda scale, ratio: RandomCropFlip(16, scale, ratio), lambda scale, ratio: FinetuneTransform(16, None, (0.5,) * 3, scale, ratio)]
 )
 def test_a_whole_image_crop_keeps_every_pixel(make):
     """scale (1, 1) and ratio (1, 1) of a square image is the image itself (or its mirror); the default crop is not."""
@@ -131,8 +131,8 @@ def data_and_classifiers(tmp_path_factory) -> tuple[Path, list[Path]]:
 
 def test_pretraining_builds_its_crop_from_the_flags(tmp_path, monkeypatch, data_and_classifiers):
     dataset, _ = data_and_classifiers
-    spy = Spy(train_pretrain.PretrainTransform)
-    monkeypatch.setattr(train_pretrain, "PretrainTransform", spy)
+    spy = Spy(train_pretrain.RandomCropFlip)
+    monkeypatch.setattr(train_pretrain, "RandomCropFlip", spy)
     train_pretrain.main([
         "--config_name", str(dataset.parent / "config"), "--dataset_name", str(dataset), "--load_from_disk", "True",
         "--output_dir", str(tmp_path / "pre"), "--do_train", "--max_steps", "1", "--per_device_train_batch_size", "4",

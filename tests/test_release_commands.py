@@ -11,7 +11,8 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from helpers import COMMON, tiny_config, write_config_folder
+from transformers import HfArgumentParser
+from helpers import COMMON, recipe_command, tiny_config, write_config_folder
 
 import eval as eval_script
 import export_timm
@@ -257,3 +258,84 @@ def test_ema_is_on_unless_turned_off():
     assert not args.use_ema
     trainer = NepaTrainer(model=ViTNepaForPreTraining(tiny_config()), args=args, normalize=BatchNormalize([0.5] * 3, [0.5] * 3))
     assert trainer.ema is None
+
+
+# --- this project's recipe scripts: one home for each number -------------------------------------------------------
+
+ENTRY_POINT_ARGUMENTS = {
+    "train_pretrain.py": (*ARGUMENTS["pretrain"], train_pretrain.MonitorArguments),
+    "train_finetune.py": ARGUMENTS["finetune"],
+    "eval.py": (eval_script.EvalArguments, DataArguments, eval_script.EvalTrainingArguments),
+    "train_segmentation.py": (train_segmentation.SegmentationArguments, DataArguments, train_segmentation.SegmentationTrainingArguments),
+}
+# What the architecture flags of an entry point default to when not given (a None default that means a value).
+RESOLVED_DEFAULTS = {"train_segmentation.py": train_segmentation.ENCODER_DEFAULTS}
+# Flags a script computes for the machine it runs on, which may land on a default: the per-device batches and their
+# accumulation (from TOTAL_BATCH and the GPUs present), and the logging backend (from what is installed).
+LAYOUT = {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "report_to"}
+
+
+# Every shell recipe that launches an entry point, with the environment it needs besides MODEL ({tmp}: the test's
+# folder, where custom.sh's dataset and converted classifier exist, so it goes straight to the launch).
+RECIPE_SCRIPTS = {
+    "pretrain/nepa_b.sh": {}, "pretrain/nepa_l.sh": {},
+    "finetune/nepa_b_sft.sh": {}, "finetune/nepa_l_sft.sh": {}, "finetune/nepa_b_sft.sh RECIPE=paper": {"RECIPE": "paper"},
+    "finetune/custom.sh": {"IMAGES": "{tmp}/images", "DATA_DIR": "{tmp}/data", "OUTPUT_DIR": "{tmp}/custom"},
+    **{f"eval/nepa_{size}_{run}.sh": {} for size in "bl" for run in ("sft_eval", "knn", "linear", "attentive")},
+    **{f"segmentation/nepa_{size}_ade20k.sh": {"DATA_DIR": "{tmp}/data"} for size in "bl"},
+}  # fmt: skip
+
+
+def recipe_values(tmp_path: Path, name: str) -> tuple[str, dict, dict, list[str]]:
+    """A recipe's command on one node of 8 GPUs as its entry point's parser reads it, before the dataclasses check
+    it: (entry point, values, defaults, the flags the command passes)."""
+    for made in (tmp_path / "data" / "dataset_dict.json", tmp_path / "custom-cls" / "model.safetensors"):
+        made.parent.mkdir(exist_ok=True)
+        made.write_text("{}")
+    env = {key: value.format(tmp=tmp_path) for key, value in RECIPE_SCRIPTS[name].items()}
+    argv = recipe_command(tmp_path, name.split()[0], NPROC_PER_NODE="8", **env)[:-2]
+    parser = HfArgumentParser(ENTRY_POINT_ARGUMENTS[argv[0]])
+    values, unknown = parser.parse_known_args(argv[1:])
+    assert not unknown, unknown
+    resolved = RESOLVED_DEFAULTS.get(argv[0], {})
+    given = [value[2:] for value in argv[1:] if value.startswith("--")]
+    defaults = {flag: resolved.get(flag) if parser.get_default(flag) is None else parser.get_default(flag) for flag in given}
+    return argv[0], vars(values), defaults, given
+
+
+@pytest.mark.parametrize("name", list(RECIPE_SCRIPTS))
+def test_a_recipe_passes_no_number_that_its_entry_point_defaults_to(tmp_path, name):
+    """One home for each number (docs/recipes.md): the entry points' defaults are the release's recipe, and a script
+    passes a flag only where its run differs from them (ViT-L against ViT-B, paths, the run's own numbers). A flag
+    passed at its default would be a second home, where editing the default changes nothing."""
+    _, values, defaults, given = recipe_values(tmp_path, name)
+    repeated = {flag: values[flag] for flag in given if flag not in LAYOUT and values[flag] == defaults[flag]}
+    assert not repeated, f"{name} passes these at their defaults: {repeated}"
+
+
+# The recipe's numbers, which this project's scripts and the release's commands must agree on.
+RELEASE_FIELDS = [
+    "learning_rate", "num_train_epochs", "lr_scheduler_type", "weight_decay", "adam_beta1", "adam_beta2", "seed", "bf16",
+    "use_ema", "ema_decay", "logging_steps", "dataloader_drop_last",
+]  # fmt: skip
+FINETUNE_FIELDS = [
+    "llrd", "llrd_end", "head_lr", "freeze_embed", "freeze_vit", "aa", "reprob", "mixup", "cutmix", "mixup_prob",
+    "mixup_switch_prob", "smoothing", "eval_strategy", "save_strategy", "load_best_model_at_end",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "script, release",
+    [("pretrain/nepa_b.sh", PRETRAIN_B), ("pretrain/nepa_l.sh", PRETRAIN_L), ("finetune/nepa_b_sft.sh", FINETUNE_B), ("finetune/nepa_l_sft.sh", FINETUNE_L)],
+)  # fmt: skip
+def test_the_recipe_scripts_run_the_releases_numbers(tmp_path, script, release):
+    """What the recipe scripts leave to the defaults and what they pass add up to the release's commands, on the same
+    8 GPUs: the same total batch, schedule, optimiser, regularisation and EMA."""
+    entry_point, ours, _, _ = recipe_values(tmp_path, script)
+    theirs, _ = HfArgumentParser(ENTRY_POINT_ARGUMENTS[entry_point]).parse_known_args(release)
+    theirs = vars(theirs)
+    fields = RELEASE_FIELDS + (FINETUNE_FIELDS if "finetune" in script else ["save_steps"])
+    assert {key: ours[key] for key in fields} == pytest.approx({key: theirs[key] for key in fields})
+    assert ours["warmup_steps"] == pytest.approx(theirs["warmup_ratio"])
+    total = {values["per_device_train_batch_size"] * values["gradient_accumulation_steps"] * 8 for values in (ours, theirs)}
+    assert len(total) == 1

@@ -29,7 +29,7 @@ import train_finetune
 import train_pretrain
 from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
 from nepa.checkpoint import CHECKPOINT_COMPLETE
-from nepa.data import BadImageError, ImageDataset, PretrainTransform, collate_images
+from nepa.data import BadImageError, ImageDataset, RandomCropFlip, collate_images
 from nepa.nonfinite import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_image_augmentation_depends_on_seed_epoch_and_index_only(tiny_dataset):
     """What makes the resume (and the multi-process curve) exact: an image's random crop and flip come from its own
     seed, so neither the process's random state, nor dataloader workers (persistent ones included), change them."""
     split = datasets.load_from_disk(str(tiny_dataset))["train"]
-    dataset = ImageDataset(split, PretrainTransform(16), label_column=None, seed=0)
+    dataset = ImageDataset(split, RandomCropFlip(16), label_column=None, seed=0)
 
     def epochs(**loader_options) -> list[torch.Tensor]:
         loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_images, **loader_options)

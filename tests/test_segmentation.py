@@ -696,8 +696,9 @@ def test_ade20k_scripts_launch_the_recipe(tmp_path, script, drop_path, decoder):
     assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 16
     assert training_args.learning_rate == 1e-4 and training_args.weight_decay == 0.05 and training_args.bf16
     assert training_args.lr_scheduler_type == "linear"
-    assert (args.llrd, args.drop_path, args.decoder_hidden_size, args.auxiliary_loss_weight) == (0.65, drop_path, decoder, 0.4)
-    assert args.crop_size == 504 and args.crop_size % 14 == 0 and args.eval_stride == 336 and not args.is_causal
+    architecture = train_segmentation.encoder_architecture(args)
+    assert (args.llrd, architecture.drop_path, architecture.decoder_hidden_size, architecture.auxiliary_loss_weight) == (0.65, drop_path, decoder, 0.4)
+    assert args.crop_size == 504 and args.crop_size % 14 == 0 and args.eval_stride == 336 and not architecture.is_causal
     assert args.train_scale == [2048, 512] and args.ratio_range == [0.5, 2.0] and args.photometric
     assert data_args.dataset_name == str(tmp_path / "ade20k") and training_args.per_device_eval_batch_size == 1
     assert "BatchNorm will normalise over 2 images (2 x 1 GPUs), not the recipe's 16" in result.stderr

@@ -20,6 +20,7 @@ from helpers import (
     IMAGE_SIZE,
     build_image_dataset,
     build_reference_dataset,
+    recipe_command,
     save_processor,
     tiny_config,
     write_config_folder,
@@ -224,7 +225,7 @@ def test_trainers_override_public_trainer_methods_that_the_trainer_calls(tmp_pat
     from nepa.nonfinite import NonFiniteLossGuard
     from nepa.probes import ProbeTrainer
     from nepa.segmentation import SegmentationTrainer
-    from nepa.trainer import NepaTrainer, _StepHooks
+    from nepa.trainer import CheckpointCompletion, DatasetEpoch, EmaUpdate, NepaTrainer, ThroughputClock
 
     trainers = (NepaTrainer, train_pretrain.NepaPretrainer, train_finetune.FinetuneTrainer)
     for trainer_class in (*trainers, ProbeTrainer, SegmentationTrainer):
@@ -243,7 +244,7 @@ def test_trainers_override_public_trainer_methods_that_the_trainer_calls(tmp_pat
 
     overrides = [(cls, name) for cls in trainers for name in vars(cls) if not name.startswith("_") and hasattr(Trainer, name)]
     overrides += [(NepaTrainer, "_save_checkpoint")]
-    overrides += [(cls, name) for cls in (NonFiniteLossGuard, _StepHooks) for name in vars(cls) if name.startswith("on_")]
+    overrides += [(cls, name) for cls in (NonFiniteLossGuard, ThroughputClock, EmaUpdate, DatasetEpoch, CheckpointCompletion) for name in vars(cls) if name.startswith("on_")]
     for cls, name in overrides:
         monkeypatch.setattr(cls, name, recording(cls, name, vars(cls)[name]))
     schedule = ["--max_steps", "2", "--save_steps", "2", "--logging_steps", "1", "--do_eval"]
@@ -920,21 +921,6 @@ RECIPES = {
     "eval/nepa_b_sft_eval.sh": (eval_script, ("EvalArguments",)),
     "eval/nepa_l_sft_eval.sh": (eval_script, ("EvalArguments",)),
 }
-
-
-def recipe_command(tmp_path, script: str, **env) -> list[str]:
-    """The command line a recipe script launches on one GPU, recorded by a stand-in for Python (which still runs
-    the scripts' `python -c` arithmetic). `--use_cpu True` goes through as an extra flag: bf16 needs it here."""
-    stand_in, record = tmp_path / "python", tmp_path / "argv"
-    stand_in.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\nprintf "%s\\n" "$@" > {record}\n')
-    stand_in.chmod(0o755)
-    model = tmp_path / "classifier"
-    model.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHON": str(stand_in), "NPROC_PER_NODE": "1", "REPORT_TO": "none", "MODEL": str(model), **env}
-    command = ["bash", str(REPO / "scripts" / script), "--use_cpu", "True"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return record.read_text().splitlines()
 
 
 def test_recipe_scripts_count_the_gpus_torch_sees(tmp_path):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
 # DINOv2-style linear-probe grid of the frozen NEPA-B/14 encoder on ImageNet-1k, eval crop_pct 0.875: our pretraining output, or
 # MODEL=checkpoints/nepa-base-patch14-224 for the released SixAILab/nepa-base-patch14-224. The recipe is in frozen.sh.
-MODEL=${MODEL:-outputs/nepa-base-patch14-224} HUB_ID=SixAILab/nepa-base-patch14-224 CROP_PCT=0.875 PROTOCOL=linear \
+MODEL=${MODEL:-outputs/nepa-base-patch14-224} HUB_ID=SixAILab/nepa-base-patch14-224 PROTOCOL=linear \
   exec bash "$(dirname "$0")/frozen.sh" "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# k-NN (k 10, 20, 100, 200; T 0.07) of the frozen NEPA-L/14 encoder on ImageNet-1k, eval crop_pct 0.95: our pretraining output, or
+# k-NN (k 10, 20, 100, 200) of the frozen NEPA-L/14 encoder on ImageNet-1k, eval crop_pct 0.95: our pretraining output, or
 # MODEL=checkpoints/nepa-large-patch14-224 for the released SixAILab/nepa-large-patch14-224. The recipe is in frozen.sh.
 MODEL=${MODEL:-outputs/nepa-large-patch14-224} HUB_ID=SixAILab/nepa-large-patch14-224 CROP_PCT=0.95 PROTOCOL=knn \
   exec bash "$(dirname "$0")/frozen.sh" "$@"

@@ -21,7 +21,7 @@ launch eval.py \
   --model_name_or_path "$MODEL" \
   "${DATA_FLAGS[@]}" \
   --output_dir "${OUTPUT_DIR:-outputs/eval-$(basename "$MODEL")}" \
-  --crop_pct "$CROP_PCT" \
+  ${CROP_PCT:+--crop_pct "$CROP_PCT"} \
   --per_device_eval_batch_size "${PER_DEVICE_BATCH:-256}" \
   --bf16 True --dataloader_num_workers "${NUM_WORKERS:-10}" \
   --report_to none \

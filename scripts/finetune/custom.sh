@@ -10,10 +10,10 @@
 #    CONFIG= keeps the encoder's own, made bidirectional) and one output per class of the dataset
 #    -> OUTPUT_DIR-cls (reused when it exists).
 # 3. train_finetune.py with the small-data recipe of docs/recipes.md (chosen by scripts/finetune/small_data_sweep.py):
-#    EPOCHS 30 at total batch 64, lr BASE_LR * batch / 256 (= 3e-3 at 64) with layer decay 0.65, warm-up 10 %,
-#    no augmentation but a flip (the central square of each image; no RandAugment, mixup / cutmix, erasing or
-#    label smoothing), drop path 0.1, patch projection frozen, no EMA, no torch.compile (minutes of compiling
-#    for a run of minutes); evaluated on val after every epoch and at the end (OUTPUT_DIR/eval_results.json:
+#    EPOCHS 30 at total batch 64, lr BASE_LR * batch / 256 (= 3e-3 at 64), warm-up 10 %, no augmentation but a
+#    flip (the central square of each image; no RandAugment, mixup / cutmix, erasing or label smoothing), drop path
+#    0.1, no EMA, no torch.compile (minutes of compiling for a run of minutes); the layer decay, head lr and frozen
+#    patch projection are train_finetune.py's defaults, the ImageNet recipe's; evaluated on val after every epoch and at the end (OUTPUT_DIR/eval_results.json:
 #    top-1, top-5, loss).
 # Overrides: IMAGES, DATA_DIR, PRETRAINED, CONFIG, OUTPUT_DIR, EPOCHS, BASE_LR, TOTAL_BATCH, PER_DEVICE_BATCH,
 # CROP_PCT, NUM_WORKERS; extra flags pass through to train_finetune.py (e.g. --use_cpu True --bf16 False).
@@ -47,12 +47,11 @@ launch train_finetune.py \
   --num_train_epochs "${EPOCHS:-30}" \
   --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size "$PER_DEVICE_BATCH" \
   --gradient_accumulation_steps "$(gradient_accumulation "$TOTAL_BATCH" "$PER_DEVICE_BATCH")" \
-  --learning_rate "$(scaled_lr "${BASE_LR:-1.2e-2}" "$TOTAL_BATCH")" --head_lr 1e-3 --llrd 0.65 \
-  --warmup_steps 0.1 \
-  --optim adamw_torch_fused --weight_decay 0.05 \
-  --drop_path 0.1 --is_causal False --freeze_embed True \
+  --learning_rate "$(scaled_lr "${BASE_LR:-1.2e-2}" "$TOTAL_BATCH")" \
+  --warmup_steps 0.1 --weight_decay 0.05 \
+  --drop_path 0.1 --is_causal False \
   --crop_scale 1 1 --crop_ratio 1 1 --aa "" --reprob 0 --mixup 0 --cutmix 0 --smoothing 0 \
-  --crop_pct "${CROP_PCT:-0.875}" \
+  ${CROP_PCT:+--crop_pct "$CROP_PCT"} \
   --use_ema False \
   --eval_strategy epoch --save_strategy epoch --save_total_limit 1 \
   --bf16 True --seed 0 --logging_steps 10 \

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # The paper's ImageNet-1k fine-tuning recipe (docs/recipes.md) for the classifier in MODEL, as the release runs it:
-# total batch 1024, 100 epochs, AdamW (0.9, 0.999), wd 0.05, lr BASE_LR * batch / 256 with layer-wise decay
-# LLRD (fc_norm at the full lr), head lr 1e-3 for the classifier and final norm, per-group warm-up WARMUP then
-# cosine, drop path DROP_PATH, patch embedding frozen, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25,
-# mixup 0.8 / cutmix 1.0, smoothing 0.1, EMA 0.9999 evaluated beside the raw weights, best checkpoint by EMA
-# accuracy, bidirectional attention, DDP without the unused-parameter search.
-# nepa_b_sft.sh and nepa_l_sft.sh set the per-model numbers.
-# Speed (docs/performance.md): fused AdamW, torch.compile (--torch_compile False turns it off), workers kept
+# total batch 1024, 100 epochs, wd 0.05, lr BASE_LR * batch / 256, per-group warm-up WARMUP then cosine, drop path
+# DROP_PATH, best checkpoint by EMA accuracy, bidirectional attention, DDP without the unused-parameter search.
+# The rest of the recipe is train_finetune.py's defaults, which this script does not repeat: the layer-wise decay
+# and eval crop of ViT-B (nepa_l_sft.sh sets LLRD and CROP_PCT for ViT-L), the head lr, the frozen patch
+# embedding, RandAugment, random erasing, mixup / cutmix, label smoothing, the EMA and AdamW's betas.
+# nepa_b_sft.sh and nepa_l_sft.sh set the per-model numbers where they differ from those defaults.
+# Speed (docs/performance.md): fused AdamW (the Trainer's default), torch.compile (--torch_compile False turns it off), workers kept
 # between epochs.
 # Checkpoints every epoch and every SAVE_EVERY_MINUTES (30), the newest 2 and the best kept.
 # RECIPE chooses the layer decay (docs/recipes.md, "The paper's recipe and the release's"): release (the default) runs
 # the release scripts' constant LLRD under llrd_cosine_warmup; paper runs the paper's ramp from PAPER_LLRD to
 # PAPER_LLRD_END under llrd_cosine, one warm-up for every group (set by nepa_b_sft.sh; the paper gives none for ViT-L).
-# Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS, SAVE_EVERY_MINUTES, RECIPE;
+# Overrides: MODEL, DATA_DIR, OUTPUT_DIR, TOTAL_BATCH, PER_DEVICE_BATCH, EPOCHS, NUM_WORKERS, SAVE_EVERY_MINUTES, RECIPE,
+# LLRD, CROP_PCT;
 # extra flags pass through.
 set -euo pipefail
 case "${RECIPE:=release}" in
-  release) DECAY_FLAGS=(--llrd "$LLRD") ;;
+  release) DECAY_FLAGS=(${LLRD:+--llrd "$LLRD"}) ;;
   paper)
     if [ -z "${PAPER_LLRD:-}" ]; then
       echo "RECIPE=paper: the paper publishes its layer-decay ramp for ViT-B only (nepa_b_sft.sh: 0.35 -> 1.0), none for" \
@@ -45,14 +46,10 @@ launch train_finetune.py \
   --num_train_epochs "${EPOCHS:-100}" \
   --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size "$PER_DEVICE_BATCH" \
   --gradient_accumulation_steps "$(gradient_accumulation "$TOTAL_BATCH" "$PER_DEVICE_BATCH")" \
-  --learning_rate "$(scaled_lr "$BASE_LR" "$TOTAL_BATCH")" --head_lr 1e-3 "${DECAY_FLAGS[@]}" \
-  --warmup_steps "$WARMUP" \
-  --optim adamw_torch_fused --adam_beta1 0.9 --adam_beta2 0.999 --weight_decay 0.05 \
-  --drop_path "$DROP_PATH" --is_causal False --freeze_embed True \
-  --aa rand-m9-mstd0.5-inc1 --reprob 0.25 \
-  --mixup 0.8 --cutmix 1.0 --mixup_prob 1.0 --mixup_switch_prob 0.5 --smoothing 0.1 \
-  --crop_pct "$CROP_PCT" \
-  --use_ema True --ema_decay 0.9999 \
+  --learning_rate "$(scaled_lr "$BASE_LR" "$TOTAL_BATCH")" "${DECAY_FLAGS[@]}" \
+  --warmup_steps "$WARMUP" --weight_decay 0.05 \
+  --drop_path "$DROP_PATH" --is_causal False \
+  ${CROP_PCT:+--crop_pct "$CROP_PCT"} \
   --eval_strategy epoch --save_strategy epoch --save_every_minutes "${SAVE_EVERY_MINUTES:-30}" --save_total_limit 2 \
   --metric_for_best_model ema_accuracy --greater_is_better True --load_best_model_at_end True \
   --bf16 True --torch_compile True --seed 1337 --logging_steps 100 \
