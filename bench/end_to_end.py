@@ -14,7 +14,7 @@ about what ImageNet's do), saves it with download_dataset.py, then for each --wo
 Compare the end-to-end figure with `bench/train_step.py --device cuda` (the model alone, same batch): at 90 % or
 more, the data path keeps up. Nothing here asserts on time.
 
-    python bench/end_to_end.py --workers 8,16 --steps 200
+    python -m bench.end_to_end --workers 8,16 --steps 200
 """
 
 import argparse
@@ -32,9 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from nepa.data import (  # noqa: E402
+from nepa.data import (
     RAND_AUGMENT,
     FinetuneTransform,
     ImageDataset,
@@ -42,6 +40,8 @@ from nepa.data import (  # noqa: E402
     collate_images,
     get_split,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
