@@ -1,4 +1,4 @@
-"""The cost of `train_pretrain.py --knn_eval_steps`: the miniature's pretraining (scripts/miniature.py) with and
+"""The cost of `train_pretrain.py --knn_eval_steps`: the miniature's pretraining (experiments/miniature.py) with and
 without the k-NN monitor, alternating in one process, no dataloader workers, so that the process's CPU time is the
 whole work. Prints each run's time, the monitor's time per evaluation, its images per second (bank and queries
 through the encoder's forward, dataloading included) beside the training's, and the share of training time it

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.small_images --threads 1              # ~6 min on the 2-core CPU
     .venv/bin/python -m bench.small_images --threads 1 --profile    # adds the top operators of each model step
 
-At the demo's settings (scripts/miniature.py: the tiny patch-7 ViT on 28 px Fashion-MNIST, pretraining batch 128
+At the demo's settings (experiments/miniature.py: the tiny patch-7 ViT on 28 px Fashion-MNIST, pretraining batch 128
 on crops of half the image or more, fine-tuning batch 64 on whole images and flips of 10 % of the labels), for
 pretraining and fine-tuning, and for each data path:
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from experiments import miniature
 from experiments.runner import (
-    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_threads_flag, ensure_dataset, mean_std, print_saved_table,
-    provenance, use_threads,
+    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_finetune_steps_flag, add_threads_flag, ensure_dataset,
+    mean_std, print_saved_table, provenance, use_threads,
 )  # fmt: skip
 
 FLAGS = [*CPU_FLAGS, *IN_MEMORY]
@@ -43,10 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--label_percents", type=float, nargs="+", default=[1, 10],
         help="fine-tune on these percentages of each class's labels (100: all of them)",
     )  # fmt: skip
-    parser.add_argument(
-        "--finetune_steps", type=int, default=None,
-        help=f"steps of every fine-tune (default: per labelled fraction, {miniature.FINETUNE_STEPS})",
-    )  # fmt: skip
+    add_finetune_steps_flag(parser)
     add_threads_flag(parser)
     parser.add_argument("--rerun", action="store_true", help="run every stage again")
     parser.add_argument("--table", metavar="RESULTS_JSON", help="print the table of a results.json this script wrote, and stop")

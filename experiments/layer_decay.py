@@ -20,8 +20,8 @@ from pathlib import Path
 
 from experiments import miniature
 from experiments.runner import (
-    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_threads_flag, ensure_dataset, mean_std, pretraining_checkpoint,
-    print_saved_table, provenance, stage_seconds, use_threads,
+    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_finetune_steps_flag, add_threads_flag, ensure_dataset,
+    mean_std, pretraining_checkpoint, print_saved_table, provenance, stage_seconds, use_threads,
 )  # fmt: skip
 
 # train_finetune.py's flags for each schedule, after the miniature's (whose --llrd is 1.0).
@@ -51,10 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--seeds", type=int, nargs="+", default=[3],
         help="label subsets and fine-tuning seeds per schedule: one count, or one per --label_percents",
     )  # fmt: skip
-    parser.add_argument(
-        "--finetune_steps", type=int, default=None,
-        help=f"steps of every fine-tune (default: the demo's per labelled fraction, {miniature.FINETUNE_STEPS})",
-    )  # fmt: skip
+    add_finetune_steps_flag(parser)
     add_threads_flag(parser)
     parser.add_argument("--table", metavar="RESULTS", default=None, help="print the table of a results.json and stop")
     args = parser.parse_args(argv)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from experiments import miniature
 from experiments.runner import (
-    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_threads_flag, ensure_dataset, mean_std, pretraining_checkpoint,
-    stage_seconds, use_threads,
+    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_finetune_steps_flag, add_threads_flag, ensure_dataset,
+    mean_std, pretraining_checkpoint, stage_seconds, use_threads,
 )  # fmt: skip
 
 FIGURE = REPO / "docs" / "figures" / "pretraining_length.png"
@@ -63,10 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="checkpoints of the no-stop-gradient pretraining whose k-NN probe is measured",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3, help="label subsets and fine-tuning seeds per encoder")
-    parser.add_argument(
-        "--finetune_steps", type=int, default=None,
-        help=f"steps of every fine-tune (default: the demo's per labelled fraction, {miniature.FINETUNE_STEPS})",
-    )  # fmt: skip
+    add_finetune_steps_flag(parser)
     parser.add_argument("--long_factor", type=int, default=4, help="the long fine-tune's steps, in demo fine-tunes")
     parser.add_argument("--long_seeds", type=int, default=2, help="seeds of the long fine-tune")
     parser.add_argument("--causal_seeds", type=int, default=3, help="seeds of the fine-tune with causal attention kept")

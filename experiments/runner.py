@@ -100,6 +100,14 @@ def add_threads_flag(parser) -> None:
     )  # fmt: skip
 
 
+def add_finetune_steps_flag(parser) -> None:
+    """A study's --finetune_steps: one step budget for every fine-tune instead of the miniature's per fraction."""
+    parser.add_argument(
+        "--finetune_steps", type=int, default=None,
+        help=f"steps of every fine-tune (default: per labelled fraction, {miniature.FINETUNE_STEPS})",
+    )  # fmt: skip
+
+
 def use_threads(threads: int | None) -> None:
     """Run this process's torch on `threads` threads (None: torch's choice)."""
     if threads:
