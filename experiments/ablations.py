@@ -28,7 +28,7 @@ from pathlib import Path
 
 from experiments import miniature
 from experiments.runner import (
-    CPU_FLAGS, REPO, Stages, StageFailed, ensure_dataset, mean_std, print_saved_table, provenance, read_json,
+    REPO, Stages, StageFailed, device_flags, ensure_dataset, mean_std, print_saved_table, provenance, read_json,
     run_entry_point,
 )  # fmt: skip
 
@@ -124,19 +124,19 @@ def pretrain_command(args, overrides: dict, output: Path, seed: int) -> list[str
     argv = miniature.pretrain_argv(
         output, args.max_steps, seed, args.dataset, args.config, format_overrides(overrides), max(1, args.max_steps // 30)
     )
-    return ["train_pretrain.py", *argv, *CPU_FLAGS]
+    return ["train_pretrain.py", *argv, *device_flags()]
 
 
 def probe_command(args, protocol: str, encoder: Path, output: Path, seed: int) -> list[str]:
     """The demo's probe (experiments/miniature.py): fitted on its labelled subset, scored on the whole test split."""
-    return ["eval.py", *miniature.probe_argv(encoder, output, protocol, seed, args.dataset), *CPU_FLAGS]
+    return ["eval.py", *miniature.probe_argv(encoder, output, protocol, seed, args.dataset), *device_flags()]
 
 
 def finetune_commands(args, encoder: Path, classifier: Path, output: Path, seed: int) -> list[list[str]]:
     """The conversion (the encoder's own config, the dataset's class count) and the demo's fine-tune."""
     convert = miniature.convert_argv(encoder, classifier, config=None, dataset=args.dataset)
     finetune = miniature.finetune_argv(classifier, output, FINETUNE_PERCENT, seed, dataset=args.dataset)
-    return [["init_nepa_cls_from_pretrain.py", *convert], ["train_finetune.py", *finetune, *CPU_FLAGS]]
+    return [["init_nepa_cls_from_pretrain.py", *convert], ["train_finetune.py", *finetune, *device_flags()]]
 
 
 def run_seed(args, stages: Stages, seed_dir: Path, overrides: dict, seed: int) -> None:
