@@ -60,23 +60,26 @@ def test_a_missing_dataset_other_than_the_miniature_s_is_refused_with_the_comman
         runner.ensure_dataset(tmp_path / "missing", runner.Stages())
 
 
-def test_probe_study_probes_each_encoder_and_a_second_run_reuses_them(tmp_path):
+def test_probe_study_probes_each_encoder_and_a_second_run_reuses_them(tmp_path, capsys):
     dataset = small_fashion_mnist(tmp_path / "fashion-mnist")
-    for seed, folder in enumerate(probe_study.ENCODERS.values()):  # the demo's two encoders, untrained here
-        miniature.save_untrained_encoder(tmp_path / "demo" / folder, seed)
+    miniature.save_untrained_encoder(tmp_path / "demo" / probe_study.ENCODERS["random init"])  # as the demo leaves it
     argv = [
         "--demo_dir", str(tmp_path / "demo"), "--dataset", str(dataset), "--output_dir", str(tmp_path / "study"),
-        "--seeds", "1", "--protocols", "knn", "linear", "--attention", "causal", "bidirectional",
+        "--seeds", "1", "--encoders", "random init", "--protocols", "knn", "linear", "--attention", "causal", "bidirectional",
     ]  # fmt: skip
     records = probe_study.main(argv)["records"]
-    assert len(records) == 2 * 2 * 2 and all(0 <= record["accuracy"] <= 1 and record["seconds"] > 0 for record in records)
+    assert len(records) == 2 * 2 and all(0 <= record["accuracy"] <= 1 and record["seconds"] > 0 for record in records)
     assert json.loads((tmp_path / "study" / "results.json").read_text()) == records
     table = (tmp_path / "study" / "results.md").read_text()
-    assert "| NEPA-pretrained | bidirectional |" in table and "| random init | causal |" in table
+    assert "| random init | bidirectional |" in table and "| random init | causal |" in table
+    assert "| NEPA-pretrained |" not in table
 
     before = {path: path.stat().st_mtime_ns for path in (tmp_path / "study").rglob("eval_results.json")}
     assert probe_study.main(argv)["records"] == records  # every probe reused, its seconds too
     assert {path: path.stat().st_mtime_ns for path in before} == before
+    with pytest.raises(SystemExit):  # the demo's pretrained encoder is not there
+        probe_study.main([*argv[:argv.index("--encoders")], "--encoders", "NEPA-pretrained"])
+    assert "has no encoder: run `python -m experiments.demo` first" in capsys.readouterr().err
 
 
 def test_ablation_table_runs_its_rows_and_a_second_run_reuses_them(tmp_path, monkeypatch, capsys):
