@@ -21,7 +21,6 @@ import random
 import statistics
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import datasets
 import torch

@@ -20,10 +20,10 @@ from pathlib import Path
 from experiments import miniature
 
 REPO = Path(__file__).resolve().parents[1]
-# What every stage of a study passes to an entry point: no logging service, no loader worker processes, and the CPU
-# (the miniature's device; `device_flags` lets a study that may run at other scales take a GPU when there is one).
-QUIET_FLAGS = ["--report_to", "none", "--dataloader_num_workers", "0"]
-CPU_FLAGS = ["--use_cpu", "True", *QUIET_FLAGS]
+# What every stage of a study passes to an entry point, whatever its device: no logging service, no loader worker
+# processes. CPU_FLAGS adds the CPU, the miniature's device (`device_flags`: a GPU when torch sees one).
+STAGE_FLAGS = ["--report_to", "none", "--dataloader_num_workers", "0"]
+CPU_FLAGS = ["--use_cpu", "True", *STAGE_FLAGS]
 # The in-memory fast path (docs/usage.md): the crops of a batch take one call in the training process.
 IN_MEMORY = ["--images_in_memory", "True"]
 WALL_SECONDS = "wall_seconds.txt"  # a stage's wall time, beside its result (with Stages(keep_times=True))
@@ -98,7 +98,7 @@ def device_flags() -> list[str]:
     """CPU_FLAGS, less `--use_cpu` when torch sees a GPU."""
     import torch
 
-    return QUIET_FLAGS if torch.cuda.is_available() else CPU_FLAGS
+    return STAGE_FLAGS if torch.cuda.is_available() else CPU_FLAGS
 
 
 def add_threads_flag(parser) -> None:
