@@ -2,8 +2,8 @@
 against the project's (`nepa.data`: torchvision's JPEG decoder, transforms on uint8, normalisation once per batch),
 in the same run on the same JPEG photographs.
 
-    .venv/bin/python bench/data_pipeline.py                 # about 1.5 minutes on 2 busy cores
-    .venv/bin/python bench/data_pipeline.py --rounds 31     # tighter medians
+    .venv/bin/python -m bench.data_pipeline                 # about 1.5 minutes on 2 busy cores
+    .venv/bin/python -m bench.data_pipeline --rounds 31     # tighter medians
 
 One torch thread and no DataLoader workers, so a figure is what one worker process delivers; images/s come from the
 median CPU time of the working thread (what a worker with a core of its own takes), with the wall-clock ratio beside
@@ -19,10 +19,8 @@ import argparse
 import io
 import random
 import statistics
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import datasets
 import torch
@@ -35,9 +33,7 @@ from torch.utils.data import default_collate
 from torchvision.io import decode_jpeg
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nepa.data import (  # noqa: E402
+from nepa.data import (
     RAND_AUGMENT,
     BatchAugment,
     BatchNormalize,

@@ -1,9 +1,9 @@
 """Milliseconds per EMA update of ViT-B/14 and ViT-L/14 classifier weights: per-tensor loops over `state_dict()`
 against the project's `nepa.ema.ModelEMA.update()` (one `torch._foreach_lerp_` over all tensors).
 
-    .venv/bin/python bench/ema.py                       # about 2 minutes on 2 busy cores
-    .venv/bin/python bench/ema.py --threads 1
-    .venv/bin/python bench/ema.py --device cuda
+    .venv/bin/python -m bench.ema                       # about 2 minutes on 2 busy cores
+    .venv/bin/python -m bench.ema --threads 1
+    .venv/bin/python -m bench.ema --device cuda
 
 Two loops: timm's `ModelEmaV2.update()` as the field runs it (out of place: `ema.copy_(d * ema + (1 - d) * w)` per
 tensor), and the fastest per-tensor loop (in place: `ema.mul_(d).add_(w, alpha=1 - d)`). Two more columns bound what
@@ -14,18 +14,16 @@ contiguous buffer (one kernel, the fewest bytes moved; a model's parameters are 
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from timm.utils import ModelEmaV2
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification
+from nepa.ema import ModelEMA
 
-from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification  # noqa: E402
-from nepa.ema import ModelEMA  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
     "ViT-B/14": ROOT / "configs/finetune/nepa-base-patch14-224-sft",

@@ -11,10 +11,10 @@ about what ImageNet's do), saves it with download_dataset.py, then for each --wo
   gradient accumulation), reading the `images_per_second` the Trainer logs every 10 steps: the median of the
   intervals after the first --skip_logs (compilation, warm-up).
 
-Compare the end-to-end figure with `bench/train_step.py --device cuda` (the model alone, same batch): at 90 % or
+Compare the end-to-end figure with `python -m bench.train_step --device cuda` (the model alone, same batch): at 90 % or
 more, the data path keeps up. Nothing here asserts on time.
 
-    python bench/end_to_end.py --workers 8,16 --steps 200
+    python -m bench.end_to_end --workers 8,16 --steps 200
 """
 
 import argparse
@@ -32,16 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nepa.data import RAND_AUGMENT, FinetuneTransform, ImageDataset, RandomCropFlip, collate_images, get_split
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from nepa.data import (  # noqa: E402
-    RAND_AUGMENT,
-    FinetuneTransform,
-    ImageDataset,
-    RandomCropFlip,
-    collate_images,
-    get_split,
-)
 
 IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,7 +149,7 @@ def main() -> None:
     parser.add_argument("--work_dir", type=Path, default=ROOT / "outputs" / "bench-end-to-end")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench/end_to_end.py measures a GPU run and torch sees no GPU; use bench/data_pipeline.py here.")
+        raise SystemExit("bench/end_to_end.py measures a GPU run and torch sees no GPU; use `python -m bench.data_pipeline` here.")
     workers = [int(w) for w in args.workers.split(",")]
     stages = [s for s in args.stages.split(",") if s]
     if unknown := set(stages) - set(STAGES):

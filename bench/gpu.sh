@@ -14,7 +14,7 @@ mkdir -p "$RESULTS_DIR"
 
 "$PYTHON" -c "import os, torch, transformers; print(torch.cuda.get_device_name(), os.cpu_count(), 'CPUs, torch',
   torch.__version__, 'transformers', transformers.__version__)" | tee -a "$RESULTS_DIR/device.txt"
-step() { "$PYTHON" bench/train_step.py --device cuda --sizes "$1" --models pretrain,finetune --dtypes bf16 \
+step() { "$PYTHON" -m bench.train_step --device cuda --sizes "$1" --models pretrain,finetune --dtypes bf16 \
            --compile off,on --grad_ckpt off --steps 10 --warmup 3; }
 parts=("$@")
 (( ${#parts[@]} )) || parts=(vit-b end-to-end vit-l)
@@ -22,7 +22,7 @@ for part in "${parts[@]}"; do
   case $part in
     vit-b) step vit-b-224 | tee "$RESULTS_DIR/train_step_vit_b.md" ;;
     vit-l) step vit-l-224 | tee "$RESULTS_DIR/train_step_vit_l.md" ;;
-    end-to-end) "$PYTHON" bench/end_to_end.py --workers 8,16 --steps 200 | tee "$RESULTS_DIR/end_to_end.md" ;;
+    end-to-end) "$PYTHON" -m bench.end_to_end --workers 8,16 --steps 200 | tee "$RESULTS_DIR/end_to_end.md" ;;
     *) echo "unknown part $part: choose from vit-b, end-to-end, vit-l" >&2; exit 2 ;;
   esac
 done

@@ -1,28 +1,23 @@
-"""The cost of `train_pretrain.py --knn_eval_steps`: the miniature's pretraining (scripts/miniature.py) with and
+"""The cost of `train_pretrain.py --knn_eval_steps`: the miniature's pretraining (experiments/miniature.py) with and
 without the k-NN monitor, alternating in one process, no dataloader workers, so that the process's CPU time is the
 whole work. Prints each run's time, the monitor's time per evaluation, its images per second (bank and queries
 through the encoder's forward, dataloading included) beside the training's, and the share of training time it
 adds (docs/performance.md scales it to ViT-B on 8 H100s).
 
-    .venv/bin/python bench/knn_monitor.py --threads 1
+    .venv/bin/python -m bench.knn_monitor --threads 1
 """
 
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import train_pretrain  # noqa: E402
-from miniature import DATASET, EVAL, PRETRAIN, pretrain_argv  # noqa: E402
+import train_pretrain
+from experiments.miniature import DATASET, EVAL, PRETRAIN, pretrain_argv
 
 
 def timed_run(argv: list[str]) -> float:

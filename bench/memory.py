@@ -1,7 +1,7 @@
 """GPU memory of NEPA-L/14 pretraining per device, measured at small size on the CPU and scaled on paper.
 
-    .venv/bin/python bench/memory.py          # about two minutes on 2 cores
-    .venv/bin/python bench/memory.py --config configs/pretrain/nepa-base-patch14-224
+    .venv/bin/python -m bench.memory          # about two minutes on 2 cores
+    .venv/bin/python -m bench.memory --config configs/pretrain/nepa-base-patch14-224
 
 Measured: the bytes autograd keeps for the backward pass (the activations; distinct storages counted once) per
 image, for the config cut to 1 and to 2 layers, under bf16 autocast as the recipes train, with and without
@@ -16,15 +16,13 @@ allocator slack (a few GB), and the transient tensors of a backward step.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining
 
-from models.vit_nepa import ViTNepaConfig, ViTNepaForPreTraining  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 STATE_BYTES_PER_PARAMETER = 4 + 4 + 8 + 4  # weights, gradients, AdamW moments, EMA, all fp32
 GB = 1e9

@@ -1,8 +1,8 @@
 """Images per second of each frozen-encoder protocol (nepa/probes.py), the model's work alone (random pixels, no
 dataloader), and the matmul FLOPs per image that scale it to ViT-B/14 and ViT-L/14 (docs/performance.md).
 
-    .venv/bin/python bench/probes.py --threads 1                                   # the miniature's tiny encoder
-    .venv/bin/python bench/probes.py --config configs/pretrain/nepa-base-patch14-224 --device cuda --bf16
+    .venv/bin/python -m bench.probes --threads 1                                   # the miniature's tiny encoder
+    .venv/bin/python -m bench.probes --config configs/pretrain/nepa-base-patch14-224 --device cuda --bf16
 
 - k-NN, encoding: the encoder's forward on a batch (every train and validation image goes through it once);
 - k-NN, scoring: queries against a feature bank of `--bank` images (one process's shard), top-k;
@@ -15,19 +15,17 @@ time is the thread's CPU time (what a core of its own would take, as in bench/da
 
 import argparse
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import eval as eval_script
+from models.vit_nepa import ViTNepaConfig, ViTNepaModel
+from nepa.probes import KnnBank, ProbeGrid
 
-import eval as eval_script  # noqa: E402
-from models.vit_nepa import ViTNepaConfig, ViTNepaModel  # noqa: E402
-from nepa.probes import KnnBank, ProbeGrid  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def forward_gflop(config: ViTNepaConfig, heads: int = 0, train_heads: bool = False) -> float:

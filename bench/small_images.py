@@ -1,9 +1,9 @@
 """The demo's training stages on the CPU, per-image data path against `--images_in_memory`, in one process.
 
-    .venv/bin/python bench/small_images.py --threads 1              # ~6 min on the 2-core CPU
-    .venv/bin/python bench/small_images.py --threads 1 --profile    # adds the top operators of each model step
+    .venv/bin/python -m bench.small_images --threads 1              # ~6 min on the 2-core CPU
+    .venv/bin/python -m bench.small_images --threads 1 --profile    # adds the top operators of each model step
 
-At the demo's settings (scripts/miniature.py: the tiny patch-7 ViT on 28 px Fashion-MNIST, pretraining batch 128
+At the demo's settings (experiments/miniature.py: the tiny patch-7 ViT on 28 px Fashion-MNIST, pretraining batch 128
 on crops of half the image or more, fine-tuning batch 64 on whole images and flips of 10 % of the labels), for
 pretraining and fine-tuning, and for each data path:
 
@@ -19,19 +19,17 @@ Trainer's own overhead (callbacks, logging) is in neither; the demo's stage time
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import datasets
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from experiments import miniature
+from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining
+from nepa import data
 
-from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining  # noqa: E402
-from nepa import data  # noqa: E402
-from scripts import miniature  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MEAN = STD = (0.5, 0.5, 0.5)
 

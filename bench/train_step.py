@@ -6,8 +6,8 @@ subprocess, so that its peak memory is its own and a failing `torch.compile` cos
 The matmul peak that MFU is measured against is timed by the same subprocesses, on the same device
 with the same threads, and the best figure of the run is kept. Nothing here asserts on time.
 
-    python bench/train_step.py                                  # CPU: vit-s-112, batch 32
-    python bench/train_step.py --device cuda --sizes vit-b-224,vit-l-224 --dtypes bf16 --grad_ckpt off --compile off,on
+    python -m bench.train_step                                  # CPU: vit-s-112, batch 32
+    python -m bench.train_step --device cuda --sizes vit-b-224,vit-l-224 --dtypes bf16 --grad_ckpt off --compile off,on
                                                                 # GPU: the recipes' per-device batches
 """
 
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining  # noqa: E402
+from models.vit_nepa import ViTNepaConfig, ViTNepaForImageClassification, ViTNepaForPreTraining
 
 # The released architecture (QK-norm, LayerScale 1e-5, RoPE, GELU MLP, patch 14) at three sizes: the released
 # NEPA-B and NEPA-L, and a ViT-S of it at 112 px for the CPU.
@@ -186,7 +185,8 @@ def child_main(spec_json: str) -> None:
 
 
 def run_in_subprocess(spec: dict) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True, text=True)
+    command = [sys.executable, "-m", "bench.train_step", "--_child", json.dumps(spec)]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -204,7 +204,7 @@ def parse_choices(text: str, allowed, flag: str) -> list[str]:
     return values
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -228,17 +228,18 @@ def main() -> None:
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        child_main(args._child)
-        return
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+        return args
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but torch sees no GPU; use --device cpu.")
     if args.steps < 1 or args.warmup < 1:
         raise SystemExit("--steps and --warmup must be at least 1 (the first step allocates the optimiser state).")
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit(f"--batch_size must be at least 1, got {args.batch_size}.")
-    on_gpu = device.type == "cuda"
+    return args
+
+
+def measure_rows(args, on_gpu: bool) -> list[tuple]:
+    """Each configuration of the grid the flags ask for, measured in a process of its own."""
     sizes = parse_choices(args.sizes or ("vit-b-224" if on_gpu else "vit-s-112"), SIZES, "--sizes")
     grid = itertools.product(
         sizes,
@@ -260,7 +261,12 @@ def main() -> None:
         print(f"# {model} {size} {dtype} compile={compile_} grad_ckpt={grad_ckpt}: {outcome} "
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
         rows.append((model, size, dtype, compile_, grad_ckpt, batch_size, result))
+    return rows
 
+
+def print_table(args, rows: list[tuple], device: torch.device) -> None:
+    """The device, the matmul peaks, then one table row per configuration, and what the columns mean."""
+    on_gpu = device.type == "cuda"
     # MFU against the best matmul throughput any subprocess of this run measured for that dtype.
     peaks = {}
     for _, _, dtype, _, _, _, result in rows:
@@ -298,6 +304,15 @@ def main() -> None:
     print("step memory: peak over the timed steps minus what was held before the first step (weights, batch):")
     print("gradients, AdamW state, activations; CUDA max_memory_allocated, or on CPU the process's peak RSS.")
     print("peak memory: the same peak with nothing subtracted.")
+
+
+def main() -> None:
+    args = parse_args()
+    if args._child:
+        child_main(args._child)
+        return
+    device = torch.device(args.device)
+    print_table(args, measure_rows(args, device.type == "cuda"), device)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,16 @@
-"""scripts/demo.py end to end at a tiny budget: every stage runs in one process and the table comes out; the
-runner every experiment driver shares (scripts/experiment.py)."""
+"""experiments.demo end to end at a tiny budget: every stage runs in one process and the table comes out; the
+runner every study shares (experiments/runner.py)."""
 
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 from helpers import small_fashion_mnist
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import demo  # noqa: E402
-from scripts.experiment import Stages, mean_std  # noqa: E402
+from experiments import demo
+from experiments.runner import Stages, mean_std
 
 
 def test_a_stage_runs_once_and_is_timed_by_kind(tmp_path):
@@ -34,19 +30,18 @@ def test_a_stage_runs_once_and_is_timed_by_kind(tmp_path):
 
 
 def test_ablation_rows_pretrain_and_probe_with_the_miniature_settings():
-    """scripts/ablations/run.py pretrains and probes every row as the demo does (scripts/miniature.py), the row's
+    """experiments.ablations pretrains and probes every row as the demo does (experiments/miniature.py), the row's
     switches aside: probes fitted on the 10 % labelled subset and scored on the whole test split."""
-    from scripts import miniature
-    from scripts.ablations import run as ablations
+    from experiments import ablations, miniature
 
     import train_pretrain
     from nepa.args import DataArguments, NepaTrainingArguments, parse_arguments
 
     args = ablations.parse_args(["--table", "shift", "--max_steps", "60"])
     command = ablations.pretrain_command(args, {"nepa_shift": False}, Path("unused"), 1338)
-    assert command[1] == "train_pretrain.py"
+    assert command[0] == "train_pretrain.py"
     model_args, data_args, training_args = parse_arguments(
-        (train_pretrain.ModelArguments, DataArguments, NepaTrainingArguments), command[2:]
+        (train_pretrain.ModelArguments, DataArguments, NepaTrainingArguments), command[1:]
     )
     for name, value in miniature.PRETRAIN.items():
         parsed = getattr(training_args, name) if hasattr(training_args, name) else getattr(data_args, name)
@@ -56,9 +51,9 @@ def test_ablation_rows_pretrain_and_probe_with_the_miniature_settings():
     import eval as eval_script
 
     probe = ablations.probe_command(args, "linear", Path("unused"), Path("unused"), 1338)
-    assert probe[1] == "eval.py"
+    assert probe[0] == "eval.py"
     eval_args, data_args, training_args = parse_arguments(
-        (eval_script.EvalArguments, DataArguments, eval_script.EvalTrainingArguments), probe[2:]
+        (eval_script.EvalArguments, DataArguments, eval_script.EvalTrainingArguments), probe[1:]
     )
     assert data_args.labels_per_class == miniature.PROBE_LABELS_PERCENT / 100
     assert data_args.max_train_samples is None and data_args.max_eval_samples is None
@@ -99,7 +94,7 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_them(tmp_path, capsys):
     # The results say which code and command measured them, and print the same table again.
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert re.fullmatch(r"[0-9a-f]{40}(\+changes)?", saved["commit"])
-    assert saved["command"] == shlex.join(["python", "scripts/demo.py", *argv])  # the driver's call, not the process's
+    assert saved["command"] == shlex.join(["python", "-m", "experiments.demo", *argv])  # the study's call, not the process's
     assert f"Commit {saved['commit']}" in table
     capsys.readouterr()
     demo.main(["--table", str(tmp_path / "demo" / "results.json")])

@@ -1,4 +1,4 @@
-"""scripts/layer_decay.py end to end at a tiny budget: one pretraining, three schedules fine-tuned alike, the table."""
+"""experiments.layer_decay end to end at a tiny budget: one pretraining, three schedules fine-tuned alike, the table."""
 
 import json
 import shlex
@@ -6,7 +6,7 @@ import shlex
 import pytest
 from helpers import small_fashion_mnist
 
-from scripts import layer_decay
+from experiments import layer_decay
 
 
 @pytest.mark.slow
@@ -17,7 +17,7 @@ def test_layer_decay_fine_tunes_each_schedule_on_the_same_encoder(tmp_path):
     argv += ["--finetune_steps", "3", "--threads", "1"]
     results = layer_decay.main(argv)
 
-    assert results["command"] == shlex.join(["python", "scripts/layer_decay.py", *argv])
+    assert results["command"] == shlex.join(["python", "-m", "experiments.layer_decay", *argv])
     assert len(results["commit"].removesuffix("+changes")) == 40
     assert set(results["scores"]) == set(layer_decay.SCHEDULES)
     assert all(len(values) == 2 for by_percent in results["scores"].values() for values in by_percent.values())

@@ -1,16 +1,11 @@
-"""scripts/pretraining_length.py end to end at a tiny budget: the curve's results, the collapse run, the figure."""
+"""experiments.pretraining_length end to end at a tiny budget: the curve's results, the collapse run, the figure."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from helpers import small_fashion_mnist
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import pretraining_length  # noqa: E402
+from experiments import pretraining_length
 
 
 @pytest.mark.slow

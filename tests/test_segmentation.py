@@ -716,7 +716,7 @@ def test_ade20k_script_without_data_says_how_to_build_it(tmp_path):
 def test_segmentation_demo_runs_its_rows_side_by_side_and_a_second_run_reuses_them(tmp_path):
     fashion_mnist = small_fashion_mnist(tmp_path / "fashion-mnist")
     command = [
-        sys.executable, str(REPO / "scripts/segmentation/demo.py"), "--output_dir", str(tmp_path / "demo"),
+        sys.executable, "-m", "experiments.segmentation_demo", "--output_dir", str(tmp_path / "demo"),
         "--fashion_mnist", str(fashion_mnist), "--pretrain_steps", "2", "--steps", "2",
         "--train_canvases", "16", "--eval_canvases", "4", "--seeds", "0", "1", "--jobs", "2",
     ]  # fmt: skip

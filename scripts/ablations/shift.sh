@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
 # The shift ablation table; extra arguments go to the driver (e.g. --max_steps 150 --finetune --seeds 3).
 source "$(dirname "$0")/../python.sh"
-exec "$PYTHON" "$(dirname "$0")/run.py" --table shift "$@"
+cd "$(dirname "$0")/../.."
+exec "$PYTHON" -m experiments.ablations --table shift "$@"

@@ -9,7 +9,7 @@
 #    the released NEPA-B) with CONFIG's fine-tuning architecture (default configs/finetune/nepa-base-patch14-224-sft;
 #    CONFIG= keeps the encoder's own, made bidirectional) and one output per class of the dataset
 #    -> OUTPUT_DIR-cls (reused when it exists).
-# 3. train_finetune.py with the small-data recipe of docs/recipes.md (chosen by scripts/finetune/small_data_sweep.py):
+# 3. train_finetune.py with the small-data recipe of docs/recipes.md (chosen by `python -m experiments.small_data_sweep`):
 #    EPOCHS 30 at total batch 64, lr BASE_LR * batch / 256 (= 3e-3 at 64), warm-up 10 %, no augmentation but a
 #    flip (the central square of each image; no RandAugment, mixup / cutmix, erasing or label smoothing), drop path
 #    0.1, no EMA, no torch.compile (minutes of compiling for a run of minutes); the layer decay, head lr and frozen

@@ -1,13 +1,13 @@
 """The paper's three ablation tables in miniature: pretrain one encoder per row, probe it, tabulate.
 
-    python scripts/ablations/run.py --table shift          # shift / causal masking / stop-gradient
-    python scripts/ablations/run.py --table masking        # input masking ratio 0 / 0.4 / 0.6
-    python scripts/ablations/run.py --table components     # LayerScale, RoPE, QK-norm, gated MLP
-    python scripts/ablations/run.py --print docs/figures/ablations/shift.json   # a saved table, printed
+    python -m experiments.ablations --table shift          # shift / causal masking / stop-gradient
+    python -m experiments.ablations --table masking        # input masking ratio 0 / 0.4 / 0.6
+    python -m experiments.ablations --table components     # LayerScale, RoPE, QK-norm, gated MLP
+    python -m experiments.ablations --print docs/figures/ablations/shift.json   # a saved table, printed
 
 Each row changes the base config (--config) only through `train_pretrain.py --config_overrides`,
-and is measured as the demo measures its encoder, with the settings of scripts/miniature.py (the
-command lines of `miniature.pretrain_argv`, `probe_argv` and `finetune_argv`): pretraining for
+and is measured as the demo measures its encoder, with the settings of experiments/miniature.py (the
+command lines of `miniature.pretrain_argv`, `convert_argv`, `probe_argv` and `finetune_argv`): pretraining for
 --max_steps with the same seeds as every other row, `eval.py --protocol knn` and `--protocol linear`
 on the frozen encoder fitted on 10 % of the labels (class-balanced, seeded) and, with --finetune, the
 demo's fine-tune on 10 % of the labels; every score is top-1 on the whole test split. --seeds N
@@ -22,20 +22,15 @@ settings (the miniature's included) are refused.
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from scripts import miniature  # noqa: E402
-from scripts.experiment import Stages, mean_std, print_saved_table, provenance  # noqa: E402
+from experiments import miniature
+from experiments.runner import (
+    REPO, Stages, StageFailed, device_flags, ensure_dataset, mean_std, print_saved_table, provenance, read_json,
+    run_entry_point,
+)  # fmt: skip
 
 DEFAULT_DATASET = miniature.DATASET
 FINETUNE_PERCENT = 10  # the semi-supervised protocol of the demo
@@ -98,10 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--print", metavar="FILE", help="print the table saved in FILE (a <table>.json) and stop")
     parser.add_argument("--dataset", default=DEFAULT_DATASET, help="a download_dataset.py folder")
     parser.add_argument("--config", default=miniature.PRETRAIN_CONFIG, help="the base pretraining config")
-    parser.add_argument("--max_steps", type=int, default=200, help="pretraining steps of every row (the rest: scripts/miniature.py)")
+    parser.add_argument("--max_steps", type=int, default=200, help="pretraining steps of every row (the rest: experiments/miniature.py)")
     parser.add_argument(
         "--finetune", action="store_true",
-        help=f"fine-tune each row on {FINETUNE_PERCENT} %% of the labels ({miniature.FINETUNE_STEPS[FINETUNE_PERCENT]} steps, scripts/miniature.py)",
+        help=f"fine-tune each row on {FINETUNE_PERCENT} %% of the labels ({miniature.FINETUNE_STEPS[FINETUNE_PERCENT]} steps, experiments/miniature.py)",
     )  # fmt: skip
     parser.add_argument("--output_dir", default="outputs/ablations")
     parser.add_argument("--seed", type=int, default=1337, help="the first seed; --seeds N uses seed, seed + 1, ...")
@@ -120,66 +115,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ensure_dataset(path: str) -> None:
-    if Path(path).is_dir():
-        return
-    if path != DEFAULT_DATASET:
-        raise SystemExit(f"--dataset {path} does not exist: build it with download_dataset.py (see its --help).")
-    print(f"{path} is missing; building it with `python download_dataset.py --dataset fashion-mnist`.", flush=True)
-    subprocess.run([sys.executable, "download_dataset.py", "--dataset", "fashion-mnist"], cwd=REPO, check=True)
-
-
 def format_overrides(overrides: dict) -> str:
     return ",".join(f"{key}={json.dumps(value)}" for key, value in overrides.items())
 
 
-def run_logged(command: list[str], log_file: Path, env: dict) -> str | None:
-    """Run a stage's command, showing its output (tqdm included) live and keeping it in `log_file`.
-    Returns None on success, else the last error-looking line of the output."""
-    with open(log_file, "wb") as log, subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    ) as process:
-        for chunk in iter(lambda: process.stdout.read1(4096), b""):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            log.write(chunk)
-    if process.returncode == 0:
-        return None
-    lines = [line.strip() for line in log_file.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line or "error" in line]
-    return f"exit {process.returncode}: {(errors or lines or ['no output'])[-1][:300]}"
-
-
-def device_flags() -> list[str]:
-    flags = ["--report_to", "none", "--dataloader_num_workers", "0"]
-    return flags + ([] if torch.cuda.is_available() else ["--use_cpu", "True"])
-
-
 def pretrain_command(args, overrides: dict, output: Path, seed: int) -> list[str]:
-    """The miniature's pretraining (scripts/miniature.py) of the row's config, for --max_steps."""
+    """The miniature's pretraining (experiments/miniature.py) of the row's config, for --max_steps."""
     argv = miniature.pretrain_argv(
         output, args.max_steps, seed, args.dataset, args.config, format_overrides(overrides), max(1, args.max_steps // 30)
     )
-    return [sys.executable, "train_pretrain.py", *argv, *device_flags()]
+    return ["train_pretrain.py", *argv, *device_flags()]
 
 
 def probe_command(args, protocol: str, encoder: Path, output: Path, seed: int) -> list[str]:
-    """The demo's probe (scripts/miniature.py): fitted on its labelled subset, scored on the whole test split."""
-    return [sys.executable, "eval.py", *miniature.probe_argv(encoder, output, protocol, seed, args.dataset), *device_flags()]
+    """The demo's probe (experiments/miniature.py): fitted on its labelled subset, scored on the whole test split."""
+    return ["eval.py", *miniature.probe_argv(encoder, output, protocol, seed, args.dataset), *device_flags()]
 
 
 def finetune_commands(args, encoder: Path, classifier: Path, output: Path, seed: int) -> list[list[str]]:
-    convert = [
-        sys.executable, "init_nepa_cls_from_pretrain.py",
-        "--pretrained_model_id", str(encoder),
-        "--dataset_name", args.dataset,
-        "--save_local", "--local_dir", str(classifier),
-    ]  # fmt: skip
+    """The conversion (the encoder's own config, the dataset's class count) and the demo's fine-tune."""
+    convert = miniature.convert_argv(encoder, classifier, config=None, dataset=args.dataset)
     finetune = miniature.finetune_argv(classifier, output, FINETUNE_PERCENT, seed, dataset=args.dataset)
-    return [convert, [sys.executable, "train_finetune.py", *finetune, *device_flags()]]
+    return [["init_nepa_cls_from_pretrain.py", *convert], ["train_finetune.py", *finetune, *device_flags()]]
 
 
-def run_seed(args, stages: Stages, seed_dir: Path, overrides: dict, env: dict, seed: int) -> None:
+def run_seed(args, stages: Stages, seed_dir: Path, overrides: dict, seed: int) -> None:
     """Run the stages of one seed of a row that have no results yet; a failing stage ends that seed."""
     seed_dir.mkdir(parents=True, exist_ok=True)
     failed = seed_dir / "failed.txt"
@@ -195,8 +155,9 @@ def run_seed(args, stages: Stages, seed_dir: Path, overrides: dict, env: dict, s
         plan.append(("finetune", seed_dir / "finetune" / "eval_results.json", commands))
     for name, result, commands in plan:
         for command in commands:
-            error = stages.run(name, result, run_logged, command, seed_dir / f"{name}.log", env)
-            if error:
+            try:
+                stages.run(name, result, run_entry_point, command, seed_dir / f"{name}.log", args.threads)
+            except StageFailed as error:
                 failed.write_text(f"{name}: {error}\n")
                 print(f"\n{seed_dir}: {name} failed ({error}); going on.", flush=True)
                 return
@@ -206,7 +167,7 @@ def seed_dirs(args, row_dir: Path) -> list[tuple[int, Path]]:
     return [(args.seed + index, row_dir / f"seed{args.seed + index}") for index in range(args.seeds)]
 
 
-def run_row(args, stages: Stages, row_dir: Path, overrides: dict, env: dict) -> None:
+def run_row(args, stages: Stages, row_dir: Path, overrides: dict) -> None:
     row_dir.mkdir(parents=True, exist_ok=True)
     # Settings that change a row's results; --finetune and more --seeds may be added to finished rows later.
     later = ("finetune", "seeds")
@@ -221,11 +182,7 @@ def run_row(args, stages: Stages, row_dir: Path, overrides: dict, env: dict) -> 
         raise SystemExit(f"{row_dir} was run with other {', '.join(changed)}: pass --rerun, or another --output_dir.")
     settings_file.write_text(json.dumps(settings, indent=2))
     for seed, seed_dir in seed_dirs(args, row_dir):
-        run_seed(args, stages, seed_dir, overrides, env, seed)
-
-
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+        run_seed(args, stages, seed_dir, overrides, seed)
 
 
 def tail_mean(log_history: list[dict], key: str, count: int = 3) -> float | None:
@@ -290,31 +247,25 @@ def row_name(overrides: dict) -> str:
     return "base" if not overrides else "_".join(f"{key}-{value}" for key, value in overrides.items()).replace(".", "p")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
     if args.print:
-        print_saved_table(args.print, markdown_table)
-        return
-    ensure_dataset(args.dataset)
+        return print_saved_table(args.print, markdown_table)
+    started, stages = time.time(), Stages()
+    ensure_dataset(args.dataset, stages)
     if not (REPO / args.config / "config.json").is_file() and not (Path(args.config) / "config.json").is_file():
         raise SystemExit(f"--config {args.config} has no config.json.")
     table = TABLES[args.table]
     table_dir = Path(args.output_dir).resolve() / args.table
-    env = {**os.environ, "WANDB_DISABLED": "true", "HF_HUB_OFFLINE": "1"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-
-    started, stages = time.time(), Stages()
     row_dirs = [table_dir / f"{index}_{row_name(overrides)}" for index, (_, _, overrides) in enumerate(table["rows"])]
     for row_dir, (switches, _, overrides) in zip(row_dirs, table["rows"]):
         if args.rerun and row_dir.exists():
             shutil.rmtree(row_dir)
         print(f"\n=== {args.table}: {' / '.join(table['columns'])} = {' / '.join(switches)}  ({row_dir.name})", flush=True)
-        run_row(args, stages, row_dir, overrides, env)
+        run_row(args, stages, row_dir, overrides)
 
     results = {
-        "table": args.table, **provenance("scripts/ablations/run.py", None),
+        "table": args.table, **provenance("experiments.ablations", argv),
         "columns": table["columns"], "paper": table["paper"], "finetune": args.finetune,
         "rows": [
             {"switches": switches, "paper": paper, "overrides": overrides,
@@ -326,6 +277,7 @@ def main() -> None:
     text = markdown_table(results)
     (table_dir.parent / f"{args.table}.md").write_text(text + "\n")
     print(f"\n{text}\n\nwritten to {table_dir.parent / f'{args.table}.md'} ({(time.time() - started) / 60:.1f} min)")
+    return results
 
 
 if __name__ == "__main__":

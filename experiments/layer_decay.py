@@ -1,11 +1,11 @@
 """Does the paper's layer-decay ramp help in miniature? Constant decay, the ramp, and no decay, fine-tuned alike.
 
-    python scripts/layer_decay.py --threads 1                          # pretrain, convert, 18 fine-tunes, the table
-    python scripts/layer_decay.py --table docs/figures/layer_decay.json   # the table of the committed results
+    python -m experiments.layer_decay --threads 1                          # pretrain, convert, 18 fine-tunes, the table
+    python -m experiments.layer_decay --table docs/figures/layer_decay.json   # the table of the committed results
 
-One NEPA pretraining of the demo's model under the miniature's settings (scripts/miniature.py, --pretrain_steps
+One NEPA pretraining of the demo's model under the miniature's settings (experiments/miniature.py, --pretrain_steps
 under one cosine schedule), converted to a classifier (its final weights, or with --encoder_step a checkpoint of
-that schedule), then fine-tuned the demo's way (scripts/miniature.finetune_argv: 1 % and 10 % of the labels,
+that schedule), then fine-tuned the demo's way (miniature.finetune_argv: 1 % and 10 % of the labels,
 --seeds label subsets and fine-tuning seeds) under three layer-wise lr decays (SCHEDULES): the release scripts'
 constant 0.65 (`llrd_cosine_warmup`, each group warmed up over its own steps), the paper's ramp from 0.35 to 1.0
 (`llrd_cosine`, one warm-up for every group), and none (1.0, the miniature's own protocol). Each seed's three
@@ -16,15 +16,14 @@ by seed. A stage whose result exists is reused; every run writes <output_dir>/fi
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from scripts import demo, miniature  # noqa: E402
-from scripts.experiment import mean_std, print_saved_table, provenance  # noqa: E402
-from scripts.pretraining_length import TimedStages, checkpoint, seconds  # noqa: E402
+from experiments import miniature
+from experiments.runner import (
+    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_finetune_steps_flag, add_threads_flag, ensure_dataset,
+    finetune_budget,
+    mean_std, pretraining_checkpoint, print_saved_table, provenance, stage_seconds, use_threads,
+)  # fmt: skip
 
 # train_finetune.py's flags for each schedule, after the miniature's (whose --llrd is 1.0).
 SCHEDULES = {
@@ -33,6 +32,7 @@ SCHEDULES = {
     "none (1.0, the miniature's)": ["--llrd", "1.0"],
 }
 CONSTANT, RAMP = list(SCHEDULES)[:2]
+FLAGS = [*CPU_FLAGS, *IN_MEMORY]
 SAVE_STEPS = 1000  # pretraining checkpoints, so that an interrupted pretraining resumes
 
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--encoder_step", type=int, default=None,
         help=f"fine-tune the pretraining's checkpoint at this step (a multiple of {SAVE_STEPS}) instead of its final "
-        "weights, as scripts/pretraining_length.py judges the checkpoints of one schedule (without it, the pretraining "
+        "weights, as experiments/pretraining_length.py judges the checkpoints of one schedule (without it, the pretraining "
         "runs to the end)",
     )  # fmt: skip
     parser.add_argument("--label_percents", type=int, nargs="+", default=[1, 10], choices=sorted(miniature.FINETUNE_STEPS))
@@ -52,16 +52,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--seeds", type=int, nargs="+", default=[3],
         help="label subsets and fine-tuning seeds per schedule: one count, or one per --label_percents",
     )  # fmt: skip
-    parser.add_argument(
-        "--finetune_steps", type=int, default=None,
-        help=f"steps of every fine-tune (default: the demo's per labelled fraction, {miniature.FINETUNE_STEPS})",
-    )  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_finetune_steps_flag(parser)
+    add_threads_flag(parser)
     parser.add_argument("--table", metavar="RESULTS", default=None, help="print the table of a results.json and stop")
     args = parser.parse_args(argv)
     if len(args.seeds) not in (1, len(args.label_percents)):
         parser.error(f"--seeds {args.seeds}: give one count, or one per --label_percents {args.label_percents}.")
     args.seeds = args.seeds * len(args.label_percents) if len(args.seeds) == 1 else args.seeds
+    try:
+        finetune_budget(args.finetune_steps, args.label_percents)
+    except ValueError as error:
+        parser.error(str(error))
     if args.encoder_step is not None and (args.encoder_step % SAVE_STEPS or not 0 < args.encoder_step < args.pretrain_steps):
         parser.error(f"--encoder_step {args.encoder_step}: a checkpoint step, a multiple of {SAVE_STEPS} below --pretrain_steps.")
     return args
@@ -88,58 +89,66 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def classifier_of_the_encoder(args, stages: Stages, out: Path, judged: Path, dataset: str) -> Path:
+    """The pretraining (run to its end unless the checkpoint judged exists), its encoder converted to a classifier."""
+    import init_nepa_cls_from_pretrain
+    import train_pretrain
+
+    pretrain = out / "pretrain"
+    argv = miniature.pretrain_argv(pretrain, args.pretrain_steps, 0, dataset, save_steps=SAVE_STEPS)
+    encoder = pretraining_checkpoint(pretrain, args.encoder_step) if args.encoder_step else pretrain
+    if encoder is None or not (encoder / "model.safetensors").exists():
+        stages.run("NEPA pretraining", pretrain / "model.safetensors", train_pretrain.main, [*argv, *FLAGS])
+        encoder = pretraining_checkpoint(pretrain, args.encoder_step) if args.encoder_step else pretrain
+    classifier = judged / "classifier"
+    argv = miniature.convert_argv(encoder, classifier)
+    stages.run("conversion", classifier / "model.safetensors", init_nepa_cls_from_pretrain.main, argv)
+    return classifier
+
+
+def fine_tune_each_schedule(args, stages: Stages, judged: Path, classifier: Path, dataset: str) -> dict:
+    """Top-1 of each schedule's fine-tunes, per labelled percentage, seed by seed (so that an interrupted run has
+    whole seeds to reuse)."""
+    import train_finetune
+
+    scores = {name: {str(percent): [] for percent in args.label_percents} for name in SCHEDULES}
+    budget = finetune_budget(args.finetune_steps, args.label_percents)
+    for percent, seeds in zip(args.label_percents, args.seeds):
+        for seed in range(seeds):
+            for index, (name, flags) in enumerate(SCHEDULES.items()):
+                folder = judged / f"seed{seed}" / f"finetune{percent}-schedule{index}"
+                finetune = miniature.finetune_argv(classifier, folder, percent, seed, budget[percent], dataset)
+                stages.run(f"fine-tuning, {percent} % labels", folder / "eval_results.json",
+                           train_finetune.main, [*finetune, *flags, *FLAGS])  # fmt: skip
+                scores[name][str(percent)].append(accuracy(folder))
+    return scores
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.table:
         return print_saved_table(args.table, table)
-    import torch
-
-    import init_nepa_cls_from_pretrain
-    import train_finetune
-    import train_pretrain
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     out = (REPO / args.output_dir).resolve()
-    dataset = str((REPO / args.dataset).resolve())
-    if not (Path(dataset) / "dataset_dict.json").exists():
-        raise SystemExit(f"{dataset} does not exist: build it with `python download_dataset.py --dataset fashion-mnist`.")
-    stages = TimedStages()
-    pretrain = out / "pretrain"
+    stages = Stages(keep_times=True)
+    dataset = ensure_dataset(args.dataset, stages)
     judged = out / (f"step{args.encoder_step}" if args.encoder_step else "final")  # the fine-tunes of one encoder
-    classifier = judged / "classifier"
-    argv_pretrain = miniature.pretrain_argv(pretrain, args.pretrain_steps, 0, dataset, save_steps=SAVE_STEPS)
-    encoder = checkpoint(pretrain, args.encoder_step) if args.encoder_step else pretrain
-    if encoder is None or not (encoder / "model.safetensors").exists():
-        stages.run("NEPA pretraining", pretrain / "model.safetensors", train_pretrain.main, [*argv_pretrain, *demo.COMMON])
-        encoder = checkpoint(pretrain, args.encoder_step) if args.encoder_step else pretrain
-    stages.run("conversion", classifier / "model.safetensors", init_nepa_cls_from_pretrain.main, [
-        "--pretrained_model_id", str(encoder), "--config_model_id", str(REPO / miniature.FINETUNE_CONFIG),
-        "--save_local", "--local_dir", str(classifier),
-    ])  # fmt: skip
-
-    scores = {name: {str(percent): [] for percent in args.label_percents} for name in SCHEDULES}
-    for percent, seeds in zip(args.label_percents, args.seeds):
-        for seed in range(seeds):  # seed by seed, so that an interrupted run has whole seeds to reuse
-            for index, (name, flags) in enumerate(SCHEDULES.items()):
-                folder = judged / f"seed{seed}" / f"finetune{percent}-schedule{index}"
-                finetune = miniature.finetune_argv(classifier, folder, percent, seed, args.finetune_steps, dataset)
-                stages.run(f"fine-tuning, {percent} % labels", folder / "eval_results.json",
-                           train_finetune.main, [*finetune, *flags, *demo.COMMON])  # fmt: skip
-                scores[name][str(percent)].append(demo.accuracy(folder))
+    classifier = classifier_of_the_encoder(args, stages, out, judged, dataset)
+    scores = fine_tune_each_schedule(args, stages, judged, classifier, dataset)
 
     arguments = {key: value for key, value in vars(args).items() if key != "table"}
     for key in ("dataset", "output_dir"):  # relative to the repository, so that the saved results name no machine
         arguments[key] = os.path.relpath((REPO / arguments[key]).resolve(), REPO)
+    fine_tunes = sum(stage_seconds(judged / f"seed{seed}") for seed in range(max(args.seeds)))
     results = {
-        **provenance("scripts/layer_decay.py", argv),
+        **provenance("experiments.layer_decay", argv),
         "arguments": arguments,
         "schedules": SCHEDULES,
         "scores": scores,
-        "minutes": {"fine-tunes": sum(seconds(judged / f"seed{seed}") for seed in range(max(args.seeds))) / 60},  # wall, when run
+        "minutes": {"fine-tunes": fine_tunes / 60},  # wall, when run
     }
-    if (pretrain / "train_results.json").exists():  # the Trainer's own timing of a pretraining that ran to its end
-        results["minutes"]["pretraining"] = json.loads((pretrain / "train_results.json").read_text())["train_runtime"] / 60
+    if (out / "pretrain" / "train_results.json").exists():  # the Trainer's own timing of a pretraining run to its end
+        results["minutes"]["pretraining"] = json.loads((out / "pretrain" / "train_results.json").read_text())["train_runtime"] / 60
     (judged / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + table(results))
     print(f"written to {judged / 'results.json'}")

@@ -1,33 +1,29 @@
 """The measurement behind scripts/finetune/custom.sh's small-data defaults (docs/recipes.md), in miniature.
 
+    python -m experiments.small_data_sweep --jobs 2        # -> outputs/small-data-sweep/results.md and .json
+    python -m experiments.small_data_sweep --print docs/figures/small_data_sweep.json   # a saved table, printed
+
 A "custom dataset" of a few thousand images is written as an image folder (Fashion-MNIST: --per_class training
 images of each class from its training split, --val_per_class from its test split) and goes the way custom.sh
 takes a user's folder: download_dataset.py --imagefolder, init_nepa_cls_from_pretrain.py --dataset_name (the
-class count from the data), train_finetune.py. The encoder is the demo's tiny ViT, NEPA-pretrained on all
-60,000 Fashion-MNIST training images (--pretrain_steps steps with scripts/miniature.py's settings). Each fine-tune
-runs in its own single-threaded process, --jobs at a time, and the table of top-1 on the validation folder
-(mean ± std over the seeds) is printed and written to OUTPUT/results.md. The table holds every fine-tune in
-OUTPUT, so that runs of several calls (one grid each) add up to one table; OUTPUT/results.json keeps them, with
-the commit and command of the call that wrote it.
-
-    python scripts/finetune/small_data_sweep.py --jobs 2
-    python scripts/finetune/small_data_sweep.py --print docs/figures/small_data_sweep.json   # a saved table
+class count from the data), train_finetune.py. The encoder is the demo's tiny ViT, NEPA-pretrained on the
+Fashion-MNIST training images of --dataset (all 60,000 by default; --pretrain_steps steps with the settings of
+experiments/miniature.py). Each fine-tune runs in its own single-threaded process, --jobs at a time, its output in
+runs/<run>.log, and the table of top-1 on the validation folder (mean ± std over --seeds) is printed and written
+to OUTPUT/results.md. The table holds every fine-tune in OUTPUT, so that the runs of several calls (one grid
+each) add up to one table; OUTPUT/results.json keeps them, with the commit and command of the call that wrote
+it. A second run reuses every stage whose results exist.
 """
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from nepa.data import RAND_AUGMENT  # noqa: E402
-from scripts import miniature  # noqa: E402
-from scripts.experiment import Stages, mean_std, print_saved_table, provenance  # noqa: E402
+from experiments import miniature
+from experiments.runner import (
+    CPU_FLAGS, REPO, Stages, ensure_dataset, mean_std, print_saved_table, provenance, run_entry_point,
+)  # fmt: skip
+from nepa.data import RAND_AUGMENT
 
 # Augmentation strengths. "none": the whole image and a flip. "light": crops of at least 35 % of the image,
 # RandAugment at magnitude 5, label smoothing. "full": the ImageNet recipe's augmentation (recipe.sh).
@@ -42,6 +38,7 @@ FIXED = dict(
     per_device_train_batch_size=64, llrd=0.65, freeze_embed=True, drop_path=0.1, weight_decay=0.05,
     warmup_steps=0.1, use_ema=False, crop_pct=1.0, per_device_eval_batch_size=500,
 )
+FLAGS = [*CPU_FLAGS, "--disable_tqdm", "True"]  # each run's output goes to its log
 
 
 def write_image_folder(root: Path, per_class: int, val_per_class: int) -> Path:
@@ -66,30 +63,22 @@ def write_image_folder(root: Path, per_class: int, val_per_class: int) -> Path:
     return root
 
 
-def run(argv: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    with open(log, "w") as output:
-        subprocess.run([sys.executable, *argv], cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, check=True)
+def finetune_stage(classifier: Path, dataset: Path, output_dir: Path, aug: str, lr: float, epochs: int, seed: int) -> tuple:
+    """The stage of one fine-tune of the sweep (for Stages.run_side_by_side), in a single-threaded process."""
+    settings = {**FIXED, **AUGMENTATION[aug], "learning_rate": lr, "num_train_epochs": epochs, "seed": seed}
+    argv = [
+        "train_finetune.py", "--model_name_or_path", str(classifier), "--dataset_name", str(dataset),
+        "--load_from_disk", "True", "--output_dir", str(output_dir), "--do_train", "--do_eval",
+        *FLAGS, "--save_strategy", "no", "--logging_steps", "50", *miniature.flags(settings),
+    ]  # fmt: skip
+    log = output_dir.parent / f"{output_dir.name}.log"
+    return (f"fine-tuning, {aug}, lr {lr:g}, {epochs} epochs", output_dir / "eval_results.json", run_entry_point, argv, log, 1, False)
 
 
-def finetune(classifier: Path, dataset: Path, output_dir: Path, aug: str, lr: float, epochs: int, seed: int) -> float:
-    results = output_dir / "eval_results.json"
-    if not results.is_file():
-        settings = {**FIXED, **AUGMENTATION[aug], "learning_rate": lr, "num_train_epochs": epochs, "seed": seed}
-        argv = [
-            "train_finetune.py", "--model_name_or_path", str(classifier), "--dataset_name", str(dataset),
-            "--load_from_disk", "True", "--output_dir", str(output_dir), "--do_train", "--do_eval",
-            "--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "0", "--save_strategy", "no",
-            "--logging_steps", "50", "--disable_tqdm", "True", *miniature.flags(settings),
-        ]  # fmt: skip
-        output_dir.mkdir(parents=True, exist_ok=True)
-        run(argv, output_dir.parent / f"{output_dir.name}.log")
-    return json.loads(results.read_text())["eval_accuracy"]
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=REPO / "outputs" / "small-data-sweep")
+    parser.add_argument("--dataset", default=miniature.DATASET, help="the pretraining images (built if missing)")
     parser.add_argument("--per_class", type=int, default=200)
     parser.add_argument("--val_per_class", type=int, default=100)
     parser.add_argument("--pretrain_steps", type=int, default=miniature.PRETRAIN_STEPS)
@@ -98,44 +87,50 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[10, 30])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--print", metavar="FILE", help="print the table of a results.json this script wrote, and stop")
-    args = parser.parse_args()
-    if args.print:
-        print_saved_table(args.print, table)
-        return
-    measured_by = provenance("scripts/finetune/small_data_sweep.py", None)
-    out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    parser.add_argument("--print", metavar="FILE", help="print the table of a results.json this study wrote, and stop")
+    return parser.parse_args(argv)
 
-    stages = Stages()
+
+def prepare(args, stages: Stages, out: Path) -> tuple[Path, Path]:
+    """The image folder as a dataset, and the NEPA-pretrained encoder converted to its classifier."""
+    import download_dataset
+
     images = write_image_folder(out / "images", args.per_class, args.val_per_class)
     dataset = out / "images-hf"
-    stages.run("dataset", dataset, run,
-               ["download_dataset.py", "--imagefolder", str(images), "--output_dir", str(dataset)], out / "dataset.log")  # fmt: skip
-    fashion = REPO / miniature.DATASET
-    stages.run("Fashion-MNIST", fashion, run,
-               ["download_dataset.py", "--dataset", "fashion-mnist", "--output_dir", str(fashion)], out / "fashion.log")  # fmt: skip
-    encoder = out / "encoder"
-    pretrain = miniature.pretrain_argv(encoder, args.pretrain_steps, dataset=str(fashion), logging_steps=500)
-    cpu = ["--use_cpu", "True", "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "True"]
-    stages.run("NEPA pretraining", encoder / "model.safetensors", run, ["train_pretrain.py", *pretrain, *cpu], out / "encoder.log")
-    classifier = out / "classifier"
-    stages.run("conversion", classifier / "model.safetensors", run, [
-        "init_nepa_cls_from_pretrain.py", "--pretrained_model_id", str(encoder), "--config_model_id",
-        miniature.FINETUNE_CONFIG, "--dataset_name", str(dataset), "--save_local", "--local_dir", str(classifier),
-    ], out / "classifier.log")  # fmt: skip
+    stages.run("dataset", dataset / "dataset_dict.json", download_dataset.main,
+               ["--imagefolder", str(images), "--output_dir", str(dataset)])  # fmt: skip
+    fashion = ensure_dataset(args.dataset, stages)
+    encoder, classifier = out / "encoder", out / "classifier"
+    pretrain = miniature.pretrain_argv(encoder, args.pretrain_steps, dataset=fashion, logging_steps=500)
+    stages.run("NEPA pretraining", encoder / "model.safetensors", run_entry_point,
+               ["train_pretrain.py", *pretrain, *FLAGS], out / "encoder.log", 1, False)  # fmt: skip
+    stages.run("conversion", classifier / "model.safetensors", run_entry_point,
+               ["init_nepa_cls_from_pretrain.py", *miniature.convert_argv(encoder, classifier, dataset=dataset)],
+               out / "classifier.log", 1, False)  # fmt: skip
+    return dataset, classifier
 
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    if args.print:
+        return table(print_saved_table(args.print, table))
+    measured_by = provenance("experiments.small_data_sweep", argv)  # the code as the run starts
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages()
+    dataset, classifier = prepare(args, stages, out)
     runs = [
         (aug, lr, epochs, seed)
         for epochs in args.epochs for aug in args.augmentations for lr in args.learning_rates for seed in range(args.seeds)
     ]  # fmt: skip
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda r: finetune(classifier, dataset, out / "runs" / "-".join(map(str, r)), *r), runs))
+    folders = [out / "runs" / "-".join(map(str, run)) for run in runs]
+    stages.run_side_by_side(args.jobs, [finetune_stage(classifier, dataset, folder, *run) for folder, run in zip(folders, runs)])
 
     results = {**measured_by, "pretrain_steps": args.pretrain_steps, "runs": finished_runs(out / "runs")}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(table(results) + "\n")
     print(table(results))
+    return table(results)
 
 
 def finished_runs(folder: Path) -> list[dict]:

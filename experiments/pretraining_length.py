@@ -1,14 +1,14 @@
 """Does longer NEPA pretraining pay off in the miniature? Accuracy against pretraining length, and collapse.
 
-    python scripts/pretraining_length.py --threads 1          # everything, one stage after another
-    python scripts/pretraining_length.py --plot               # docs/figures/pretraining_length.png
-    python scripts/pretraining_length.py --plot --results docs/figures/pretraining_length.json   # from the committed results
+    python -m experiments.pretraining_length --threads 1          # everything, one stage after another
+    python -m experiments.pretraining_length --plot               # docs/figures/pretraining_length.png
+    python -m experiments.pretraining_length --plot --results docs/figures/pretraining_length.json   # from the committed results
 
-One NEPA pretraining of the demo's model and settings (scripts/miniature.py) under one cosine schedule
+One NEPA pretraining of the demo's model and settings (experiments/miniature.py) under one cosine schedule
 sized for the longest of --steps, saving a checkpoint every gcd(--steps) steps; the checkpoints at --steps
 (and the untrained encoder, "random init") are each judged the demo's way: k-NN, linear and attentive
-probes fitted on 10 % of the labels (scripts/miniature.probe_argv), fine-tuning on 1 % and 10 %
-(scripts/miniature.finetune_argv), --seeds label subsets and fine-tuning seeds. The longest pretraining and
+probes fitted on 10 % of the labels (miniature.probe_argv), fine-tuning on 1 % and 10 %
+(miniature.finetune_argv), --seeds label subsets and fine-tuning seeds. The longest pretraining and
 random init are also fine-tuned two other ways: --long_factor times longer (does more fine-tuning, rather
 than more pretraining, close the gap?), and with the causal attention of pretraining kept (does the switch
 to bidirectional attention at fine-tuning erase what pretraining learned?). A second pretraining without
@@ -26,16 +26,14 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from scripts import demo, miniature  # noqa: E402
-from scripts.experiment import Stages, mean_std, provenance  # noqa: E402
+from experiments import miniature
+from experiments.runner import (
+    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_finetune_steps_flag, add_threads_flag, ensure_dataset,
+    finetune_budget, mean_std, pretraining_checkpoint, provenance, stage_seconds, use_threads,
+)  # fmt: skip
 
 FIGURE = REPO / "docs" / "figures" / "pretraining_length.png"
 RANDOM = "random-init"
@@ -52,16 +50,7 @@ LABELS = {
     "finetune10": "fine-tuned, 10 % labels",
 }
 VARIANT_LABELS = {"": "the demo's fine-tune", "-long": "{factor}x longer", "-causal": "causal attention kept"}
-
-
-class TimedStages(Stages):
-    """Stages that also leave each stage's wall time beside its result (stages run in several processes)."""
-
-    def run(self, kind: str, result: Path, function, argv: list[str]) -> None:
-        before = self.seconds.get(kind, 0.0)
-        super().run(kind, result, function, argv)
-        if self.seconds.get(kind, 0.0) != before:
-            (result.parent / "wall_seconds.txt").write_text(f"{self.seconds[kind] - before:.3f}\n")
+FLAGS = [*CPU_FLAGS, *IN_MEMORY]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,10 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="checkpoints of the no-stop-gradient pretraining whose k-NN probe is measured",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3, help="label subsets and fine-tuning seeds per encoder")
-    parser.add_argument(
-        "--finetune_steps", type=int, default=None,
-        help=f"steps of every fine-tune (default: the demo's per labelled fraction, {miniature.FINETUNE_STEPS})",
-    )  # fmt: skip
+    add_finetune_steps_flag(parser)
     parser.add_argument("--long_factor", type=int, default=4, help="the long fine-tune's steps, in demo fine-tunes")
     parser.add_argument("--long_seeds", type=int, default=2, help="seeds of the long fine-tune")
     parser.add_argument("--causal_seeds", type=int, default=3, help="seeds of the fine-tune with causal attention kept")
@@ -86,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--encoders", nargs="+", default=None,
         help=f"with --part evaluate: only these encoders ({RANDOM} and / or pretraining steps)",
     )  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_threads_flag(parser)
     parser.add_argument("--plot", action="store_true", help="draw --figure from <output_dir>/results.json and stop")
     parser.add_argument("--figure", default=str(FIGURE.relative_to(REPO)))
     parser.add_argument(
@@ -112,24 +98,14 @@ def pretrain_argv(args, output: Path, steps: list[int], stop_grad: bool) -> list
     argv = miniature.pretrain_argv(
         output, max(steps), 0, args.dataset, config_overrides=overrides, logging_steps=min(50, every), save_steps=every
     )
-    return [*argv, *demo.COMMON]
-
-
-def checkpoint(pretrain: Path, step: int) -> Path | None:
-    """The pretraining's weights at `step`, with the image processor the Trainer's checkpoints leave out."""
-    folder = pretrain / f"checkpoint-{step}"
-    if not (folder / "trainer_state.json").exists():  # written after the weights: the checkpoint is whole
-        return None
-    if not (folder / "preprocessor_config.json").exists():
-        shutil.copy(REPO / miniature.PRETRAIN_CONFIG / "preprocessor_config.json", folder)
-    return folder
+    return [*argv, *FLAGS]
 
 
 def probe(args, stages, encoder: Path, protocol: str, folder: Path, seed: int) -> None:
     import eval as eval_script
 
     argv = miniature.probe_argv(encoder, folder, protocol, seed, args.dataset)
-    stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [*argv, *demo.COMMON])
+    stages.run(f"{protocol} probe", folder / "eval_results.json", eval_script.main, [*argv, *FLAGS])
 
 
 def evaluate(args, stages, encoders: dict[str, Path]) -> None:
@@ -140,10 +116,8 @@ def evaluate(args, stages, encoders: dict[str, Path]) -> None:
 
     out = Path(args.output_dir)
     for name, encoder in encoders.items():
-        stages.run("conversion", out / "classifiers" / name / "model.safetensors", init_nepa_cls_from_pretrain.main, [
-            "--pretrained_model_id", str(encoder), "--config_model_id", str(REPO / miniature.FINETUNE_CONFIG),
-            "--save_local", "--local_dir", str(out / "classifiers" / name),
-        ])  # fmt: skip
+        argv = miniature.convert_argv(encoder, out / "classifiers" / name)
+        stages.run("conversion", out / "classifiers" / name / "model.safetensors", init_nepa_cls_from_pretrain.main, argv)
     extremes = [name for name in encoders if name in (RANDOM, f"steps{max(args.steps)}")]
     runs = [(seed, name, "") for seed in range(args.seeds) for name in encoders]
     for variant, seeds in (("-causal", args.causal_seeds), ("-long", args.long_seeds)):
@@ -154,24 +128,19 @@ def evaluate(args, stages, encoders: dict[str, Path]) -> None:
             for protocol in PROBES:
                 probe(args, stages, encoders[name], protocol, folder / protocol, seed)
         for percent in (1, 10):
-            steps = (args.finetune_steps or miniature.FINETUNE_STEPS[percent]) * (args.long_factor if variant == "-long" else 1)
+            steps = finetune_budget(args.finetune_steps, (1, 10))[percent] * (args.long_factor if variant == "-long" else 1)
             label = f"finetune{percent}{variant}"
             argv = miniature.finetune_argv(out / "classifiers" / name, folder / label, percent, seed, steps, args.dataset)
             causal = ["--is_causal", "True"] if variant == "-causal" else []
             stages.run(f"fine-tuning, {percent} % labels{variant}", folder / label / "eval_results.json",
-                       train_finetune.main, [*argv, *causal, *demo.COMMON])  # fmt: skip
-
-
-def seconds(folder: Path) -> float:
-    """Wall seconds of the stages under `folder`."""
-    return sum(float(path.read_text()) for path in folder.rglob("wall_seconds.txt"))
+                       train_finetune.main, [*argv, *causal, *FLAGS])  # fmt: skip
 
 
 def log_curve(pretrain: Path, key: str) -> list[list[float]]:
     """[step, value] of a logged metric, from the newest trainer state (final, else the newest checkpoint)."""
-    states = [pretrain / "trainer_state.json"] + sorted(
-        pretrain.glob("checkpoint-*/trainer_state.json"), key=lambda path: -int(path.parent.name.split("-")[1])
-    )
+    from nepa.checkpoint import checkpoint_folders
+
+    states = [pretrain / "trainer_state.json"] + [folder / "trainer_state.json" for folder in checkpoint_folders(pretrain)]
     for state in states:
         if state.exists():
             history = json.loads(state.read_text())["log_history"]
@@ -183,11 +152,13 @@ def layerscale(pretrain: Path) -> dict[int, float]:
     """Mean |LayerScale lambda| of each checkpoint: how far the blocks have grown from the identity (init 1e-5)."""
     from safetensors.torch import load_file
 
+    from nepa.checkpoint import checkpoint_folders, checkpoint_step
+
     means = {}
-    for folder in pretrain.glob("checkpoint-*"):
+    for folder in checkpoint_folders(pretrain):
         if (folder / "trainer_state.json").exists():
             scales = [v.abs().mean().item() for k, v in load_file(folder / "model.safetensors").items() if "lambda" in k]
-            means[int(folder.name.split("-")[1])] = statistics.mean(scales) if scales else None
+            means[checkpoint_step(folder)] = statistics.mean(scales) if scales else None
     return dict(sorted(means.items()))
 
 
@@ -200,7 +171,7 @@ def collect(args, measured_by: dict) -> dict:
         for protocol in PROTOCOLS + VARIANT_PROTOCOLS:
             files = sorted((out / name).glob(f"seed*/{protocol}/eval_results.json"))
             if files:
-                found[protocol] = [demo.accuracy(file.parent) for file in files]
+                found[protocol] = [accuracy(file.parent) for file in files]
         scores[name] = {"pretraining_steps": step, "scores": found}
     collapse = {}
     for run in ("stopgrad", "nostopgrad"):
@@ -210,7 +181,7 @@ def collect(args, measured_by: dict) -> dict:
             judged = run == "stopgrad" and step in args.steps
             folder = out / f"steps{step}" / "seed0" / "knn" if judged else out / run / f"knn-steps{step}"
             if (folder / "eval_results.json").exists():
-                knn[step] = demo.accuracy(folder)
+                knn[step] = accuracy(folder)
         collapse[run] = {
             "target_cosine": log_curve(out / run / "pretrain", "target_cosine"),
             "loss": log_curve(out / run / "pretrain", "loss"),
@@ -218,11 +189,11 @@ def collect(args, measured_by: dict) -> dict:
             "layerscale": layerscale(out / run / "pretrain"),
         }
     minutes = {
-        "pretraining (stop-gradient)": seconds(out / "stopgrad" / "pretrain") / 60,
-        "pretraining (no stop-gradient)": seconds(out / "nostopgrad" / "pretrain") / 60,
-        "collapse probes": sum(seconds(folder) for folder in (out / "nostopgrad").glob("knn-*")) / 60,
-        "conversions": seconds(out / "classifiers") / 60 if (out / "classifiers").exists() else 0.0,
-        **{f"probes and fine-tunes of {name}": seconds(out / name) / 60 for name in encoders if (out / name).exists()},
+        "pretraining (stop-gradient)": stage_seconds(out / "stopgrad" / "pretrain") / 60,
+        "pretraining (no stop-gradient)": stage_seconds(out / "nostopgrad" / "pretrain") / 60,
+        "collapse probes": sum(stage_seconds(folder) for folder in (out / "nostopgrad").glob("knn-*")) / 60,
+        "conversions": stage_seconds(out / "classifiers") / 60 if (out / "classifiers").exists() else 0.0,
+        **{f"probes and fine-tunes of {name}": stage_seconds(out / name) / 60 for name in encoders if (out / name).exists()},
     }
     arguments = {key: value for key, value in vars(args).items() if key not in ("part", "encoders", "plot", "figure", "results")}
     for key in ("dataset", "output_dir"):  # relative to the repository, so that the saved results name no machine
@@ -274,15 +245,8 @@ def spread(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot(results: dict, figure: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ((acc, variants), (cos, knn)) = plt.subplots(2, 2, figsize=(14, 11))
-    encoders = results["encoders"]
-    pretrained = sorted((e for e in encoders.values() if e["pretraining_steps"]), key=lambda e: e["pretraining_steps"])
+def plot_accuracy(axis, encoders: dict, pretrained: list[dict]) -> None:
+    """Each protocol's top-1 against the pretraining length, random init's as a dashed line."""
     random = encoders[RANDOM]["scores"]
     colours = dict(zip(PROTOCOLS, ("tab:blue", "tab:orange", "tab:purple", "tab:green", "tab:red")))
     for protocol, colour in colours.items():
@@ -290,34 +254,38 @@ def plot(results: dict, figure: Path) -> None:
         if points:
             steps = [step for step, _ in points]
             mean, std = zip(*(value for _, value in points))
-            acc.plot(steps, mean, "o-", color=colour, label=LABELS[protocol])
-            acc.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=colour, alpha=0.2)
+            axis.plot(steps, mean, "o-", color=colour, label=LABELS[protocol])
+            axis.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=colour, alpha=0.2)
         if protocol in random:
             mean, std = spread(random[protocol])
-            acc.axhline(mean, color=colour, linestyle="--", linewidth=1)
-            acc.axhspan(mean - std, mean + std, color=colour, alpha=0.08)
-    acc.set_xlabel("NEPA pretraining steps (batch 128)")
-    acc.set_ylabel("top-1 on the 10,000 test images (%)")
-    acc.set_title("Accuracy against pretraining length\n(band: ± std over seeds; dashed: random init)")
-    acc.legend(fontsize=8, loc="lower right")
+            axis.axhline(mean, color=colour, linestyle="--", linewidth=1)
+            axis.axhspan(mean - std, mean + std, color=colour, alpha=0.08)
+    axis.set_xlabel("NEPA pretraining steps (batch 128)")
+    axis.set_ylabel("top-1 on the 10,000 test images (%)")
+    axis.set_title("Accuracy against pretraining length\n(band: ± std over seeds; dashed: random init)")
+    axis.legend(fontsize=8, loc="lower right")
 
-    # The longest pretraining's fine-tunes beside random init's, one group per fine-tune.
-    factor = results["arguments"]["long_factor"]
-    longest = pretrained[-1] if pretrained else None
+
+def plot_variants(axis, encoders: dict, longest: dict | None, factor: int) -> None:
+    """The longest pretraining's fine-tunes beside random init's, one group per fine-tune."""
     for group, variant in enumerate(VARIANTS):
         for percent, colour in ((1, "tab:green"), (10, "tab:red")):
             key = f"finetune{percent}{variant}"
             for offset, entry, marker in ((-0.12, longest, "o"), (0.12, encoders[RANDOM], "x")):
                 if entry and key in entry["scores"]:
                     mean, std = spread(entry["scores"][key])
-                    variants.errorbar(group + offset, mean, yerr=std, fmt=marker, color=colour, markersize=9, capsize=4)
-    variants.set_xticks(range(len(VARIANTS)), [VARIANT_LABELS[v].format(factor=factor) for v in VARIANTS])
-    variants.set_xlim(-0.5, len(VARIANTS) - 0.5)
+                    axis.errorbar(group + offset, mean, yerr=std, fmt=marker, color=colour, markersize=9, capsize=4)
+    axis.set_xticks(range(len(VARIANTS)), [VARIANT_LABELS[v].format(factor=factor) for v in VARIANTS])
+    axis.set_xlim(-0.5, len(VARIANTS) - 0.5)
     steps = f"{longest['pretraining_steps']:,}" if longest else "-"
-    variants.set_title(f"Fine-tunes of the {steps}-step encoder (o) and random init (x)\n(green: 1 % labels; red: 10 %; bar: ± std)")
-    variants.set_ylabel("top-1 (%)")
+    axis.set_title(f"Fine-tunes of the {steps}-step encoder (o) and random init (x)\n(green: 1 % labels; red: 10 %; bar: ± std)")
+    axis.set_ylabel("top-1 (%)")
 
-    schedules = {"stopgrad": max(results["arguments"]["steps"]), "nostopgrad": max(results["arguments"]["collapse_steps"])}
+
+def plot_collapse(cos, knn, results: dict) -> None:
+    """Both pretrainings' target_cosine along the steps, and the k-NN probe of their checkpoints."""
+    arguments, random = results["arguments"], results["encoders"][RANDOM]["scores"]
+    schedules = {"stopgrad": max(arguments["steps"]), "nostopgrad": max(arguments["collapse_steps"])}
     for run, colour, name in (("stopgrad", "tab:blue", "stop-gradient (NEPA)"), ("nostopgrad", "tab:red", "no stop-gradient")):
         label = f"{name}, a {schedules[run]:,}-step schedule"
         curve = results["collapse"][run]
@@ -335,6 +303,20 @@ def plot(results: dict, figure: Path) -> None:
     knn.set_title("k-NN of the checkpoints (10 % labels, seed 0)")
     knn.set_xlabel("pretraining step")
     knn.set_ylabel("top-1 (%)")
+
+
+def plot(results: dict, figure: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ((acc, variants), (cos, knn)) = plt.subplots(2, 2, figsize=(14, 11))
+    encoders = results["encoders"]
+    pretrained = sorted((e for e in encoders.values() if e["pretraining_steps"]), key=lambda e: e["pretraining_steps"])
+    plot_accuracy(acc, encoders, pretrained)
+    plot_variants(variants, encoders, pretrained[-1] if pretrained else None, results["arguments"]["long_factor"])
+    plot_collapse(cos, knn, results)
     probed = sorted({int(step) for run in results["collapse"].values() for step in run["knn"]})
     for axis, ticks in ((acc, [e["pretraining_steps"] for e in pretrained]), (knn, probed)):
         axis.set_xscale("log")
@@ -350,48 +332,60 @@ def plot(results: dict, figure: Path) -> None:
     print(f"written to {figure}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    args.output_dir = str((REPO / args.output_dir).resolve())
-    args.dataset = str((REPO / args.dataset).resolve())
-    out = Path(args.output_dir)
-    if args.plot:
-        results = json.loads(Path(args.results or out / "results.json").read_text())
-        plot(results, (REPO / args.figure).resolve())
-        return results
-    measured_by = provenance("scripts/pretraining_length.py", argv)  # the code as the run starts
-    import torch
-
+def pretrain(args, stages: Stages) -> None:
+    """The pretraining(s) of --part: with stop-gradient (the curve), without (the collapse)."""
     import train_pretrain
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not (Path(args.dataset) / "dataset_dict.json").exists():
-        raise SystemExit(f"{args.dataset} does not exist: build it with `python download_dataset.py --dataset fashion-mnist`.")
-    stages = TimedStages(rerun=False)
     runs = {"stopgrad": (args.steps, True), "nostopgrad": (args.collapse_steps, False)}
     for run, (steps, stop_grad) in runs.items():
         if args.part in ("all", "pretrain" if stop_grad else "collapse"):
-            pretrain = out / run / "pretrain"
-            stages.run(f"{run} pretraining", pretrain / "model.safetensors", train_pretrain.main,
-                       pretrain_argv(args, pretrain, steps, stop_grad))  # fmt: skip
+            folder = Path(args.output_dir) / run / "pretrain"
+            stages.run(f"{run} pretraining", folder / "model.safetensors", train_pretrain.main,
+                       pretrain_argv(args, folder, steps, stop_grad))  # fmt: skip
+
+
+def encoders_to_judge(args) -> dict[str, Path]:
+    """Random init (saved the first time) and the stop-gradient checkpoints at --steps (or --encoders) that exist."""
+    out = Path(args.output_dir)
+    if not (out / RANDOM / "encoder" / "model.safetensors").exists():
+        miniature.save_untrained_encoder(out / RANDOM / "encoder")
+    encoders = {}
+    for name in args.encoders or [RANDOM, *map(str, args.steps)]:
+        encoder = out / RANDOM / "encoder" if name == RANDOM else pretraining_checkpoint(out / "stopgrad" / "pretrain", int(name))
+        if encoder is None:
+            print(f"==> steps {name}: no checkpoint yet, skipped", flush=True)
+        else:
+            encoders[name if name == RANDOM else f"steps{name}"] = encoder
+    return encoders
+
+
+def probe_collapse(args, stages: Stages) -> None:
+    """The k-NN probe of the checkpoints at --collapse_steps of both pretrainings (the stop-gradient run's judged
+    checkpoints have theirs already)."""
+    out = Path(args.output_dir)
+    for run, steps in (("nostopgrad", args.collapse_steps), ("stopgrad", [s for s in args.collapse_steps if s not in args.steps])):
+        for step in steps:
+            encoder = pretraining_checkpoint(out / run / "pretrain", step)
+            if encoder is not None:
+                probe(args, stages, encoder, "knn", out / run / f"knn-steps{step}", 0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.output_dir = str((REPO / args.output_dir).resolve())
+    if args.plot:
+        results = json.loads(Path(args.results or Path(args.output_dir) / "results.json").read_text())
+        plot(results, (REPO / args.figure).resolve())
+        return results
+    measured_by = provenance("experiments.pretraining_length", argv)  # the code as the run starts
+    use_threads(args.threads)
+    stages = Stages(keep_times=True)
+    args.dataset = ensure_dataset(args.dataset, stages)
+    pretrain(args, stages)
     if args.part in ("all", "evaluate"):
-        if not (out / RANDOM / "encoder" / "model.safetensors").exists():
-            miniature.save_untrained_encoder(out / RANDOM / "encoder")
-        encoders = {}
-        for name in args.encoders or [RANDOM, *map(str, args.steps)]:
-            encoder = out / RANDOM / "encoder" if name == RANDOM else checkpoint(out / "stopgrad" / "pretrain", int(name))
-            if encoder is None:
-                print(f"==> steps {name}: no checkpoint yet, skipped", flush=True)
-            else:
-                encoders[name if name == RANDOM else f"steps{name}"] = encoder
-        evaluate(args, stages, encoders)
+        evaluate(args, stages, encoders_to_judge(args))
     if args.part in ("all", "collapse"):
-        for run, steps in (("nostopgrad", args.collapse_steps), ("stopgrad", [s for s in args.collapse_steps if s not in args.steps])):
-            for step in steps:
-                encoder = checkpoint(out / run / "pretrain", step)
-                if encoder is not None:
-                    probe(args, stages, encoder, "knn", out / run / f"knn-steps{step}", 0)
+        probe_collapse(args, stages)
     results = collect(args, measured_by)
     print("\n" + table(results))
     return results

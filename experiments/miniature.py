@@ -1,9 +1,9 @@
 """The miniature's settings, in one place: the tiny ViT (patch 7) on 28 px Fashion-MNIST, on the CPU.
 
-The experiment drivers under scripts/ (the demo, the ablation tables, the segmentation demo's pretraining, the
-probe study, the small-data sweep's pretraining) build their entry-point command lines from these
-(`pretrain_argv`, `probe_argv`, `finetune_argv`), so their tables are measured the same way. The fine-tuning settings were chosen by
-the sweep in docs/miniature.md (which also says how each was measured).
+The studies under experiments/ (the demo, the ablation tables, the segmentation demo's pretraining, the probe study,
+the small-data sweep, the pretraining-length and layer-decay studies) build their entry-point command lines from
+these (`pretrain_argv`, `convert_argv`, `probe_argv`, `finetune_argv`), so that their tables are measured the same
+way. The fine-tuning settings were chosen by the sweep in docs/miniature.md (which also says how each was measured).
 """
 
 from pathlib import Path
@@ -108,6 +108,15 @@ def pretrain_argv(output_dir, steps: int, seed: int = 0, dataset: str = DATASET,
         "--output_dir", str(output_dir), "--do_train", "--max_steps", str(steps),
         *flags(PRETRAIN),
         "--seed", str(seed), *saving, "--logging_steps", str(logging_steps),
+    ]  # fmt: skip
+
+
+def convert_argv(encoder, classifier, config: str | None = FINETUNE_CONFIG, dataset: str | None = None) -> list[str]:
+    """init_nepa_cls_from_pretrain.py's command line: the classifier of `encoder`, saved to `classifier`, with the
+    settings of `config` (None: the encoder's own) and, with `dataset`, the class count of that dataset."""
+    return [
+        "--pretrained_model_id", str(encoder), *(["--config_model_id", str(REPO / config)] if config else []),
+        *(["--dataset_name", str(dataset)] if dataset else []), "--save_local", "--local_dir", str(classifier),
     ]  # fmt: skip
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (docs/performance.md), each run as `python -m bench.<name>` from the repository root."""
