@@ -11,8 +11,8 @@ Fashion-MNIST training images of --dataset (all 60,000 by default; --pretrain_st
 experiments/miniature.py). Each fine-tune runs in its own single-threaded process, --jobs at a time, its output in
 runs/<run>.log, and the table of top-1 on the validation folder (mean ± std over --seeds) is printed and written
 to OUTPUT/results.md. The table holds every fine-tune in OUTPUT, so that the runs of several calls (one grid
-each) add up to one table; OUTPUT/results.json keeps them, with the commit and command of the call that wrote
-it. A second run reuses every stage whose results exist.
+each) add up to one table; OUTPUT/results.json keeps them, with the commit and command of every call that
+added to it. A second run reuses every stage whose results exist.
 """
 
 import argparse
@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> str:
     folders = [out / "runs" / "-".join(map(str, run)) for run in runs]
     stages.run_side_by_side(args.jobs, [finetune_stage(classifier, dataset, folder, *run) for folder, run in zip(folders, runs)])
 
-    results = {**measured_by, "pretrain_steps": args.pretrain_steps, "runs": finished_runs(out / "runs")}
+    earlier = json.loads((out / "results.json").read_text())["calls"] if (out / "results.json").exists() else []
+    calls = earlier + ([measured_by] if measured_by not in earlier else [])
+    results = {"calls": calls, "pretrain_steps": args.pretrain_steps, "runs": finished_runs(out / "runs")}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(table(results) + "\n")
     print(table(results))

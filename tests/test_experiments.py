@@ -142,7 +142,7 @@ def test_small_data_sweep_fine_tunes_its_grid_and_a_second_run_reuses_it(tmp_pat
     assert table == (tmp_path / "sweep" / "results.md").read_text().strip()
     assert "| 1 | none | 0.001 | " in table and "| 1 | light | 0.001 | " in table
     saved = json.loads((tmp_path / "sweep" / "results.json").read_text())
-    assert saved["command"] == shlex.join(["python", "-m", "experiments.small_data_sweep", *argv])
+    assert [call["command"] for call in saved["calls"]] == [shlex.join(["python", "-m", "experiments.small_data_sweep", *argv])]
     assert [(run["augmentation"], run["lr"], run["epochs"], run["seed"]) for run in saved["runs"]] == [("none", 1e-3, 1, 0), ("light", 1e-3, 1, 0)]
     for run in ("none-0.001-1-0", "light-0.001-1-0"):
         results = json.loads((tmp_path / "sweep" / "runs" / run / "eval_results.json").read_text())
@@ -156,6 +156,7 @@ def test_small_data_sweep_fine_tunes_its_grid_and_a_second_run_reuses_it(tmp_pat
     # A second call with another grid adds its runs to the one table of the folder.
     more = small_data_sweep.main([*argv[: argv.index("--augmentations")], "--augmentations", "none", "--learning_rates", "3e-3", "--epochs", "1"])
     assert "| 1 | none | 0.001 | " in more and "| 1 | none | 0.003 | " in more
+    assert len(json.loads((tmp_path / "sweep" / "results.json").read_text())["calls"]) == 2  # both calls recorded
     capsys.readouterr()
     assert small_data_sweep.main(["--print", str(tmp_path / "sweep" / "results.json")]) == more
     assert capsys.readouterr().out.strip() == more
