@@ -3,6 +3,7 @@
 Every `TrainingArguments` flag works beside these, and a single `.json` argument replaces the
 whole command line (`python train_pretrain.py configs/my_run.json`)."""
 
+import atexit
 import logging
 import os
 import sys
@@ -229,6 +230,19 @@ class NepaTrainingArguments(TrainingArguments):
         if self.use_ema:
             refuse_sharding_with_ema(self)
         super().__post_init__()
+
+
+def release_process_group() -> None:
+    """Destroy this process's process group before the interpreter exits. Left to the interpreter's own teardown,
+    gloo's threads can still be running when their objects are destroyed, which aborts the process ("terminate
+    called without an active exception", exit -6) after its work is done, and the launcher reports a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(release_process_group)  # every entry point reads its flags through this module
 
 
 # accelerate's variables for a config file that enables sharding (`accelerate launch --config_file ...` sets them).
