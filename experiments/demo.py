@@ -8,7 +8,7 @@ under the semi-supervised protocol: k-NN and linear probes of the frozen encoder
 labels, and fine-tuning on 1 % and 10 % of the labels (a seeded, class-balanced subset, the same images
 for both encoders), every score on the 10,000 test images. `--seeds N` repeats the probes and
 fine-tunes with N label subsets and prints mean ± std. The settings are those of experiments/miniature.py
-(chosen by the sweep in docs/miniature.md); every stage reads its images through the in-memory fast path
+(chosen by the sweeps in docs/miniature.md; the fine-tunes take the demo's own step budget, DEMO_FINETUNE_STEPS); every stage reads its images through the in-memory fast path
 (`--images_in_memory`, docs/usage.md).
 
 Every stage calls an entry point's `main(argv)` in this one process, so imports are paid for once. The
@@ -44,13 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--label_percents", type=float, nargs="+", default=[1, 10],
         help="fine-tune on these percentages of each class's labels (100: all of them)",
     )  # fmt: skip
-    add_finetune_steps_flag(parser)
+    add_finetune_steps_flag(parser, miniature.DEMO_FINETUNE_STEPS)
     add_threads_flag(parser)
     parser.add_argument("--rerun", action="store_true", help="run every stage again")
     parser.add_argument("--table", metavar="RESULTS_JSON", help="print the table of a results.json this script wrote, and stop")
     args = parser.parse_args(argv)
     try:
-        finetune_budget(args.finetune_steps, args.label_percents)
+        finetune_budget(args.finetune_steps, args.label_percents, miniature.DEMO_FINETUNE_STEPS)
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -104,7 +104,7 @@ def judge(args, stages: Stages, out: Path, dataset: str, classifiers: dict[str, 
     encoders = {row: out / folder for row, folder in ENCODERS.items()}
     columns = ["k-NN", "linear probe (best head)"] + [f"fine-tuned, {percent:g} % labels" for percent in args.label_percents]
     scores: dict[str, dict[str, list[float]]] = {row: {column: [] for column in columns} for row in encoders}
-    budget = finetune_budget(args.finetune_steps, args.label_percents)
+    budget = finetune_budget(args.finetune_steps, args.label_percents, miniature.DEMO_FINETUNE_STEPS)
     for seed in range(args.seeds):
         for row, encoder in encoders.items():
             for protocol, column in (("knn", "k-NN"), ("linear", "linear probe (best head)")):

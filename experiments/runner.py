@@ -109,22 +109,24 @@ def add_threads_flag(parser) -> None:
     )  # fmt: skip
 
 
-def add_finetune_steps_flag(parser) -> None:
+def add_finetune_steps_flag(parser, defaults: dict[float, int] | None = None) -> None:
     """A study's --finetune_steps: one step budget for every fine-tune, or one per labelled fraction, instead of the
-    miniature's per fraction."""
+    study's per fraction (`defaults`, or the miniature's protocol)."""
     parser.add_argument(
         "--finetune_steps", type=int, nargs="+", default=None,
-        help=f"steps of every fine-tune, or one value per labelled fraction (default: per fraction, {miniature.FINETUNE_STEPS})",
+        help=f"steps of every fine-tune, or one value per labelled fraction (default: per fraction, {defaults or miniature.FINETUNE_STEPS})",
     )  # fmt: skip
 
 
-def finetune_budget(finetune_steps: list[int] | None, percents) -> dict[float, int]:
-    """Steps of the fine-tune on each of `percents` % of the labels, from --finetune_steps (ValueError: no budget)."""
+def finetune_budget(finetune_steps: list[int] | None, percents, defaults: dict[float, int] | None = None) -> dict[float, int]:
+    """Steps of the fine-tune on each of `percents` % of the labels, from --finetune_steps, else from `defaults` (the
+    miniature's protocol when None); ValueError: no budget."""
     if finetune_steps is None:
-        unknown = [percent for percent in percents if percent not in miniature.FINETUNE_STEPS]
+        defaults = defaults or miniature.FINETUNE_STEPS
+        unknown = [percent for percent in percents if percent not in defaults]
         if unknown:
-            raise ValueError(f"no step budget for {unknown} % of the labels: pass --finetune_steps, or use {list(miniature.FINETUNE_STEPS)}.")
-        return {percent: miniature.FINETUNE_STEPS[percent] for percent in percents}
+            raise ValueError(f"no step budget for {unknown} % of the labels: pass --finetune_steps, or use {list(defaults)}.")
+        return {percent: defaults[percent] for percent in percents}
     if len(finetune_steps) == 1:
         return {percent: finetune_steps[0] for percent in percents}
     if len(finetune_steps) != len(percents):

@@ -103,3 +103,19 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_them(tmp_path, capsys):
     again = demo.main(argv)
     assert set(again["seconds"]) == {"start-up", "total"}  # nothing trained or evaluated the second time
     assert again["scores"] == results["scores"]
+
+
+def test_the_demo_fine_tunes_with_its_own_budget_unless_told_otherwise():
+    """The demo's fine-tunes take miniature.DEMO_FINETUNE_STEPS (the split measured in docs/miniature.md); the
+    studies keep the protocol's FINETUNE_STEPS; --finetune_steps takes one value or one per fraction."""
+    from experiments import miniature
+    from experiments.runner import finetune_budget
+
+    args = demo.parse_args([])
+    assert finetune_budget(args.finetune_steps, args.label_percents, miniature.DEMO_FINETUNE_STEPS) == {1: 150, 10: 300}
+    assert finetune_budget(None, [1, 10]) == {1: 300, 10: 600}
+    assert finetune_budget([7], [1, 10]) == {1: 7, 10: 7} and finetune_budget([7, 8], [1, 10]) == {1: 7, 10: 8}
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--finetune_steps", "1", "2", "3"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--label_percents", "5"])  # no budget for 5 %
