@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-import eval as eval_script
 from models.vit_nepa import ViTNepaConfig, ViTNepaModel
-from nepa.probes import KnnBank, ProbeGrid
+from nepa.probes import ATTENTIVE_LRS, LINEAR_LRS, KnnBank, ProbeGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +50,7 @@ def median_rate(step, images: int, rounds: int, clock) -> float:
     return images / statistics.median(times)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs/pretrain/nepa-tiny-patch7-28"))
     parser.add_argument("--batch", type=int, default=128, help="images per step (the probes' per-device batch)")
@@ -61,10 +60,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16, as the recipes run")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    return parser.parse_args()
+
+
+def measure_rows(args, device: torch.device, clock) -> list[tuple[str, float, float | None]]:
+    """(protocol, images/s, matmul GFLOP per image) of k-NN's encoding and scoring and of one step of each grid."""
     config = ViTNepaConfig.from_pretrained(args.config)
     torch.manual_seed(0)
     encoder = ViTNepaModel(config).to(device).requires_grad_(False).eval()
@@ -72,8 +72,6 @@ def main() -> None:
     labels = torch.randint(0, 10, (args.batch,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    cpu_time = device.type == "cpu" and torch.get_num_threads() == 1
-    clock = time.thread_time if cpu_time else time.perf_counter
     rows = []
 
     def encode():
@@ -95,8 +93,8 @@ def main() -> None:
     rows.append((f"k-NN, scoring against {args.bank} images", median_rate(score, args.batch, args.rounds, clock), None))
 
     grids = {
-        "linear": (ProbeGrid(encoder, "linear", 10, eval_script.LINEAR_LRS), torch.optim.SGD, {"momentum": 0.9}),
-        "attentive": (ProbeGrid(encoder, "attentive", 10, eval_script.ATTENTIVE_LRS, blocks=(args.blocks,)), torch.optim.AdamW, {}),
+        "linear": (ProbeGrid(encoder, "linear", 10, LINEAR_LRS), torch.optim.SGD, {"momentum": 0.9}),
+        "attentive": (ProbeGrid(encoder, "attentive", 10, ATTENTIVE_LRS, blocks=(args.blocks,)), torch.optim.AdamW, {}),
     }
     for name, (grid, optimizer_cls, kwargs) in grids.items():
         grid.to(device).train()
@@ -113,7 +111,16 @@ def main() -> None:
         heads = len(grid.heads) if name == "attentive" else 0
         flops = forward_gflop(config, heads, train_heads=True)
         rows.append((f"{name} probe, {len(grid.heads)} heads", median_rate(step, args.batch, args.rounds, clock), flops))
+    return rows
 
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cpu_time = device.type == "cpu" and torch.get_num_threads() == 1
+    rows = measure_rows(args, device, time.thread_time if cpu_time else time.perf_counter)
     threads = torch.get_num_threads() if device.type == "cpu" else None
     print(f"{Path(args.config).name}, batch {args.batch}, {device}" + (f", {threads} threads" if threads else "") + (", bf16" if args.bf16 else "")
           + (", CPU time" if cpu_time else ", wall time"))
