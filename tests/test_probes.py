@@ -37,6 +37,7 @@ build = probes.KnnBank.build.__func__
 def recording(cls, trainer, dataset, num_classes):
     bank = build(cls, trainer, dataset, num_classes)
     record = {"rows": bank.features.shape[0], "split": len(dataset), "processes": trainer.args.world_size}
+    os.makedirs(trainer.args.output_dir, exist_ok=True)  # process 0 makes it, maybe later than this process
     with open(os.path.join(trainer.args.output_dir, f"bank_{trainer.args.process_index}.json"), "w") as file:
         json.dump(record, file)
     return bank
