@@ -25,7 +25,7 @@ from pathlib import Path
 
 from experiments import miniature
 from experiments.runner import (
-    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_finetune_steps_flag, add_threads_flag, ensure_dataset,
+    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_finetune_steps_flag, add_threads_flag, check_finetune_budget, ensure_dataset,
     finetune_budget,
     mean_std, print_saved_table, provenance, use_threads,
 )  # fmt: skip
@@ -49,10 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rerun", action="store_true", help="run every stage again")
     parser.add_argument("--table", metavar="RESULTS_JSON", help="print the table of a results.json this script wrote, and stop")
     args = parser.parse_args(argv)
-    try:
-        finetune_budget(args.finetune_steps, args.label_percents, miniature.DEMO_FINETUNE_STEPS)
-    except ValueError as error:
-        parser.error(str(error))
+    check_finetune_budget(parser, args.finetune_steps, args.label_percents, miniature.DEMO_FINETUNE_STEPS)
     return args
 
 
@@ -143,8 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": {**stages.seconds, "total": time.time() - start},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(table(results))
-    print("\n" + table(results))
+    text = table(results)
+    (out / "results.md").write_text(text)
+    print("\n" + text)
     print(f"written to {out / 'results.md'}")
     return results
 

@@ -107,9 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     records = run_probes(args, out, ensure_dataset(args.dataset, stages), stages)
     results = {**measured_by, "arguments": {k: v for k, v in vars(args).items() if k != "print"}, "records": records}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table(results))
+    text = table(results)
+    (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print("\n" + table(results))
+    print("\n" + text)
     return results
 
 

@@ -130,9 +130,10 @@ def main(argv: list[str] | None = None) -> str:
     calls = earlier + ([measured_by] if measured_by not in earlier else [])
     results = {"calls": calls, "pretrain_steps": args.pretrain_steps, "runs": finished_runs(out / "runs")}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(table(results) + "\n")
-    print(table(results))
-    return table(results)
+    text = table(results)
+    (out / "results.md").write_text(text + "\n")
+    print(text)
+    return text
 
 
 def finished_runs(folder: Path) -> list[dict]:
