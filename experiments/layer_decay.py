@@ -20,7 +20,7 @@ from pathlib import Path
 
 from experiments import miniature
 from experiments.runner import (
-    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_finetune_steps_flag, add_threads_flag, ensure_dataset,
+    CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_finetune_steps_flag, add_threads_flag, check_finetune_budget, ensure_dataset,
     finetune_budget,
     mean_std, pretraining_checkpoint, print_saved_table, provenance, stage_seconds, use_threads,
 )  # fmt: skip
@@ -59,10 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if len(args.seeds) not in (1, len(args.label_percents)):
         parser.error(f"--seeds {args.seeds}: give one count, or one per --label_percents {args.label_percents}.")
     args.seeds = args.seeds * len(args.label_percents) if len(args.seeds) == 1 else args.seeds
-    try:
-        finetune_budget(args.finetune_steps, args.label_percents)
-    except ValueError as error:
-        parser.error(str(error))
+    check_finetune_budget(parser, args.finetune_steps, args.label_percents)
     if args.encoder_step is not None and (args.encoder_step % SAVE_STEPS or not 0 < args.encoder_step < args.pretrain_steps):
         parser.error(f"--encoder_step {args.encoder_step}: a checkpoint step, a multiple of {SAVE_STEPS} below --pretrain_steps.")
     return args

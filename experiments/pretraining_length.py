@@ -32,16 +32,17 @@ from pathlib import Path
 from experiments import miniature
 from experiments.runner import (
     CPU_FLAGS, IN_MEMORY, REPO, Stages, accuracy, add_finetune_steps_flag, add_threads_flag, ensure_dataset,
-    finetune_budget, mean_std, pretraining_checkpoint, provenance, stage_seconds, use_threads,
+    check_finetune_budget, finetune_budget, mean_std, pretraining_checkpoint, provenance, stage_seconds, use_threads,
 )  # fmt: skip
 
 FIGURE = REPO / "docs" / "figures" / "pretraining_length.png"
 RANDOM = "random-init"
 PROBES = ("knn", "linear", "attentive")
+FINETUNE_PERCENTS = (1, 10)  # the labelled fractions every encoder is fine-tuned on
 PROTOCOLS = (*PROBES, "finetune1", "finetune10")
 # The other fine-tunes of the longest pretraining and random init: the demo's, longer, and with causal attention.
 VARIANTS = ("", "-long", "-causal")
-VARIANT_PROTOCOLS = tuple(f"finetune{percent}{variant}" for variant in VARIANTS[1:] for percent in (1, 10))
+VARIANT_PROTOCOLS = tuple(f"finetune{percent}{variant}" for variant in VARIANTS[1:] for percent in FINETUNE_PERCENTS)
 LABELS = {
     "knn": "k-NN (10 % labels)",
     "linear": "linear probe (10 % labels)",
@@ -85,6 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     known = {RANDOM, *map(str, args.steps)}
     if args.encoders and not set(args.encoders) <= known:
         parser.error(f"--encoders {sorted(set(args.encoders) - known)}: not {RANDOM} or one of --steps {args.steps}.")
+    check_finetune_budget(parser, args.finetune_steps, FINETUNE_PERCENTS)
     return args
 
 
@@ -122,13 +124,14 @@ def evaluate(args, stages, encoders: dict[str, Path]) -> None:
     runs = [(seed, name, "") for seed in range(args.seeds) for name in encoders]
     for variant, seeds in (("-causal", args.causal_seeds), ("-long", args.long_seeds)):
         runs += [(seed, name, variant) for seed in range(seeds) for name in extremes]
+    budget = finetune_budget(args.finetune_steps, FINETUNE_PERCENTS)
     for seed, name, variant in runs:
         folder = out / name / f"seed{seed}"
         if not variant:
             for protocol in PROBES:
                 probe(args, stages, encoders[name], protocol, folder / protocol, seed)
-        for percent in (1, 10):
-            steps = finetune_budget(args.finetune_steps, (1, 10))[percent] * (args.long_factor if variant == "-long" else 1)
+        for percent in FINETUNE_PERCENTS:
+            steps = budget[percent] * (args.long_factor if variant == "-long" else 1)
             label = f"finetune{percent}{variant}"
             argv = miniature.finetune_argv(out / "classifiers" / name, folder / label, percent, seed, steps, args.dataset)
             causal = ["--is_causal", "True"] if variant == "-causal" else []
@@ -227,12 +230,12 @@ def table(results: dict) -> str:
     pair = [(f"NEPA, {longest['pretraining_steps']:,} steps", longest["scores"]), ("random init", encoders[RANDOM]["scores"])]
     lines += [
         "",
-        "| fine-tune | " + " | ".join(f"{percent} % labels, {who}" for percent in (1, 10) for who, _ in pair) + " | seeds |",
+        "| fine-tune | " + " | ".join(f"{percent} % labels, {who}" for percent in FINETUNE_PERCENTS for who, _ in pair) + " | seeds |",
         "|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         label = VARIANT_LABELS[variant].format(factor=results["arguments"]["long_factor"])
-        keys = [(f"finetune{percent}{variant}", scores) for percent in (1, 10) for _, scores in pair]
+        keys = [(f"finetune{percent}{variant}", scores) for percent in FINETUNE_PERCENTS for _, scores in pair]
         cells = [f"{mean_std(scores[key])} %" if key in scores else "-" for key, scores in keys]
         seeds = "/".join(sorted({str(len(scores[key])) for key, scores in keys if key in scores})) or "-"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {seeds} |")

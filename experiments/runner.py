@@ -134,6 +134,15 @@ def finetune_budget(finetune_steps: list[int] | None, percents, defaults: dict[f
     return dict(zip(percents, finetune_steps))
 
 
+def check_finetune_budget(parser, finetune_steps: list[int] | None, percents, defaults: dict[float, int] | None = None) -> None:
+    """`finetune_budget` at a study's parse time, its error the parser's: a bad --finetune_steps stops the study
+    before its first stage, not after its pretraining."""
+    try:
+        finetune_budget(finetune_steps, percents, defaults)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def use_threads(threads: int | None) -> None:
     """Run this process's torch on `threads` threads (None: torch's choice)."""
     if threads:

@@ -55,3 +55,12 @@ def test_pretraining_length_judges_each_checkpoint_and_plots(tmp_path):
     figure = tmp_path / "curve.png"
     pretraining_length.main(["--output_dir", str(out), "--plot", "--figure", str(figure)])
     assert figure.stat().st_size > 10_000
+
+
+def test_a_finetune_budget_that_fits_no_fraction_stops_before_the_pretraining(capsys):
+    """--finetune_steps takes one value or one per fraction (1 % and 10 %); three are refused at parse time, before
+    hours of pretraining, not when the fine-tunes start."""
+    assert pretraining_length.parse_args(["--finetune_steps", "7"]).finetune_steps == [7]
+    with pytest.raises(SystemExit):
+        pretraining_length.parse_args(["--finetune_steps", "1", "2", "3"])
+    assert "one per labelled fraction (2); got 3" in capsys.readouterr().err
